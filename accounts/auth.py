@@ -1,0 +1,44 @@
+"""Reading the caller's identity from a legacy request."""
+
+from rest_framework import authentication, exceptions
+
+from rpserver.envelope import ApiError
+
+from . import services
+
+
+def token_from(headers_authorization, data):
+    """The token from `Authorization: Token <key>`, else from the `token` field."""
+    parts = (headers_authorization or "").split()
+    if len(parts) == 2 and parts[0].lower() == "token":
+        return parts[1]
+    return str(data.get("token") or "").strip()
+
+
+def authenticate_legacy(headers_authorization, data):
+    """The user behind a request, checked against `user_name` when it is given.
+
+    Raises ApiError(403) for a missing, wrong, expired or foreign token.
+    """
+    key = token_from(headers_authorization, data)
+    if not key:
+        raise ApiError("missing parameter: token, please log in", code=403)
+    user = services.user_for_token(key)
+    claimed = str(data.get("user_name") or "").strip()
+    if claimed and claimed != user.username:
+        raise ApiError("this token belongs to another user, please log in again", code=403)
+    return user
+
+
+class LegacyTokenAuthentication(authentication.BaseAuthentication):
+    """DRF authentication for the legacy routes: token in the body or the header."""
+
+    def authenticate(self, request):
+        try:
+            user = authenticate_legacy(request.headers.get("Authorization"), request.data)
+        except ApiError as exc:
+            raise exceptions.AuthenticationFailed(exc.message)
+        return user, None
+
+    def authenticate_header(self, request):
+        return "Token"

@@ -1,0 +1,35 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+MAX_NAME_LENGTH = 64
+
+
+def avatar_path(character, filename):
+    """Avatars are named by random ids: nothing a user typed reaches a path."""
+    extension = filename.rsplit(".", 1)[-1] if "." in filename else "bin"
+    return f"avatars/{character.owner_id}/{uuid.uuid4().hex}.{extension}"
+
+
+class Character(models.Model):
+    """A character a user chats with; its name is unique for its owner."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="characters")
+    name = models.CharField(max_length=MAX_NAME_LENGTH)
+    user_name = models.CharField(max_length=MAX_NAME_LENGTH, help_text="how the character addresses the user")
+    greeting = models.TextField()
+    persona = models.TextField()
+    example_message = models.TextField(blank=True)
+    use_qa = models.BooleanField(default=False, help_text="prompt with User/Assistant instead of the names")
+    avatar = models.FileField(upload_to=avatar_path, blank=True)
+    avatar_type = models.CharField(max_length=32, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="unique_character_name_per_owner")]
+        ordering = ["created", "pk"]
+
+    def __str__(self):
+        return f"{self.name} ({self.owner})"

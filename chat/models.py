@@ -1,0 +1,93 @@
+import array
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+from characters.models import Character
+
+
+def state_path(instance, filename):
+    """State blobs are named by random ids under the owner's id: never by user text."""
+    return f"states/{instance.owner_id}/{uuid.uuid4().hex}.safetensors"
+
+
+class Conversation(models.Model):
+    """The chat of one user with one character (one per character, as in the legacy API).
+
+    `locked_at`/`lock_owner` form a per-conversation lock in the database, so
+    two requests (in one process or several) never change it at once.
+    """
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    character = models.OneToOneField(Character, on_delete=models.CASCADE, related_name="conversation")
+    locked_at = models.DateTimeField(null=True, blank=True)
+    lock_owner = models.CharField(max_length=32, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"{self.owner} with {self.character.name}"
+
+
+class Round(models.Model):
+    """One [user_msg, bot_msg] pair, and exactly what the model read for it.
+
+    `tokens` is the round's part of the context: the user turn (for round 0,
+    the character header) ending in "<Bot>:", then the reply with its closing
+    blank line. `reply_start` is where the reply begins in it.
+
+    Snapshots (FileFields, safetensors): `post_state` is the state after the
+    round, `pre_state` the state after all but the last token before the
+    reply (from which the reply is regenerated or overwritten). Only recent
+    rounds and periodic checkpoints keep them; the others are rebuilt from
+    the nearest earlier snapshot by re-reading the tokens in between.
+    """
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="rounds")
+    index = models.PositiveIntegerField()
+    user_text = models.TextField(null=True, blank=True)
+    bot_text = models.TextField(blank=True)
+    tokens = models.BinaryField()
+    reply_start = models.PositiveIntegerField()
+    state_model = models.CharField(max_length=32, blank=True, help_text="fingerprint of the model of the snapshots")
+    pre_state = models.FileField(upload_to=state_path, blank=True)
+    post_state = models.FileField(upload_to=state_path, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["conversation", "index"], name="unique_round_index")]
+        ordering = ["index"]
+
+    @property
+    def owner_id(self):
+        return self.conversation.owner_id
+
+    @property
+    def token_list(self):
+        return array.array("I", bytes(self.tokens)).tolist()
+
+    def set_tokens(self, tokens):
+        self.tokens = array.array("I", tokens).tobytes()
+
+    def __str__(self):
+        return f"round {self.index} of {self.conversation}"
+
+
+class PromptState(models.Model):
+    """The state after a character's header and greeting, computed once per model."""
+
+    character = models.ForeignKey(Character, on_delete=models.CASCADE, related_name="prompt_states")
+    state_model = models.CharField(max_length=32)
+    tokens_digest = models.CharField(max_length=64)
+    state = models.FileField(upload_to=state_path)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["character", "state_model", "tokens_digest"], name="unique_prompt_state")
+        ]
+
+    @property
+    def owner_id(self):
+        return self.character.owner_id

@@ -1,0 +1,43 @@
+from django.conf import settings
+from rest_framework import serializers
+
+from characters.serializers import CharacterNameSerializer
+from inference.sampling import LIMITS, SamplingSettings, check_setting
+
+
+class SettingField(serializers.Field):
+    """A sampling field: a number within the API's range, or its default."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and data.strip() == "":
+            return getattr(SamplingSettings, self.field_name)
+        try:
+            return check_setting(self.field_name, data)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc).removeprefix(f"{self.field_name} "))
+
+
+class SamplingSerializer(CharacterNameSerializer):
+    """character_name and the sampling fields; `.sampling` gives SamplingSettings."""
+
+    tau = SettingField(required=False, default=SamplingSettings.tau)
+    rate = SettingField(required=False, default=SamplingSettings.rate)
+    min_p = SettingField(required=False, default=SamplingSettings.min_p)
+    temperature = SettingField(required=False, default=SamplingSettings.temperature)
+    presence_penalty = SettingField(required=False, default=SamplingSettings.presence_penalty)
+
+    @property
+    def sampling(self):
+        return SamplingSettings(**{name: self.validated_data[name] for name in LIMITS})
+
+
+class ReplySerializer(SamplingSerializer):
+    prompt = serializers.CharField(max_length=settings.RPSERVER["MAX_PROMPT_CHARS"])
+
+
+class BackSerializer(CharacterNameSerializer):
+    log_index = serializers.IntegerField(required=False, default=0, min_value=0)
+
+
+class TamperSerializer(CharacterNameSerializer):
+    message = serializers.CharField(max_length=settings.RPSERVER["MAX_PROMPT_CHARS"])

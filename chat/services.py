@@ -1,0 +1,441 @@
+"""Conversations: what the model reads, which state to load, what to store, when to lock.
+
+Every rule about a conversation lives here, once. A conversation is a list
+of rounds; each round records exactly the tokens the model read for it (see
+chat.models.Round), so the context can always be rebuilt, and keeps state
+snapshots so that it usually need not be.
+
+Locking: every change (reply, regenerate, overwrite, back, reset, and saving
+or deleting the character) runs under the conversation's lock, taken with
+one conditional UPDATE in the database so it holds across processes. A
+second request meanwhile gets code 400 at once instead of racing the first.
+The lock's holder re-checks it in the transaction that stores its result.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import uuid
+from datetime import timedelta
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from characters.services import get_character
+from inference import prompt as prompt_format
+from inference.runtime import get_engine
+from rpserver.envelope import ApiError
+from rpserver.files import delete_file_on_commit
+
+from .models import Conversation, PromptState, Round
+from .snapshots import read_state, write_state
+
+logger = logging.getLogger(__name__)
+
+BUSY = "a reply is already being generated for this character, please wait for it to finish"
+
+
+def db(function):
+    """Run a sync ORM/storage function from async code, on Django's sync thread."""
+    return sync_to_async(function, thread_sensitive=True)
+
+
+# ---- reading ----------------------------------------------------------------
+
+
+def speaker_names(character):
+    return prompt_format.speaker_names(character.user_name, character.name, character.use_qa)
+
+
+def first_round(conversation, character):
+    """Round 0: the character header, then the greeting as the character's reply."""
+    user, bot = speaker_names(character)
+    tokenizer = get_engine().tokenizer
+    header = tokenizer.encode(prompt_format.character_header(
+        user, bot, character.persona, character.example_message))
+    greeting = prompt_format.substitute(character.greeting, user, bot)
+    round_ = Round(conversation=conversation, index=0, user_text=None, bot_text=greeting.strip(),
+                   reply_start=len(header))
+    round_.set_tokens(header + tokenizer.encode(prompt_format.reply_part(greeting)))
+    return round_
+
+
+def open_conversation(owner, name):
+    """The owner's conversation with a character, created with round 0 if there is none."""
+    character = get_character(owner, name)
+    conversation = Conversation.objects.filter(character=character).first()
+    if conversation is not None and conversation.rounds.exists():
+        return conversation
+    try:
+        with transaction.atomic():
+            conversation, _ = Conversation.objects.get_or_create(character=character, owner=owner)
+            if not conversation.rounds.exists():
+                first_round(conversation, character).save()
+    except IntegrityError:  # another request created it meanwhile
+        conversation = Conversation.objects.get(character=character)
+    return conversation
+
+
+def chat_log(conversation):
+    """[[user_msg, bot_msg], ...] as the UI shows it; round 0 is [None, greeting]."""
+    return [list(pair) for pair in conversation.rounds.order_by("index").values_list("user_text", "bot_text")]
+
+
+def load_chat(owner, name):
+    return chat_log(open_conversation(owner, name))
+
+
+def context(owner, name):
+    """(token count, text) of everything the model has read in this conversation."""
+    conversation = open_conversation(owner, name)
+    tokens = []
+    for round_ in conversation.rounds.order_by("index"):
+        tokens += round_.token_list
+    return len(tokens), get_engine().tokenizer.decode(tokens)
+
+
+# ---- the lock ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Lease:
+    """A held conversation lock, with what the holder needs to know."""
+
+    conversation: Conversation
+    character: object
+    key: str
+    last: Round
+
+
+def acquire(owner, name):
+    """Lock the owner's conversation with `name`; ApiError(BUSY) if it is taken.
+
+    A lock older than RPSERVER_LOCK_TIMEOUT_SECONDS (its holder died) is taken over.
+    """
+    conversation = open_conversation(owner, name)
+    key = uuid.uuid4().hex
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.RPSERVER["LOCK_TIMEOUT_SECONDS"])
+    taken = Conversation.objects.filter(pk=conversation.pk).filter(
+        Q(locked_at__isnull=True) | Q(locked_at__lt=stale)
+    ).update(locked_at=now, lock_owner=key)
+    if not taken:
+        raise ApiError(BUSY)
+    last = conversation.rounds.order_by("-index").first()
+    return Lease(conversation, conversation.character, key, last)
+
+
+def release(lease):
+    Conversation.objects.filter(pk=lease.conversation.pk, lock_owner=lease.key).update(
+        locked_at=None, lock_owner="")
+
+
+def check_lease(lease):
+    """Inside the storing transaction: the lock is still ours (not taken over as stale)."""
+    held = Conversation.objects.select_for_update().filter(
+        pk=lease.conversation.pk, lock_owner=lease.key).exists()
+    if not held:
+        raise ApiError("this conversation was changed by another request meanwhile, please reload it")
+
+
+def discard_conversations(character):
+    """Drop a character's conversation and cached prompt states (character saved or deleted).
+
+    Refused while a reply is being generated for it. Call inside a transaction.
+    """
+    stale = timezone.now() - timedelta(seconds=settings.RPSERVER["LOCK_TIMEOUT_SECONDS"])
+    if Conversation.objects.filter(character=character, locked_at__gte=stale).exists():
+        raise ApiError(BUSY)
+    for conversation in Conversation.objects.filter(character=character):
+        conversation.delete()
+    for prompt_state in PromptState.objects.filter(character=character):
+        prompt_state.delete()
+
+
+# ---- states --------------------------------------------------------------------
+
+
+def prompt_digest(round_zero):
+    return hashlib.sha256(bytes(round_zero.tokens)).hexdigest()
+
+
+def find_base_state(conversation, index, backend):
+    """The newest stored state at or before round `index`: (round index, state).
+
+    (-1, None) means none is usable: start from the zero state.
+    """
+    candidates = (conversation.rounds.filter(index__lte=index, state_model=backend.model_id)
+                  .exclude(post_state="").order_by("-index").only("index", "post_state"))
+    for round_ in candidates:
+        state = read_state(round_.post_state, backend)
+        if state is not None:
+            return round_.index, state
+    round_zero = conversation.rounds.get(index=0)
+    cached = PromptState.objects.filter(character_id=conversation.character_id, state_model=backend.model_id,
+                                        tokens_digest=prompt_digest(round_zero)).first()
+    if cached is not None:
+        state = read_state(cached.state, backend)
+        if state is not None:
+            return 0, state
+    return -1, None
+
+
+def tokens_between(conversation, after, upto):
+    """The tokens of rounds after+1 .. upto, in order."""
+    tokens = []
+    for round_ in conversation.rounds.filter(index__gt=after, index__lte=upto).order_by("index"):
+        tokens += round_.token_list
+    return tokens
+
+
+def keeps_snapshot(index, last_index):
+    """Which rounds keep their post-round snapshot: the recent ones and checkpoints."""
+    config = settings.RPSERVER
+    return index > last_index - config["STATE_KEEP_RECENT"] or index % config["STATE_CHECKPOINT_EVERY"] == 0
+
+
+def remember_state(conversation, index, state, backend):
+    """Store a rebuilt post-round state where it will be found next time.
+
+    Round 0 with the character's own prompt goes to the per-character cache
+    (shared by a reset); any other round keeps it if it is recent or a checkpoint.
+    """
+    round_ = conversation.rounds.get(index=index)
+    last_index = conversation.rounds.order_by("-index").values_list("index", flat=True).first()
+    if index == 0 and bytes(round_.tokens) == bytes(first_round(conversation, conversation.character).tokens):
+        cache = PromptState(character_id=conversation.character_id, state_model=backend.model_id,
+                            tokens_digest=prompt_digest(round_))
+        write_state(cache.state, backend, state)
+        try:
+            with transaction.atomic():
+                cache.save()
+        except IntegrityError:  # computed twice at once: keep the first
+            cache.state.delete(save=False)
+        return
+    if not keeps_snapshot(index, last_index):
+        return
+    old_name = round_.post_state.name
+    write_state(round_.post_state, backend, state)
+    with transaction.atomic():
+        Round.objects.filter(pk=round_.pk).update(post_state=round_.post_state.name, state_model=backend.model_id)
+        if old_name:
+            storage = round_.post_state.storage
+            transaction.on_commit(lambda: storage.delete(old_name))
+
+
+async def state_after(conversation, index):
+    """The model state right after round `index`, rebuilt and remembered if not stored."""
+    engine = get_engine()
+    base_index, state = await db(find_base_state)(conversation, index, engine.backend)
+    if base_index == index:
+        return state
+    tokens = await db(tokens_between)(conversation, base_index, index)
+    state, _ = await engine.read(state, tokens)
+    await db(remember_state)(conversation, index, state, engine.backend)
+    return state
+
+
+async def state_before_reply(lease, round_):
+    """The state from which round_'s reply is (re)generated: after all but the
+    last token before the reply. Returns (state, whether it was rebuilt)."""
+    engine = get_engine()
+    if round_.state_model == engine.model_id:
+        state = await db(read_state)(round_.pre_state, engine.backend)
+        if state is not None:
+            return state, False
+    base = await state_after(lease.conversation, round_.index - 1) if round_.index > 0 else None
+    state, _ = await engine.read(base, round_.token_list[:round_.reply_start - 1])
+    return state, True
+
+
+# ---- storing rounds ------------------------------------------------------------
+
+
+def prune_snapshots(conversation, last_index):
+    """Keep pre-reply snapshots for the last round only, post-round ones by keeps_snapshot()."""
+    for round_ in conversation.rounds.exclude(pre_state="").exclude(index=last_index):
+        delete_file_on_commit(round_.pre_state)
+        Round.objects.filter(pk=round_.pk).update(pre_state="")
+    for round_ in conversation.rounds.exclude(post_state="").filter(index__lt=last_index):
+        if not keeps_snapshot(round_.index, last_index):
+            delete_file_on_commit(round_.post_state)
+            Round.objects.filter(pk=round_.pk).update(post_state="")
+
+
+def store_round(lease, round_, pre_state, post_state, backend):
+    """Write a round's snapshots, then save it, under the lease, in one transaction.
+
+    `pre_state` None keeps the round's stored one. On any failure the new
+    blobs are deleted and the conversation is left as it was.
+    """
+    old_files = []
+    new_files = []
+    for field, state in (("pre_state", pre_state), ("post_state", post_state)):
+        if state is None:
+            continue
+        field_file = getattr(round_, field)
+        if field_file:
+            old_files.append(field_file.name)
+        write_state(field_file, backend, state)
+        new_files.append(field_file.name)
+    round_.state_model = backend.model_id
+    try:
+        with transaction.atomic():
+            check_lease(lease)
+            round_.save()
+            prune_snapshots(lease.conversation, round_.index)
+            Conversation.objects.filter(pk=lease.conversation.pk).update(updated=timezone.now())
+            for name in old_files:
+                storage = round_.post_state.storage
+                transaction.on_commit(lambda name=name: storage.delete(name))
+    except Exception:
+        for name in new_files:
+            round_.post_state.storage.delete(name)
+        raise
+
+
+class ReplyStream:
+    """A reply being generated under a lease: iterate for the growing text.
+
+    When the reply ends, the round is stored; if the client goes away (the
+    iteration is cancelled), generation stops and nothing is stored. The
+    lock is released either way.
+    """
+
+    def __init__(self, lease, generation, round_, pre_state=None):
+        self.lease = lease
+        self.generation = generation
+        self.round = round_
+        self.pre_state = pre_state  # to store, when it had to be rebuilt
+        self.text = ""
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        finished = False
+        try:
+            async for text in self.generation:
+                self.text = text
+                yield text
+            reply = self.generation.reply
+            round_ = self.round
+            round_.bot_text = reply.text
+            round_.set_tokens(round_.token_list[:round_.reply_start] + reply.tokens)
+            pre_state = reply.snapshots.get(round_.reply_start - 1, self.pre_state)
+            await db(store_round)(self.lease, round_, pre_state, reply.state, get_engine().backend)
+            finished = True
+        finally:
+            if not finished:
+                self.generation.cancel()
+            await db(release)(self.lease)
+
+    async def close(self):
+        """Give up a reply that will not be iterated (releases the lock)."""
+        self.generation.cancel()
+        await db(release)(self.lease)
+
+
+async def run_locked(owner, name, work):
+    """Run `work(lease)` under the conversation's lock."""
+    lease = await db(acquire)(owner, name)
+    try:
+        return await work(lease)
+    finally:
+        await db(release)(lease)
+
+
+async def start_reply(owner, name, prompt, sampling, seed=None):
+    """Begin the character's reply to `prompt`; returns a ReplyStream. Takes the lock."""
+    if not prompt_format.clean_turn(prompt):
+        raise ApiError("prompt must not be empty")
+    lease = await db(acquire)(owner, name)
+    try:
+        engine = get_engine()
+        state = await state_after(lease.conversation, lease.last.index)
+        user, bot = speaker_names(lease.character)
+        head = engine.tokenizer.encode(prompt_format.user_turn(user, bot, prompt))
+        round_ = Round(conversation=lease.conversation, index=lease.last.index + 1,
+                       user_text=prompt, reply_start=len(head))
+        round_.set_tokens(head)
+        generation = engine.generate(state, head, sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
+                                     seed=seed, snapshot_at={len(head) - 1})
+        return ReplyStream(lease, generation, round_)
+    except BaseException:
+        await db(release)(lease)
+        raise
+
+
+async def start_resay(owner, name, sampling, seed=None):
+    """Begin a new version of the last reply; returns a ReplyStream. Takes the lock."""
+    lease = await db(acquire)(owner, name)
+    try:
+        engine = get_engine()
+        round_ = lease.last
+        pre_state, rebuilt = await state_before_reply(lease, round_)
+        last_prompt_token = round_.token_list[round_.reply_start - 1:round_.reply_start]
+        generation = engine.generate(pre_state, last_prompt_token, sampling,
+                                     settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
+        return ReplyStream(lease, generation, round_, pre_state=pre_state if rebuilt else None)
+    except BaseException:
+        await db(release)(lease)
+        raise
+
+
+async def tamper(owner, name, message):
+    """Replace the last reply with `message`, and the state with the one it produces."""
+    if not prompt_format.clean_turn(message):
+        raise ApiError("message must not be empty")
+
+    async def work(lease):
+        engine = get_engine()
+        round_ = lease.last
+        pre_state, rebuilt = await state_before_reply(lease, round_)
+        reply_tokens = engine.tokenizer.encode(prompt_format.reply_part(message))
+        tokens = round_.token_list[:round_.reply_start] + reply_tokens
+        state, _ = await engine.read(pre_state, tokens[round_.reply_start - 1:])
+        round_.set_tokens(tokens)
+        round_.bot_text = message.strip()
+        await db(store_round)(lease, round_, pre_state if rebuilt else None, state, engine.backend)
+
+    await run_locked(owner, name, work)
+
+
+def drop_rounds_after(lease, index):
+    with transaction.atomic():
+        check_lease(lease)
+        for round_ in lease.conversation.rounds.filter(index__gt=index):
+            round_.delete()
+
+
+async def back(owner, name, log_index):
+    """Keep rounds 0..log_index; the state becomes exactly the one after round log_index."""
+
+    async def work(lease):
+        if log_index > lease.last.index:
+            raise ApiError(f"log_index {log_index} is past the last round ({lease.last.index})")
+        await db(drop_rounds_after)(lease, log_index)
+        await state_after(lease.conversation, log_index)  # stored if it had to be rebuilt
+
+    await run_locked(owner, name, work)
+
+
+def restart(lease):
+    with transaction.atomic():
+        check_lease(lease)
+        for round_ in lease.conversation.rounds.all():
+            round_.delete()
+        first_round(lease.conversation, lease.character).save()
+    return chat_log(lease.conversation)
+
+
+async def reset(owner, name):
+    """Start the conversation over from the greeting; returns the new chat log."""
+
+    async def work(lease):
+        return await db(restart)(lease)
+
+    return await run_locked(owner, name, work)

@@ -1,0 +1,159 @@
+"""Backends: a loaded model behind the small interface the engine drives.
+
+    zero_state() / copy_state(state)
+    read(tokens, state) -> (logits [vocab] float32, new state)    one sequence
+    new_batch() -> a decode batch: add(key, state), remove(key) -> state,
+                   discard(key), step({key: token}) -> {key: logits}
+    state_tensors(state) / state_from_tensors(tensors)             for storage
+
+A state is whatever the backend keeps per sequence; for storage it becomes a
+list of float32 tensors whose shapes are checked when it is read back.
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, detect_version, fingerprint, load_weights, resolve_path
+
+logger = logging.getLogger(__name__)
+
+
+class SequentialBatch:
+    """A decode batch that steps its sequences one after another.
+
+    For models with no batched forward (the `rwkv` package): their decode
+    steps still interleave, so every stream progresses together.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.states = {}
+
+    def __len__(self):
+        return len(self.states)
+
+    def __contains__(self, key):
+        return key in self.states
+
+    def add(self, key, state):
+        self.states[key] = state
+
+    def remove(self, key):
+        return self.states.pop(key)
+
+    def discard(self, key):
+        self.states.pop(key, None)
+
+    def step(self, tokens):
+        logits = {}
+        for key, token in tokens.items():
+            logits[key], self.states[key] = self.backend.read([token], self.states[key])
+        return logits
+
+
+class Backend:
+    """Shared parts: identity, state copies and the storage form of states."""
+
+    model_id = ""
+    version = 0
+    vocab_size = 0
+    description = ""
+
+    def copy_state(self, state):
+        return [t.clone() for t in state]
+
+    def state_tensors(self, state):
+        return [t.detach().to("cpu", torch.float32).contiguous() for t in state]
+
+    def state_from_tensors(self, tensors):
+        template = self.zero_state()
+        if len(tensors) != len(template) or any(t.shape != z.shape for t, z in zip(tensors, template)):
+            raise ValueError("the stored state does not fit this model")
+        return [t.to(z.device, z.dtype) for t, z in zip(tensors, template)]
+
+    def new_batch(self):
+        return SequentialBatch(self)
+
+
+class RwkvPackageBackend(Backend):
+    """Any RWKV-4/5/6/7 checkpoint through the `rwkv` package (one sequence at a time)."""
+
+    def __init__(self, path, strategy="cpu fp32", version=None, jit_on=True, cuda_on=False):
+        path = resolve_path(path)
+        weights = load_weights(path)
+        self.version = version or detect_version(weights)
+        self.model_id = fingerprint(weights)
+        del weights
+        model_class = self._import_model_class(jit_on, cuda_on)
+        # The package appends ".pth" itself.
+        self.model = model_class(str(path.with_suffix("")), strategy)
+        self.vocab_size = self._probe_vocab_size()
+        self.description = f"RWKV-{self.version} {path.name} via the rwkv package ({strategy})"
+
+    def _import_model_class(self, jit_on, cuda_on):
+        """The package picks RWKV-7 or RWKV-4/5/6 once, at import, from RWKV_V7_ON."""
+        want_v7 = "1" if self.version == 7 else "0"
+        if "rwkv.model" in sys.modules:
+            module = sys.modules["rwkv.model"]
+            if (module.RWKV.__name__ == "RWKV_x070") != (want_v7 == "1"):
+                raise CheckpointError(
+                    "the rwkv package was already loaded for another RWKV version in this process"
+                )
+            return module.RWKV
+        os.environ["RWKV_V7_ON"] = want_v7
+        os.environ["RWKV_JIT_ON"] = "1" if jit_on else "0"
+        os.environ["RWKV_CUDA_ON"] = "1" if cuda_on else "0"
+        from rwkv.model import RWKV
+
+        return RWKV
+
+    def _probe_vocab_size(self):
+        logits, _ = self.read([1], self.zero_state())
+        return logits.shape[-1]
+
+    def zero_state(self):
+        if self.version == 7:
+            return self.model.generate_zero_state()
+        # RWKV-4/5/6: the package builds the zero state inside its first forward.
+        _, state = self.model.forward([0], None)
+        return [torch.zeros_like(t) for t in state] if self.version != 4 else self._zero_state_v4(state)
+
+    def _zero_state_v4(self, state):
+        # RWKV-4 keeps a running max ("pp", 4th of 5 per layer) that starts at -1e30.
+        zero = [torch.zeros_like(t) for t in state]
+        for i in range(3, len(zero), 5):
+            zero[i] -= 1e30
+        return zero
+
+    @torch.inference_mode()
+    def read(self, tokens, state):
+        state = self.copy_state(state)  # the package updates some state tensors in place
+        logits, state = self.model.forward(list(tokens), state)
+        return logits.float(), state
+
+
+def parse_strategy(strategy):
+    """(device, precision) from a strategy like "cpu fp32", "cuda fp16i8 *10 -> cuda fp16".
+
+    The first segment decides; "i8" after a precision means int8 weights.
+    """
+    first = strategy.split("->")[0].split()
+    if len(first) < 2 or first[0].split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported strategy {strategy!r}: use e.g. 'cpu fp32', 'cpu bf16', 'cuda fp16'")
+    device, precision = first[0], first[1]
+    if precision.endswith("i8"):
+        return device, "int8"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unsupported precision {precision!r} in strategy {strategy!r}")
+    return device, precision
+
+
+def load_backend(path, strategy="cpu fp32", jit_on=True, cuda_on=False):
+    """Load a checkpoint with the best backend for its version."""
+    version = detect_version(load_weights(path).keys())
+    logger.info("loading RWKV-%s checkpoint %s (%s)", version, Path(path), strategy)
+    return RwkvPackageBackend(path, strategy, version=version, jit_on=jit_on, cuda_on=cuda_on)

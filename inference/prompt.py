@@ -1,0 +1,54 @@
+"""What the model reads: the role-play prompt format.
+
+    <example dialogue, names substituted>\n\n<persona>\n\n
+    <Bot>: <greeting>\n\n
+    <User>: <prompt>\n\n<Bot>: <reply>\n\n ...
+
+One space after each colon; lines stripped; a turn never contains a blank
+line (the model reads a blank line as the end of a turn), blocks keep at
+most one blank line in a row. Every round is read as two parts: the part
+before the reply (ending with "<Bot>:"), then the reply (" <text>\n\n").
+Round 0's first part is the character header, its reply the greeting.
+"""
+
+import re
+
+TURN_END = "\n\n"
+BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def clean_turn(text):
+    """One turn: lines stripped, blank lines dropped."""
+    lines = (line.strip() for line in str(text).replace("\r", "\n").split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def clean_block(text):
+    """A block (persona, example dialogue): lines stripped, blank runs collapsed to one."""
+    lines = (line.strip() for line in str(text).replace("\r", "\n").split("\n"))
+    return BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
+
+
+def speaker_names(user_name, bot_name, use_qa):
+    """The names the prompt uses for the two speakers."""
+    return ("User", "Assistant") if use_qa else (clean_turn(user_name), clean_turn(bot_name))
+
+
+def substitute(text, user, bot):
+    return text.replace("{{user}}", user).replace("{{char}}", bot)
+
+
+def character_header(user, bot, persona, example_message):
+    """Round 0's first part: example dialogue, persona, and the greeter's name."""
+    blocks = [clean_block(substitute(example_message, user, bot)), clean_block(substitute(persona, user, bot))]
+    return "".join(block + TURN_END for block in blocks if block) + f"{bot}:"
+
+
+def user_turn(user, bot, prompt):
+    """A round's first part: what the user says, then the character's name."""
+    return f"{user}: {clean_turn(prompt)}{TURN_END}{bot}:"
+
+
+def reply_part(reply):
+    """A reply as the model reads it when it is given (greeting, overwritten reply)."""
+    return f" {clean_turn(reply)}{TURN_END}"

@@ -1,0 +1,62 @@
+"""The process's one engine: loaded once, from the settings or the `serve` flags."""
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from django.conf import settings
+
+from .backends import load_backend
+from .checkpoint import write_demo_model
+from .engine import Engine
+from .tokenizer import world_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEMO_LAYERS = 2
+DEMO_EMBD = 256
+
+_engine = None
+_lock = threading.Lock()
+
+
+def demo_model_path():
+    """The demo checkpoint, written (random weights, fixed seed) if it is missing."""
+    path = Path(settings.RPSERVER["DEMO_MODEL"])
+    if not path.exists():
+        logger.info("writing the demo model to %s", path)
+        write_demo_model(path, n_layer=DEMO_LAYERS, n_embd=DEMO_EMBD)
+    return path
+
+
+def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
+    """Load the model and make it the process's engine (replacing none: call once)."""
+    global _engine
+    config = settings.RPSERVER
+    with _lock:
+        if _engine is not None:
+            return _engine
+        if config["THREADS"]:
+            torch.set_num_threads(config["THREADS"])
+        model = model or config["MODEL"]
+        if not model:
+            model = demo_model_path()
+            logger.warning(
+                "no --model given: serving the DEMO model %s, which has random weights. "
+                "Its replies are noise. Pass --model /path/to/RWKV-checkpoint for real replies.",
+                model,
+            )
+        backend = load_backend(model, strategy or config["STRATEGY"], jit_on=jit_on, cuda_on=cuda_on)
+        logger.info("model loaded: %s (id %s)", backend.description, backend.model_id)
+        _engine = Engine(
+            backend, world_tokenizer(),
+            prefill_chunk=config["PREFILL_CHUNK"], max_batch=config["MAX_BATCH"],
+        )
+        _engine.start()
+        return _engine
+
+
+def get_engine():
+    """The process's engine, loaded from the settings on first use."""
+    return _engine or load_engine()

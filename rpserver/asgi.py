@@ -1,0 +1,17 @@
+"""The ASGI application: Channels consumers for the streams, Django for the rest."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "rpserver.settings")
+django_application = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import re_path  # noqa: E402
+
+from chat.routing import http_routes  # noqa: E402
+
+application = ProtocolTypeRouter({
+    "http": URLRouter(http_routes + [re_path(r"", django_application)]),
+})

@@ -1,0 +1,208 @@
+"""rpserver's settings, driven by environment variables (all prefixed RPSERVER_).
+
+Each variable is read through a small typed helper that raises
+ImproperlyConfigured on a bad value, so a typo fails at start-up, not later.
+The README lists every variable.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name, default=""):
+    return os.environ.get(name, default)
+
+
+def env_int(name, default, minimum=None):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}")
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_bool(name, default):
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name} must be 0/1/true/false, got {raw!r}")
+
+
+def env_list(name, default):
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+DEBUG = env_bool("RPSERVER_DEBUG", False)
+SECRET_KEY = env_str("RPSERVER_SECRET_KEY") or "rpserver-insecure-development-key-set-RPSERVER_SECRET_KEY"
+ALLOWED_HOSTS = env_list("RPSERVER_ALLOWED_HOSTS", ["*"])
+CSRF_TRUSTED_ORIGINS = env_list("RPSERVER_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "corsheaders",
+    "rest_framework",
+    "channels",
+    "accounts",
+    "characters",
+    "chat",
+    "inference",
+]
+
+MIDDLEWARE = [
+    "corsheaders.middleware.CorsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "rpserver.envelope.JsonErrorMiddleware",
+]
+
+ROOT_URLCONF = "rpserver.urls"
+ASGI_APPLICATION = "rpserver.asgi.application"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Data: SQLite in the checkout by default; RPSERVER_DATABASE_URL for PostgreSQL.
+DATA_DIR = Path(env_str("RPSERVER_DATA_DIR", str(BASE_DIR)))
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("RPSERVER_DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
+        conn_max_age=0,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets readers and the writer work at once; IMMEDIATE transactions
+    # take the write lock up front, so two writers queue instead of failing
+    # with "database is locked" when one upgrades from a read.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+
+AUTH_USER_MODEL = "accounts.User"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_PASSWORD_VALIDATORS = []
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+MEDIA_URL = "media/"
+MEDIA_ROOT = Path(env_str("RPSERVER_MEDIA_ROOT", str(DATA_DIR / "media")))
+
+# State blobs and avatars go through Django's storage API: local files by
+# default, an S3-compatible bucket when RPSERVER_S3_BUCKET is set.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+if env_str("RPSERVER_S3_BUCKET"):
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env_str("RPSERVER_S3_BUCKET"),
+            "endpoint_url": env_str("RPSERVER_S3_ENDPOINT_URL") or None,
+            "file_overwrite": False,
+        },
+    }
+WHITENOISE_USE_FINDERS = True
+
+# The legacy UI is served from another origin and sends no cookies.
+CORS_ALLOWED_ORIGINS = env_list("RPSERVER_CORS_ORIGINS", [])
+CORS_ALLOW_ALL_ORIGINS = not CORS_ALLOWED_ORIGINS
+CORS_URLS_REGEX = r"^/(login|characters|chat|debug)/"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.auth.LegacyTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "rpserver.envelope.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("RPSERVER_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
+
+# Channels: in-memory layer for one process, Redis for several.
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+if env_str("RPSERVER_REDIS_URL"):
+    CHANNEL_LAYERS["default"] = {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [env_str("RPSERVER_REDIS_URL")]},
+    }
+
+# rpserver itself. The model settings are what `serve` flags override.
+RPSERVER = {
+    "MODEL": env_str("RPSERVER_MODEL"),
+    "DEMO_MODEL": BASE_DIR / "model" / "demo-rwkv7.pth",
+    "STRATEGY": env_str("RPSERVER_STRATEGY", "cpu fp32"),
+    "MAX_REPLY_TOKENS": env_int("RPSERVER_MAX_REPLY_TOKENS", 512, minimum=1),
+    "MAX_PROMPT_CHARS": env_int("RPSERVER_MAX_PROMPT_CHARS", 4000, minimum=1),
+    "MAX_PERSONA_CHARS": env_int("RPSERVER_MAX_PERSONA_CHARS", 20000, minimum=1),
+    "MAX_AVATAR_BYTES": env_int("RPSERVER_MAX_AVATAR_BYTES", 2 * 1024 * 1024, minimum=1),
+    "TOKEN_TTL_HOURS": env_int("RPSERVER_TOKEN_TTL_HOURS", 24 * 30, minimum=1),
+    "LOCK_TIMEOUT_SECONDS": env_int("RPSERVER_LOCK_TIMEOUT_SECONDS", 600, minimum=1),
+    "STATE_KEEP_RECENT": env_int("RPSERVER_STATE_KEEP_RECENT", 4, minimum=1),
+    "STATE_CHECKPOINT_EVERY": env_int("RPSERVER_STATE_CHECKPOINT_EVERY", 8, minimum=1),
+    "PREFILL_CHUNK": env_int("RPSERVER_PREFILL_CHUNK", 64, minimum=1),
+    "MAX_BATCH": env_int("RPSERVER_MAX_BATCH", 32, minimum=1),
+    "SEED": env_int("RPSERVER_SEED", -1),
+    "THREADS": env_int("RPSERVER_THREADS", 0, minimum=0),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("RPSERVER_LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}
