@@ -1,0 +1,36 @@
+# rpserver: `make run` serves on http://127.0.0.1:8888, `make test` runs the suite.
+# Both create .venv and install everything on a fresh machine.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8888
+HOST ?= 127.0.0.1
+MODEL ?=
+STRATEGY ?= cpu fp32
+
+.PHONY: install run test bench clean
+
+install: $(VENV)/.installed
+
+# torch is installed first and pinned: an unpinned torch pulls gigabytes of CUDA packages.
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+run: install
+	$(PY) manage.py collectstatic --noinput --verbosity 0
+	$(PY) manage.py serve --host $(HOST) --port $(PORT) --strategy "$(STRATEGY)" $(if $(MODEL),--model "$(MODEL)")
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/forward.py
+	$(PY) bench/throughput.py
+	$(PY) bench/resume.py
+
+clean:
+	rm -rf $(VENV) staticfiles .pytest_cache

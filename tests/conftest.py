@@ -1,0 +1,203 @@
+"""Shared fixtures: a tiny real model, the real server in a subprocess, API clients.
+
+The test process and the server share one data directory (SQLite database
+and media files), so tests can drive the server over HTTP and then look at
+what it stored with the ORM.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(tempfile.mkdtemp(prefix="rpserver-test-"))
+TINY_MODEL = DATA_DIR / "model" / "tiny-rwkv7.pth"
+
+# Settings shared by this process and the servers it starts.
+TEST_ENV = {
+    "DJANGO_SETTINGS_MODULE": "rpserver.settings",
+    "RPSERVER_DATA_DIR": str(DATA_DIR),
+    "RPSERVER_MODEL": str(TINY_MODEL),
+    "RPSERVER_MAX_REPLY_TOKENS": "12",
+    "RPSERVER_STATE_KEEP_RECENT": "2",
+    "RPSERVER_STATE_CHECKPOINT_EVERY": "3",
+    "RPSERVER_MAX_AVATAR_BYTES": "65536",
+    "RPSERVER_LOG_LEVEL": "INFO",
+    "RWKV_V7_ON": "1",
+    "RWKV_JIT_ON": "1",
+    "RWKV_CUDA_ON": "0",
+}
+os.environ.update(TEST_ENV)
+sys.path.insert(0, str(ROOT))
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.core.management import call_command  # noqa: E402
+
+from inference.checkpoint import write_demo_model  # noqa: E402
+
+write_demo_model(TINY_MODEL, n_layer=2, n_embd=128)
+call_command("migrate", verbosity=0)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`manage.py serve` in a subprocess, on a free port."""
+
+    def __init__(self, model=TINY_MODEL, env=None, name="server"):
+        self.model = model
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = DATA_DIR / f"{name}.log"
+        self.process = None
+        self.url = None
+
+    def start(self):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--model", str(self.model), "--port", str(port)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def stop(self):
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+class Api:
+    """A client of the legacy API, optionally logged in."""
+
+    def __init__(self, url, user_name=None, token=None):
+        self.url = url
+        self.user_name = user_name
+        self.token = token
+        self.http = httpx.Client(base_url=url, timeout=120)
+
+    def auth(self):
+        return {"user_name": self.user_name, "token": self.token} if self.token else {}
+
+    def call(self, route, **fields):
+        """POST form fields (plus auth); the envelope."""
+        answer = self.http.post(route, data={**self.auth(), **fields})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def ok(self, route, **fields):
+        """POST and insist on success; the envelope's data."""
+        body = self.call(route, **fields)
+        assert body["code"] == 200, body
+        return body["data"]
+
+    def stream(self, route, **fields):
+        """POST to a streaming route: (frames, response headers), or (envelope, headers)."""
+        with self.http.stream("POST", route, data={**self.auth(), **fields}) as answer:
+            raw = answer.read().decode("utf-8")
+            headers = answer.headers
+        if headers["content-type"].startswith("application/json"):
+            return json.loads(raw), headers
+        return raw.split("\n\ndata: ")[1:], headers
+
+    def reply(self, character, prompt, **sampling):
+        frames, _ = self.stream("/chat/reply", character_name=character, prompt=prompt, **sampling)
+        assert isinstance(frames, list), frames
+        return frames[-1] if frames else ""
+
+    def chat(self, character):
+        return self.ok("/characters/load", character_name=character)["chat"]
+
+    def context(self, character):
+        return self.ok("/debug/token", character_name=character)
+
+
+@pytest.fixture(scope="session")
+def server():
+    running = Server().start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def api(server):
+    return Api(server.url)
+
+
+@pytest.fixture
+def guest(api):
+    data = api.ok("/login/tmp")
+    return Api(api.url, data["user_name"], data["token"])
+
+
+def make_user(api, prefix, password="secret-pw"):
+    from accounts.services import create_user
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    create_user(name, password)
+    data = api.ok("/login", user_name=name, password=password)
+    return Api(api.url, data["user_name"], data["token"])
+
+
+@pytest.fixture
+def alice(api):
+    return make_user(api, "alice")
+
+
+@pytest.fixture
+def bob(api):
+    return make_user(api, "bob")
+
+
+CHARACTER = {
+    "bot": "Mira",
+    "user": "friend",
+    "greeting": "Hi {{user}}! I'm {{char}}.",
+    "bot_persona": "{{char}} is a calm lighthouse keeper who talks to {{user}}.",
+    "example_message": "{{user}}: How are you?\n\n{{char}}: Fine, thank you.",
+}
+
+
+@pytest.fixture
+def mira(guest):
+    """A guest with a character called Mira and an open conversation."""
+    guest.ok("/characters/save", **CHARACTER)
+    guest.chat("Mira")
+    return guest

@@ -1,0 +1,116 @@
+"""/login, /login/tmp, tokens, createuser, the envelope and CORS."""
+
+from datetime import timedelta
+
+from django.core.management import call_command
+from django.utils import timezone
+
+from accounts.models import ApiToken, User, token_digest
+from conftest import Api
+
+
+def test_it_logs_in_with_a_password(alice):
+    assert alice.ok("/characters/list")["list"]
+
+
+def test_it_rejects_a_wrong_password(api, alice):
+    body = api.call("/login", user_name=alice.user_name, password="nope")
+    assert body == {"data": None, "message": "wrong user name or password", "code": 400}
+
+
+def test_it_names_a_missing_parameter(api):
+    body = api.call("/login", user_name="someone")
+    assert body["code"] == 400 and body["message"] == "missing parameter: password"
+
+
+def test_it_accepts_json_bodies(api, alice):
+    answer = api.http.post("/login", json={"user_name": alice.user_name, "password": "secret-pw"})
+    assert answer.json()["code"] == 200
+
+
+def test_guest_gets_a_random_token_that_is_not_its_name(api):
+    first, second = api.ok("/login/tmp"), api.ok("/login/tmp")
+    assert first["user_name"].startswith("tmp-") and first["token"] != first["user_name"]
+    assert first["user_name"] != second["user_name"] and first["token"] != second["token"]
+    assert User.objects.get(username=first["user_name"]).is_guest
+
+
+def test_new_accounts_get_the_default_characters(guest):
+    names = [c["char_name"] for c in guest.ok("/characters/list")["list"]]
+    assert names == ["小雪", "Ellie"]
+
+
+def test_tokens_are_stored_hashed(guest):
+    assert not ApiToken.objects.filter(digest=guest.token).exists()
+    assert ApiToken.objects.filter(digest=token_digest(guest.token)).exists()
+
+
+def test_it_rejects_a_wrong_token(guest):
+    body = Api(guest.url, guest.user_name, "0" * 32).call("/characters/list")
+    assert body["code"] == 403 and "log in" in body["message"]
+
+
+def test_it_rejects_a_missing_token(api):
+    body = api.call("/characters/list", user_name="anyone")
+    assert body["code"] == 403 and "token" in body["message"]
+
+
+def test_it_rejects_another_users_token(alice, bob):
+    body = Api(alice.url, alice.user_name, bob.token).call("/characters/list")
+    assert body["code"] == 403 and "another user" in body["message"]
+
+
+def test_it_rejects_an_expired_token(guest):
+    ApiToken.objects.filter(digest=token_digest(guest.token)).update(
+        last_used=timezone.now() - timedelta(days=365))
+    body = guest.call("/characters/list")
+    assert body == {"data": None, "message": "token expired, please log in again", "code": 403}
+
+
+def test_it_accepts_an_authorization_header_without_user_name(api, guest):
+    answer = api.http.post("/characters/list", headers={"Authorization": f"Token {guest.token}"})
+    assert answer.json()["code"] == 200
+
+
+def test_streams_check_the_token_too(guest):
+    body, _ = Api(guest.url, guest.user_name, "bad").stream("/chat/reply", character_name="Ellie", prompt="hi")
+    assert body["code"] == 403
+
+
+def test_get_is_answered_in_the_envelope(api):
+    answer = api.http.get("/characters/list")
+    assert answer.status_code == 200
+    assert answer.json()["code"] in (400, 403)
+
+
+def test_unknown_routes_answer_json(api):
+    answer = api.http.post("/no/such/route")
+    assert answer.status_code == 404 and answer.json()["code"] == 404
+
+
+def test_every_answer_carries_cors_headers(api, guest):
+    origin = {"Origin": "http://localhost:9000"}
+    answers = [
+        api.http.post("/login/tmp", headers=origin),
+        api.http.post("/characters/list", data=guest.auth(), headers=origin),
+        api.http.post("/chat/reply", data={**guest.auth(), "character_name": "Ellie", "prompt": "hi"}, headers=origin),
+        api.http.post("/chat/reply", data={"token": "bad", "character_name": "Ellie"}, headers=origin),
+    ]
+    for answer in answers:
+        assert answer.headers["access-control-allow-origin"] == "*", answer.request.url
+
+
+def test_preflights_succeed(api):
+    headers = {"Origin": "http://localhost:9000", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}
+    for route in ("/characters/list", "/chat/reply"):
+        answer = api.http.options(route, headers=headers)
+        assert answer.status_code == 200, route
+        assert answer.headers["access-control-allow-origin"] == "*"
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+
+
+def test_createuser_makes_an_account_that_logs_in(api):
+    call_command("createuser", "carol-cli", "--password", "pw-123")
+    assert api.ok("/login", user_name="carol-cli", password="pw-123")["user_name"] == "carol-cli"
+    assert User.objects.get(username="carol-cli").password.startswith("pbkdf2_")
