@@ -92,6 +92,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._thread = None
         self._stopping = False
+        self.tokens_read = 0  # prompt tokens read, all jobs together (for monitoring and tests)
+        self.tokens_generated = 0
 
     # ---- the asyncio side -------------------------------------------------
 
@@ -215,6 +217,7 @@ class Engine:
         if pending:
             end = pending[0]
         job.logits, job.state = self.backend.read(job.tokens[job.read:end], job.state)
+        self.tokens_read += end - job.read
         job.read = end
         if end in job.snapshot_at:
             job.snapshots[end] = self.backend.copy_state(job.state)
@@ -245,6 +248,7 @@ class Engine:
         """Record a sampled token, stream the text, and decide whether the reply ends."""
         job.generated.append(token)
         job.decoder.push(token)
+        self.tokens_generated += 1
         if TURN_END in job.decoder.raw:
             job.finish_reason = FinishReason.STOP
         elif len(job.generated) >= job.max_tokens:

@@ -1,0 +1,235 @@
+"""/characters/load, /chat/reply, resay, tamper, back, reset and /debug/token over HTTP."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from chat.models import PromptState, Round
+from chat.services import BUSY
+from conftest import CHARACTER, Api, Server
+
+HEADER = "friend: How are you?\n\nMira: Fine, thank you.\n\nMira is a calm lighthouse keeper who talks to friend.\n\nMira:"
+GREETING = "Hi friend! I'm Mira."
+
+
+def rounds(user_name):
+    return Round.objects.filter(conversation__owner__username=user_name).order_by("index")
+
+
+def test_load_opens_the_chat_with_the_greeting(mira):
+    assert mira.chat("Mira") == [[None, GREETING]]
+    assert mira.context("Mira")["token_state"] == f"{HEADER} {GREETING}\n\n"
+
+
+def test_a_reply_streams_cumulative_frames_without_buffering(mira):
+    frames, headers = mira.stream("/chat/reply", character_name="Mira", prompt="Hello, Mira")
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
+    assert len(frames) >= 2
+    for before, after in zip(frames, frames[1:]):
+        assert after.startswith(before)
+    assert mira.chat("Mira") == [[None, GREETING], ["Hello, Mira", frames[-1]]]
+
+
+def test_the_context_is_exactly_what_the_model_read(mira):
+    mira.reply("Mira", "  Hello\n\n\n  there  ")
+    context = mira.context("Mira")
+    assert context["token_state"].startswith(f"{HEADER} {GREETING}\n\nfriend: Hello\nthere\n\nMira:")
+    assert context["token_state"].endswith("\n\n")
+    stored = sum(len(r.token_list) for r in rounds(mira.user_name))
+    assert context["token_count"] == stored
+
+
+def test_each_round_keeps_the_snapshots_it_needs(mira):
+    for i in range(5):
+        mira.reply("Mira", f"message {i}")
+    kept = {r.index: (bool(r.pre_state), bool(r.post_state)) for r in rounds(mira.user_name)}
+    # pre-reply state for the last round only; post-round states for the
+    # 2 most recent rounds and every 3rd (RPSERVER_STATE_KEEP_RECENT=2, _CHECKPOINT_EVERY=3);
+    # round 0's is the character's cached prompt state.
+    assert PromptState.objects.filter(character__owner__username=mira.user_name).count() == 1
+    assert kept == {0: (False, False), 1: (False, False), 2: (False, False), 3: (False, True),
+                    4: (False, True), 5: (True, True)}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"prompt": "   \n  "}, "prompt must not be empty"),
+    ({}, "missing parameter: prompt"),
+    ({"prompt": "x" * 4001}, "prompt: Ensure this field has no more than 4000 characters."),
+    ({"prompt": "hi", "tau": "abc"}, "tau: must be a number, got 'abc'"),
+    ({"prompt": "hi", "temperature": "0"}, "temperature: must be in (0, 5], got 0"),
+    ({"prompt": "hi", "min_p": "1.5"}, "min_p: must be in [0, 1], got 1.5"),
+    ({"prompt": "hi", "presence_penalty": "nan"}, "presence_penalty: must be in [0, 10], got nan"),
+])
+def test_a_bad_reply_request_gets_a_clear_error(mira, fields, message):
+    body, headers = mira.stream("/chat/reply", character_name="Mira", **fields)
+    assert body == {"data": None, "message": message, "code": 400}
+    assert mira.chat("Mira") == [[None, GREETING]]
+
+
+def test_sampling_fields_are_accepted_as_form_strings(mira):
+    reply = mira.reply("Mira", "hi", tau="2.5", rate="0.2", min_p="0", temperature="0.7", presence_penalty="")
+    assert mira.chat("Mira")[-1] == ["hi", reply]
+
+
+def test_resay_replaces_the_last_reply_and_its_context(mira):
+    mira.reply("Mira", "first")
+    mira.reply("Mira", "second")
+    before = mira.context("Mira")
+    frames, _ = mira.stream("/chat/resay", character_name="Mira")
+    chat = mira.chat("Mira")
+    assert len(chat) == 3 and chat[2] == ["second", frames[-1]]
+    after = mira.context("Mira")
+    prefix = before["token_state"][:before["token_state"].rindex("friend: second\n\nMira:")]
+    assert after["token_state"].startswith(prefix + "friend: second\n\nMira:")
+    assert after["token_count"] == sum(len(r.token_list) for r in rounds(mira.user_name))
+
+
+def test_resay_works_after_a_restart_and_rebuilds_a_missing_snapshot(mira):
+    mira.reply("Mira", "first")
+    last = rounds(mira.user_name).last()
+    last.pre_state.delete(save=True)
+    frames, _ = mira.stream("/chat/resay", character_name="Mira")
+    assert mira.chat("Mira")[-1] == ["first", frames[-1]]
+    assert rounds(mira.user_name).last().pre_state
+
+
+def test_resay_of_the_greeting_regenerates_it(mira):
+    frames, _ = mira.stream("/chat/resay", character_name="Mira")
+    assert mira.chat("Mira") == [[None, frames[-1]]]
+    assert mira.context("Mira")["token_state"].startswith(HEADER)
+
+
+def test_tamper_overwrites_the_last_reply_in_the_chat_and_the_context(mira):
+    mira.reply("Mira", "hello")
+    mira.ok("/chat/tamper", character_name="Mira", message="  I am the lighthouse.  ")
+    assert mira.chat("Mira")[-1] == ["hello", "I am the lighthouse."]
+    assert mira.context("Mira")["token_state"].endswith("friend: hello\n\nMira: I am the lighthouse.\n\n")
+
+
+def test_tamper_needs_a_message(mira):
+    assert mira.call("/chat/tamper", character_name="Mira")["message"] == "missing parameter: message"
+    assert mira.call("/chat/tamper", character_name="Mira", message=" ")["message"] == "message must not be empty"
+
+
+def test_back_restores_the_exact_context_and_state_of_an_old_round(mira):
+    contexts, states = [], []
+    for i in range(4):
+        mira.reply("Mira", f"message {i}")
+        contexts.append(mira.context("Mira"))
+        states.append(load_safetensors(rounds(mira.user_name).last().post_state.read()))
+    assert not rounds(mira.user_name).get(index=1).post_state  # pruned: will be rebuilt
+    mira.ok("/chat/back", character_name="Mira", log_index=1)
+    assert len(mira.chat("Mira")) == 2
+    assert mira.context("Mira") == contexts[0]
+    rebuilt = load_safetensors(rounds(mira.user_name).get(index=1).post_state.read())
+    assert rebuilt.keys() == states[0].keys()
+    for key in rebuilt:
+        torch.testing.assert_close(rebuilt[key], states[0][key], rtol=1e-4, atol=1e-5)
+    mira.reply("Mira", "after back")
+    assert len(mira.chat("Mira")) == 3
+
+
+def test_back_defaults_to_the_greeting(mira):
+    mira.reply("Mira", "hello")
+    mira.ok("/chat/back", character_name="Mira")
+    assert mira.chat("Mira") == [[None, GREETING]]
+
+
+@pytest.mark.parametrize("log_index,message", [
+    ("5", "log_index 5 is past the last round (1)"),
+    ("-1", "log_index: Ensure this value is greater than or equal to 0."),
+    ("x", "log_index: A valid integer is required."),
+])
+def test_back_rejects_a_bad_log_index(mira, log_index, message):
+    mira.reply("Mira", "hello")
+    assert mira.call("/chat/back", character_name="Mira", log_index=log_index)["message"] == message
+    assert len(mira.chat("Mira")) == 2
+
+
+def test_reset_starts_over_from_the_greeting(mira):
+    fresh = mira.context("Mira")
+    mira.reply("Mira", "hello")
+    assert mira.ok("/chat/reset", character_name="Mira") == {"chat": [[None, GREETING]]}
+    assert mira.context("Mira") == fresh
+    assert mira.chat("Mira") == [[None, GREETING]]
+
+
+def test_unicode_flows_through_names_prompts_and_context(guest):
+    guest.ok("/characters/save", **{**CHARACTER, "bot": "小雪", "user": "哥哥"})
+    guest.chat("小雪")
+    guest.reply("小雪", "你好呀 😊 ¿qué tal?")
+    assert guest.chat("小雪")[1][0] == "你好呀 😊 ¿qué tal?"
+    assert "哥哥: 你好呀 😊 ¿qué tal?\n\n小雪:" in guest.context("小雪")["token_state"]
+
+
+def test_everything_survives_a_restart(server, mira):
+    mira.reply("Mira", "remember me")
+    chat, context = mira.chat("Mira"), mira.context("Mira")
+    server.restart()
+    again = Api(server.url, mira.user_name, mira.token)
+    assert again.chat("Mira") == chat
+    assert again.context("Mira") == context
+    again.reply("Mira", "still here?")
+    assert len(again.chat("Mira")) == 3
+
+
+@pytest.fixture(scope="module")
+def long_server():
+    """A server whose replies are long (a random model rarely ends its turn)."""
+    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000"}, name="long-server").start()
+    yield running
+    running.stop()
+
+
+def long_guest(long_server):
+    api = Api(long_server.url)
+    data = api.ok("/login/tmp")
+    return Api(long_server.url, data["user_name"], data["token"])
+
+
+def test_two_requests_on_one_conversation_never_corrupt_it(long_server):
+    guest = long_guest(long_server)
+    guest.ok("/characters/save", **CHARACTER)
+    guest.chat("Mira")
+    results = []
+
+    def reply(i):
+        client = Api(guest.url, guest.user_name, guest.token)
+        results.append(client.stream("/chat/reply", character_name="Mira", prompt=f"message {i}")[0])
+
+    threads = [threading.Thread(target=reply, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    streamed = [r for r in results if isinstance(r, list)]
+    refused = [r for r in results if isinstance(r, dict)]
+    assert streamed and refused
+    assert all(r == {"data": None, "message": BUSY, "code": 400} for r in refused)
+    chat = guest.chat("Mira")
+    assert len(chat) == 1 + len(streamed)
+    context = guest.context("Mira")
+    assert context["token_count"] == sum(len(r.token_list) for r in rounds(guest.user_name))
+    for user_text, bot_text in chat[1:]:
+        assert f"friend: {user_text}\n\nMira:" in context["token_state"]
+
+
+def test_a_client_that_disconnects_stops_its_reply(long_server):
+    guest = long_guest(long_server)
+    guest.ok("/characters/save", **CHARACTER)
+    guest.chat("Mira")
+    with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                        "prompt": "tell me everything"}) as answer:
+        next(answer.iter_raw())
+    # The lock is released and nothing half-generated is stored.
+    for _ in range(200):
+        body, _ = guest.stream("/chat/tamper", character_name="Mira", message="ok")
+        if body["code"] == 200:
+            break
+        threading.Event().wait(0.05)
+    assert body["code"] == 200
+    assert guest.chat("Mira") == [[None, "ok"]]
+    assert "client disconnected: reply cancelled" in long_server.log()
