@@ -72,7 +72,7 @@ class Sampler:
             factor = 1.0 + s.presence_penalty
             logits[used] = torch.where(picked > 0, picked / factor, picked * factor)
         probs = torch.softmax(logits, dim=-1)
-        ids = torch.nonzero(probs >= s.min_p * probs.max()).flatten()
+        ids = torch.nonzero((probs >= s.min_p * probs.max()) & (probs > 0)).flatten()
         kept = probs[ids].double()
         kept = kept ** (1.0 / s.temperature)
         return ids, kept / kept.sum()

@@ -1,0 +1,70 @@
+"""Parked conversations: resuming reads the stored state, never the history."""
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from chat import services
+from chat.models import Conversation, Round
+from chat.snapshots import decode_state, encode_state
+from inference.runtime import get_engine
+
+
+def conversation_of(guest):
+    return Conversation.objects.get(owner__username=guest.user_name, character__name="Mira")
+
+
+def state_after(conversation, index):
+    return asyncio.run(services.state_after(conversation, index))
+
+
+def assert_same_state(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_resuming_reads_no_history(mira):
+    for i in range(3):
+        mira.reply("Mira", f"message {i}")
+    engine = get_engine()
+    before = engine.tokens_read
+    state_after(conversation_of(mira), 3)
+    assert engine.tokens_read == before
+
+
+def test_an_old_round_is_rebuilt_from_the_nearest_checkpoint(mira):
+    for i in range(5):
+        mira.reply("Mira", f"message {i}")
+    conversation = conversation_of(mira)
+    engine = get_engine()
+    before = engine.tokens_read
+    state = state_after(conversation, 2)  # rounds 1 and 2 are not kept; round 0 is (prompt cache)
+    rounds = {r.index: r for r in conversation.rounds.all()}
+    assert engine.tokens_read - before == len(rounds[1].token_list) + len(rounds[2].token_list)
+    from_scratch = asyncio.run(engine.read(None, sum((rounds[i].token_list for i in range(3)), [])))[0]
+    assert_same_state(state, from_scratch)
+
+
+def test_a_damaged_snapshot_is_ignored_and_rebuilt(mira):
+    for i in range(2):
+        mira.reply("Mira", f"message {i}")
+    conversation = conversation_of(mira)
+    last = conversation.rounds.get(index=2)
+    good = state_after(conversation, 2)
+    path = Path(last.post_state.path)
+    path.write_bytes(path.read_bytes()[:100])  # as if the writer crashed half-way
+    rebuilt = state_after(conversation, 2)
+    assert_same_state(rebuilt, good)
+    assert Path(Round.objects.get(pk=last.pk).post_state.path) != path  # remembered under a new name
+
+
+def test_a_state_never_loads_into_another_model():
+    engine = get_engine()
+    blob = encode_state(engine.backend, engine.zero_state())
+    assert decode_state(engine.backend, blob) is not None
+
+    class OtherModel:
+        model_id = "0123456789abcdef"
+
+    assert decode_state(OtherModel(), blob) is None
