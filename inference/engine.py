@@ -136,12 +136,7 @@ class Engine:
         """
         if not tokens:
             raise ValueError("a reply needs at least one token to read")
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        sampler = Sampler(sampling, self._banned, generator)
+        sampler = Sampler(sampling, self._banned, seed)
         job = self._submit(state, tokens, snapshot_at, sampler=sampler, max_tokens=max_tokens)
         return Generation(self, job)
 

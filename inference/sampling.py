@@ -16,6 +16,7 @@ For one step, on the logits of the next token:
 import math
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 
@@ -54,43 +55,78 @@ def check_setting(name, value):
 class Sampler:
     """One reply's sampling state: Mirostat's mu and the tokens used so far."""
 
-    def __init__(self, settings, banned, generator=None):
+    def __init__(self, settings, banned, seed=None):
         self.settings = settings
         self.banned = banned  # LongTensor of token ids that are never sampled
-        self.generator = generator
+        self.random = numpy.random.default_rng(seed)
         self.mu = 2.0 * settings.tau
         self.used = set()
 
     def candidates(self, logits):
         """(token ids, probabilities) left after steps 1-5, before Mirostat."""
-        s = self.settings
-        logits = logits.float().clone()
-        logits[self.banned] = -math.inf
-        if self.used and s.presence_penalty:
-            used = torch.tensor(sorted(self.used), dtype=torch.long)
-            picked = logits[used]
-            factor = 1.0 + s.presence_penalty
-            logits[used] = torch.where(picked > 0, picked / factor, picked * factor)
-        probs = torch.softmax(logits, dim=-1)
-        ids = torch.nonzero((probs >= s.min_p * probs.max()) & (probs > 0)).flatten()
-        kept = probs[ids].double()
-        kept = kept ** (1.0 / s.temperature)
-        return ids, kept / kept.sum()
+        return candidates_batch([self], logits.unsqueeze(0))[0]
 
     def sample(self, logits):
         """Draw the next token and update Mirostat's mu."""
-        ids, probs = self.candidates(logits)
-        surprise = -torch.log2(probs)
-        allowed = surprise <= self.mu
-        allowed[torch.argmax(probs)] = True
+        return sample_batch([self], logits.unsqueeze(0))[0]
+
+    def draw(self, ids, probs):
+        """Step 6 on this reply's candidates: Mirostat, then one draw.
+
+        Candidates are few (min_p keeps tens of tokens), so this runs in
+        numpy, where small arrays cost microseconds rather than torch's
+        per-operation overhead.
+        """
+        ids, probs = ids.numpy(), probs.numpy()
+        allowed = -numpy.log2(probs) <= self.mu
+        allowed[numpy.argmax(probs)] = True
         ids, probs = ids[allowed], probs[allowed]
-        probs = probs / probs.sum()
-        choice = torch.multinomial(probs, 1, generator=self.generator).item()
-        observed = -math.log2(probs[choice].item())
+        cumulative = numpy.cumsum(probs)
+        choice = min(int(numpy.searchsorted(cumulative, self.random.random() * cumulative[-1], side="right")),
+                     len(ids) - 1)
+        observed = -math.log2(probs[choice] / cumulative[-1])
         self.mu -= self.settings.rate * (observed - self.settings.tau)
         token = int(ids[choice])
         self.used.add(token)
         return token
+
+
+def candidates_batch(samplers, logits):
+    """Steps 1-5 for B replies at once; logits [B, vocab]. A list of (ids, probs).
+
+    No full softmax is needed: a token survives min_p when its logit is at
+    least max + ln(min_p), and temperature on the survivors' renormalised
+    probabilities is a softmax of their logits / temperature.
+    """
+    logits = logits.float().clone()
+    logits[:, samplers[0].banned] = -math.inf
+    rows, cols, factors = [], [], []
+    for row, sampler in enumerate(samplers):
+        if sampler.used and sampler.settings.presence_penalty:
+            rows += [row] * len(sampler.used)
+            cols += sampler.used
+            factors += [1.0 + sampler.settings.presence_penalty] * len(sampler.used)
+    if rows:
+        rows, cols = torch.tensor(rows), torch.tensor(cols)
+        factor = torch.tensor(factors)
+        picked = logits[rows, cols]
+        logits[rows, cols] = torch.where(picked > 0, picked / factor, picked * factor)
+    min_p = torch.tensor([s.settings.min_p for s in samplers]).unsqueeze(1)
+    threshold = logits.max(dim=1, keepdim=True).values + torch.log(min_p)  # -inf when min_p is 0
+    keep = (logits >= threshold) & (logits > -math.inf)
+    counts = keep.sum(dim=1).tolist()
+    where = keep.nonzero()
+    ids_per_row = where[:, 1].split(counts)
+    kept_logits = logits[where[:, 0], where[:, 1]].double().split(counts)
+    result = []
+    for sampler, ids, kept in zip(samplers, ids_per_row, kept_logits):
+        result.append((ids, torch.softmax(kept / sampler.settings.temperature, dim=0)))
+    return result
+
+
+def sample_batch(samplers, logits):
+    """One token for each of B replies; logits [B, vocab]."""
+    return [sampler.draw(ids, probs) for sampler, (ids, probs) in zip(samplers, candidates_batch(samplers, logits))]
 
 
 def banned_tokens(tokenizer, vocab_size):

@@ -53,7 +53,7 @@ def test_presence_penalty_divides_positive_and_multiplies_negative_logits():
 
 def test_mirostat_keeps_tokens_within_mu_and_learns_towards_tau():
     settings = SamplingSettings(tau=1.25, rate=0.5, min_p=0.0, temperature=1.0, presence_penalty=0.0)
-    sampler = Sampler(settings, BANNED, torch.Generator().manual_seed(0))
+    sampler = Sampler(settings, BANNED, seed=0)
     assert sampler.mu == 2.5
     # surprises: 1 bit (0.5), 2 bits (0.25), 3 bits (0.125 twice): mu=2.5 keeps the first two.
     logits = logits_for([1, 0.5, 0.25, 0.125, 0.125])
@@ -74,7 +74,7 @@ def test_the_most_likely_token_survives_a_tiny_mu():
 
 
 def test_used_tokens_are_remembered_for_the_penalty():
-    sampler = Sampler(SamplingSettings(), BANNED, torch.Generator().manual_seed(1))
+    sampler = Sampler(SamplingSettings(), BANNED, seed=1)
     token = sampler.sample(logits_for([1, 0.9, 0.1]))
     assert sampler.used == {token}
 
