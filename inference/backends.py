@@ -3,7 +3,7 @@
     zero_state() / copy_state(state)
     read(tokens, state) -> (logits [vocab] float32, new state)    one sequence
     new_batch() -> a decode batch: add(key, state), remove(key) -> state,
-                   discard(key), step({key: token}) -> {key: logits}
+                   discard(key), step({key: token}) -> logits [B, vocab] in key order
     state_tensors(state) / state_from_tensors(tensors)             for storage
 
 A state is whatever the backend keeps per sequence; for storage it becomes a
@@ -49,10 +49,11 @@ class SequentialBatch:
         self.states.pop(key, None)
 
     def step(self, tokens):
-        logits = {}
+        rows = []
         for key, token in tokens.items():
-            logits[key], self.states[key] = self.backend.read([token], self.states[key])
-        return logits
+            row, self.states[key] = self.backend.read([token], self.states[key])
+            rows.append(row)
+        return torch.stack(rows)
 
 
 class Backend:

@@ -25,9 +25,8 @@ import queue
 import threading
 from typing import Any
 
-import torch
 
-from .sampling import Sampler, banned_tokens
+from .sampling import Sampler, banned_tokens, sample_batch
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +232,9 @@ class Engine:
     def _decode_step(self, jobs, batch):
         """One token for every reply in the batch; ended replies leave it at once."""
         logits = batch.step({job.id: job.generated[-1] for job in jobs})
-        for job in jobs:
-            self._accept(job, job.sampler.sample(logits[job.id]))
+        tokens = sample_batch([job.sampler for job in jobs], logits)
+        for job, token in zip(jobs, tokens):
+            self._accept(job, token)
             if job.finish_reason is not None:
                 job.state = batch.remove(job.id)
                 self._close(job)
