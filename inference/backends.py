@@ -56,6 +56,56 @@ class SequentialBatch:
         return torch.stack(rows)
 
 
+class StackedBatch:
+    """A decode batch for a batched model: one forward step for every sequence.
+
+    The sequences' states live stacked along the batch dimension; they are
+    re-stacked only when a sequence joins or leaves, not at every step.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.keys = []
+        self.stacked = None
+        self.joining = {}
+
+    def __len__(self):
+        return len(self.keys) + len(self.joining)
+
+    def __contains__(self, key):
+        return key in self.joining or key in self.keys
+
+    def add(self, key, state):
+        self.joining[key] = state
+
+    def remove(self, key):
+        states = self._unstack()
+        state = states.pop(key)
+        self._restack(states)
+        return state
+
+    def discard(self, key):
+        if key in self:
+            self.remove(key)
+
+    def _unstack(self):
+        states = dict(zip(self.keys, self.backend.split_states(self.stacked))) if self.keys else {}
+        states.update(self.joining)
+        self.joining = {}
+        return states
+
+    def _restack(self, states):
+        self.keys = list(states)
+        self.stacked = self.backend.stack_states(list(states.values())) if states else None
+
+    def step(self, tokens):
+        if self.joining or list(tokens) != self.keys:
+            states = self._unstack()
+            self._restack({key: states[key] for key in tokens})
+        return self.backend.model.forward_one(
+            torch.tensor(list(tokens.values()), dtype=torch.long, device=self.backend.device), self.stacked)
+
+
 class Backend:
     """Shared parts: identity, state copies and the storage form of states."""
 
@@ -137,6 +187,58 @@ class RwkvPackageBackend(Backend):
         return logits.float(), state
 
 
+class Rwkv7Backend(Backend):
+    """RWKV-7 through our own batched PyTorch forward (inference/rwkv7.py).
+
+    A sequence's state is the model's state with batch size 1; stored, it is
+    the same list of tensors as the rwkv package's RWKV-7 state (no batch
+    dimension), so blobs are interchangeable between the two backends.
+    """
+
+    version = 7
+
+    def __init__(self, path, strategy="cpu fp32"):
+        from .rwkv7 import RWKV7Model
+
+        path = resolve_path(path)
+        self.device, precision = parse_strategy(strategy)
+        weights = load_weights(path)
+        self.model_id = fingerprint(weights)
+        self.model = RWKV7Model(weights, device=self.device, precision=precision)
+        del weights
+        self.vocab_size = self.model.vocab_size
+        self.description = f"RWKV-7 {path.name}, batched ({strategy})"
+
+    def zero_state(self):
+        return self.model.zero_state(1)
+
+    @torch.inference_mode()
+    def read(self, tokens, state):
+        state = self.copy_state(state)
+        tokens = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        logits = self.model.forward_seq(tokens, state)
+        return logits[0].float(), state
+
+    def split_states(self, stacked):
+        from .rwkv7 import state_split
+
+        return state_split(stacked)
+
+    def stack_states(self, states):
+        from .rwkv7 import state_stack
+
+        return state_stack(states)
+
+    def new_batch(self):
+        return StackedBatch(self)
+
+    def state_tensors(self, state):
+        return [t[0].detach().to("cpu", torch.float32).contiguous() for t in state]
+
+    def state_from_tensors(self, tensors):
+        return super().state_from_tensors([t.unsqueeze(0) for t in tensors])
+
+
 def parse_strategy(strategy):
     """(device, precision) from a strategy like "cpu fp32", "cuda fp16i8 *10 -> cuda fp16".
 
@@ -153,8 +255,20 @@ def parse_strategy(strategy):
     return device, precision
 
 
-def load_backend(path, strategy="cpu fp32", jit_on=True, cuda_on=False):
-    """Load a checkpoint with the best backend for its version."""
+BACKENDS = ("auto", "rwkv")
+
+
+def load_backend(path, strategy="cpu fp32", jit_on=True, cuda_on=False, backend="auto"):
+    """Load a checkpoint with the best backend for its version.
+
+    "auto": RWKV-7 through our batched forward, RWKV-4/5/6 through the rwkv
+    package; "rwkv": the rwkv package for every version (the original
+    server's engine, e.g. to compare against).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     version = detect_version(load_weights(path).keys())
     logger.info("loading RWKV-%s checkpoint %s (%s)", version, Path(path), strategy)
+    if version == 7 and backend == "auto":
+        return Rwkv7Backend(path, strategy)
     return RwkvPackageBackend(path, strategy, version=version, jit_on=jit_on, cuda_on=cuda_on)

@@ -80,6 +80,32 @@ def _lora_size(n_embd, factor, power=0.5):
     return max(32, int(round(factor * (n_embd ** power) / 32) * 32))
 
 
+class RandomWeights:
+    """Seeded random tensors, and the parts every RWKV version shares."""
+
+    def __init__(self, seed):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def normal(self, *shape, std):
+        return torch.randn(*shape, generator=self.gen) * std
+
+    def uniform(self, *shape, low=0.0, high=1.0):
+        return torch.rand(*shape, generator=self.gen) * (high - low) + low
+
+    def shared(self, n_layer, n_embd, vocab_size):
+        """Embedding, layer norms and head: the keys of RWKV-4 to 7 alike."""
+        C = n_embd
+        w = {"emb.weight": self.normal(vocab_size, C, std=1.0)}
+        norms = ["blocks.0.ln0"] + [f"blocks.{i}.{ln}" for i in range(n_layer) for ln in ("ln1", "ln2")]
+        for norm in norms + ["ln_out"]:
+            w[norm + ".weight"], w[norm + ".bias"] = torch.ones(C), torch.zeros(C)
+        w["head.weight"] = self.normal(vocab_size, C, std=3.0 / math.sqrt(C))
+        return w
+
+    def square(self, rows, cols):
+        return self.normal(rows, cols, std=1.0 / math.sqrt(cols))
+
+
 def demo_weights_v7(n_layer=2, n_embd=128, vocab_size=WORLD_VOCAB_SIZE, seed=0):
     """Random RWKV-7 weights with the official key names and shapes.
 
@@ -89,77 +115,50 @@ def demo_weights_v7(n_layer=2, n_embd=128, vocab_size=WORLD_VOCAB_SIZE, seed=0):
     """
     if n_embd % HEAD_SIZE:
         raise ValueError(f"n_embd must be a multiple of {HEAD_SIZE}")
-    gen = torch.Generator().manual_seed(seed)
+    r = RandomWeights(seed)
     C, H = n_embd, n_embd // HEAD_SIZE
     d_decay, d_aaa = _lora_size(C, 1.8), _lora_size(C, 1.8)
     d_mv, d_gate = _lora_size(C, 1.3), _lora_size(C, 0.6, 0.8)
-
-    def normal(*shape, std):
-        return torch.randn(*shape, generator=gen) * std
-
-    def uniform(*shape, low, high):
-        return torch.rand(*shape, generator=gen) * (high - low) + low
-
-    w = {"emb.weight": normal(vocab_size, C, std=1.0)}
-    w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"] = torch.ones(C), torch.zeros(C)
+    w = r.shared(n_layer, C, vocab_size)
     for i in range(n_layer):
-        b = f"blocks.{i}."
-        for ln in ("ln1", "ln2"):
-            w[b + ln + ".weight"], w[b + ln + ".bias"] = torch.ones(C), torch.zeros(C)
-        a = b + "att."
+        a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
-            w[a + name] = uniform(1, 1, C, low=0.0, high=1.0)
-        w[a + "w0"] = uniform(1, 1, C, low=-6.0, high=-0.5)
-        w[a + "w1"], w[a + "w2"] = normal(C, d_decay, std=0.1), normal(d_decay, C, std=0.1)
-        w[a + "a0"] = normal(1, 1, C, std=0.5)
-        w[a + "a1"], w[a + "a2"] = normal(C, d_aaa, std=0.1), normal(d_aaa, C, std=0.1)
+            w[a + name] = r.uniform(1, 1, C)
+        w[a + "w0"] = r.uniform(1, 1, C, low=-6.0, high=-0.5)
+        w[a + "a0"] = r.normal(1, 1, C, std=0.5)
         w[a + "v0"] = torch.ones(1, 1, C)
-        w[a + "v1"], w[a + "v2"] = normal(C, d_mv, std=0.1), normal(d_mv, C, std=0.1)
-        w[a + "g1"], w[a + "g2"] = normal(C, d_gate, std=0.1), normal(d_gate, C, std=0.1)
+        for name, rank in (("w", d_decay), ("a", d_aaa), ("v", d_mv), ("g", d_gate)):
+            w[a + name + "1"], w[a + name + "2"] = r.normal(C, rank, std=0.1), r.normal(rank, C, std=0.1)
         w[a + "k_k"] = torch.full((1, 1, C), 0.85)
         w[a + "k_a"] = torch.ones(1, 1, C)
-        w[a + "r_k"] = normal(H, HEAD_SIZE, std=0.1)
+        w[a + "r_k"] = r.normal(H, HEAD_SIZE, std=0.1)
         for name in ("receptance", "key", "value", "output"):
-            w[a + name + ".weight"] = normal(C, C, std=1.0 / math.sqrt(C))
+            w[a + name + ".weight"] = r.square(C, C)
         w[a + "ln_x.weight"], w[a + "ln_x.bias"] = torch.ones(C), torch.zeros(C)
-        f = b + "ffn."
-        w[f + "x_k"] = uniform(1, 1, C, low=0.0, high=1.0)
-        w[f + "key.weight"] = normal(4 * C, C, std=1.0 / math.sqrt(C))
-        w[f + "value.weight"] = normal(C, 4 * C, std=0.5 / math.sqrt(4 * C))
-    w["ln_out.weight"], w["ln_out.bias"] = torch.ones(C), torch.zeros(C)
-    w["head.weight"] = normal(vocab_size, C, std=3.0 / math.sqrt(C))
+        w[f + "x_k"] = r.uniform(1, 1, C)
+        w[f + "key.weight"] = r.square(4 * C, C)
+        w[f + "value.weight"] = r.square(C, 4 * C) * 0.5
     return w
 
 
 def demo_weights_v4(n_layer=2, n_embd=128, vocab_size=WORLD_VOCAB_SIZE, seed=0):
     """Random RWKV-4 weights with the official key names and shapes."""
-    gen = torch.Generator().manual_seed(seed)
+    r = RandomWeights(seed)
     C = n_embd
-
-    def normal(*shape, std):
-        return torch.randn(*shape, generator=gen) * std
-
-    w = {"emb.weight": normal(vocab_size, C, std=1.0)}
-    w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"] = torch.ones(C), torch.zeros(C)
+    w = r.shared(n_layer, C, vocab_size)
     for i in range(n_layer):
-        b = f"blocks.{i}."
-        for ln in ("ln1", "ln2"):
-            w[b + ln + ".weight"], w[b + ln + ".bias"] = torch.ones(C), torch.zeros(C)
-        a = b + "att."
-        w[a + "time_decay"] = torch.rand(C, generator=gen) * 4 - 3
-        w[a + "time_first"] = torch.rand(C, generator=gen) - 0.5
+        a, f = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+        w[a + "time_decay"] = r.uniform(C, low=-3.0, high=1.0)
+        w[a + "time_first"] = r.uniform(C, low=-0.5, high=0.5)
         for name in ("time_mix_k", "time_mix_v", "time_mix_r"):
-            w[a + name] = torch.rand(1, 1, C, generator=gen)
+            w[a + name] = r.uniform(1, 1, C)
         for name in ("key", "value", "receptance", "output"):
-            w[a + name + ".weight"] = normal(C, C, std=1.0 / math.sqrt(C))
-        f = b + "ffn."
+            w[a + name + ".weight"] = r.square(C, C)
         for name in ("time_mix_k", "time_mix_r"):
-            w[f + name] = torch.rand(1, 1, C, generator=gen)
-        w[f + "key.weight"] = normal(4 * C, C, std=1.0 / math.sqrt(C))
-        w[f + "receptance.weight"] = normal(C, C, std=1.0 / math.sqrt(C))
-        w[f + "value.weight"] = normal(C, 4 * C, std=0.5 / math.sqrt(4 * C))
-    w["ln_out.weight"], w["ln_out.bias"] = torch.ones(C), torch.zeros(C)
-    w["head.weight"] = normal(vocab_size, C, std=3.0 / math.sqrt(C))
+            w[f + name] = r.uniform(1, 1, C)
+        w[f + "key.weight"] = r.square(4 * C, C)
+        w[f + "receptance.weight"] = r.square(C, C)
+        w[f + "value.weight"] = r.square(C, 4 * C) * 0.5
     return w
 
 

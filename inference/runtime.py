@@ -47,7 +47,8 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
                 "Its replies are noise. Pass --model /path/to/RWKV-checkpoint for real replies.",
                 model,
             )
-        backend = load_backend(model, strategy or config["STRATEGY"], jit_on=jit_on, cuda_on=cuda_on)
+        backend = load_backend(model, strategy or config["STRATEGY"], jit_on=jit_on, cuda_on=cuda_on,
+                               backend=config["BACKEND"])
         logger.info("model loaded: %s (id %s)", backend.description, backend.model_id)
         _engine = Engine(
             backend, world_tokenizer(),

@@ -184,6 +184,7 @@ RPSERVER = {
     "MODEL": env_str("RPSERVER_MODEL"),
     "DEMO_MODEL": BASE_DIR / "model" / "demo-rwkv7.pth",
     "STRATEGY": env_str("RPSERVER_STRATEGY", "cpu fp32"),
+    "BACKEND": env_str("RPSERVER_BACKEND", "auto"),
     "MAX_REPLY_TOKENS": env_int("RPSERVER_MAX_REPLY_TOKENS", 512, minimum=1),
     "MAX_PROMPT_CHARS": env_int("RPSERVER_MAX_PROMPT_CHARS", 4000, minimum=1),
     "MAX_PERSONA_CHARS": env_int("RPSERVER_MAX_PERSONA_CHARS", 20000, minimum=1),
