@@ -20,9 +20,11 @@ import torch.nn.functional as F
 HEAD_SIZE = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Relative error ||logits - fp32|| / ||fp32|| each precision stays within
-# (measured on the tests' random model; checked by tests/test_rwkv7.py).
-PRECISION_TOLERANCE = {"fp32": 1e-5, "bf16": 0.05, "fp16": 0.02, "int8": 0.08}
+# Relative error ||logits - fp32|| / ||fp32|| each precision stays within,
+# checked by tests/test_rwkv7.py on the tests' model (measured: bf16 about
+# 0.005, int8 about 0.025). fp16 runs on CUDA only and is not measured on
+# the CPU-only test machines.
+PRECISION_TOLERANCE = {"fp32": 1e-5, "bf16": 0.03, "fp16": 0.03, "int8": 0.06}
 
 
 class Int8Linear:
