@@ -5,8 +5,9 @@ reply, sampling settings) and get events back through an asyncio queue, so
 the event loop never waits on the model. Every turn of the engine loop:
 
 1. admit new jobs and drop cancelled ones (a client that disconnected);
-2. read one chunk of one job's prompt (round robin), so a long prompt never
-   stalls the replies being streamed;
+2. read prompts, oldest first, at most one chunk's worth of tokens in all
+   (RPSERVER_PREFILL_CHUNK), so a long prompt never stalls the replies being
+   streamed while short ones (a user's turn) rarely wait a turn;
 3. decode one token for every reply in progress, all in one batched step.
 
 A job can ask for snapshots: copies of its state after a given number of
@@ -169,11 +170,17 @@ class Engine:
             for job in [j for j in active if j.cancelled]:
                 active.remove(job)
                 batch.discard(job.id)
-            # Replies that just ended read their last token; then one prompt chunk.
-            readers = [j for j in active if j.reading and j.finish_reason is not None]
-            readers += [j for j in active if j.reading and j.finish_reason is None][:1]
-            for job in readers:
-                self._guard([job], active, batch, self._read_chunk, job, active)
+            # Replies that just ended read their last token; then prompts, oldest
+            # first, up to one chunk's worth of tokens in all.
+            for job in [j for j in active if j.reading and j.finish_reason is not None]:
+                self._guard([job], active, batch, self._read_chunk, job, active, self.prefill_chunk)
+            budget = self.prefill_chunk
+            for job in [j for j in active if j.reading and j.finish_reason is None]:
+                if budget <= 0:
+                    break
+                take = min(budget, len(job.tokens) - job.read)
+                budget -= take
+                self._guard([job], active, batch, self._read_chunk, job, active, take)
             for job in [j for j in active if j.ready and j.id not in batch]:
                 if len(batch) >= self.max_batch:
                     break
@@ -204,9 +211,9 @@ class Engine:
                 batch.discard(job.id)
                 self._emit(job, "error", exc)
 
-    def _read_chunk(self, job, active):
-        """Read the next chunk of a job's tokens, stopping at a snapshot point."""
-        end = min(job.read + self.prefill_chunk, len(job.tokens))
+    def _read_chunk(self, job, active, limit):
+        """Read up to `limit` of a job's next tokens, stopping at a snapshot point."""
+        end = min(job.read + limit, len(job.tokens))
         pending = sorted(n for n in job.snapshot_at if job.read < n < end)
         if pending:
             end = pending[0]

@@ -1,223 +1,354 @@
-"""RWKV-7 ("Goose") forward pass in plain PyTorch, with a batch dimension.
+"""A batched RWKV-7 ("Goose") forward pass in plain PyTorch. No Django here.
 
-Written for serving: `forward_one` decodes one token for B sequences at once
-(each with its own state), `forward_seq` reads a prompt chunk. Weights are
-prepared once at load (transposed for `x @ W`, cast, ln0 folded into the
-embedding, the three token-shift projections R/K/V stacked for one bmm).
+Same maths as `RWKV_x070` in the `rwkv` package (which stays the reference the
+tests compare against), organised for serving:
 
-State layout, a list of 3 x n_layer tensors, for layer i:
-    [3i+0] att x_prev  (B, C)        model dtype
-    [3i+1] att kv      (B, H, N, N)  float32   (value index, key index)
-    [3i+2] ffn x_prev  (B, C)        model dtype
-Both forwards update the state in place.
+* `forward_one` advances B independent sequences by one token each, so the
+  weights are read once per step for the whole batch (decoding a small model
+  on a CPU is bound by memory bandwidth, not arithmetic).
+* `forward_seq` reads a prompt: everything that does not depend on the
+  recurrent state (token shift, linear layers, LoRAs, norms, channel mix) runs
+  for all tokens at once; only the small per-head state update loops over
+  tokens, as four batched matrix ops per token and layer.
+* Precisions: "fp32"; "bf16" (big matrices stored and multiplied in bfloat16,
+  everything else in float32); "fp16" (CUDA only); "int8" (CPU only: big
+  matrices as per-output-channel int8 weights run through fbgemm's dynamic
+  quantised linear, everything else in float32). The recurrent state is
+  float32 in every precision, so states are interchangeable between them.
+
+State layout (a plain list of 3 * n_layer tensors, all float32, on the
+model's device; B = number of sequences in the batch, C = n_embd,
+H = n_head, N = head_size):
+
+    state[3*i + 0]  layer i time-mix x_prev      (B, C)     layer-normed input of the previous token
+    state[3*i + 1]  layer i time-mix kv state    (B, H, N, N)  rows index value dims, columns key dims
+    state[3*i + 2]  layer i channel-mix x_prev   (B, C)
+
+`forward_one` and `forward_seq` update the state tensors IN PLACE (the list
+and its tensors stay the same objects) and return only the logits.
 """
 
-import warnings
+import math
 
 import torch
 import torch.nn.functional as F
 
-HEAD_SIZE = 64
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Relative error ||logits - logits_fp32|| / ||logits_fp32|| that each reduced
+# precision is allowed (and tested) to stay within, on one decode step after a
+# short prompt. Measured on random demo models: bf16 about 0.3-0.5 %, int8
+# about 1-2 %; the bounds leave headroom for other weights and sizes.
+PRECISION_TOLERANCE = {"fp32": 1e-4, "bf16": 0.02, "int8": 0.06, "fp16": 0.02}
 
-# Relative error ||logits - fp32|| / ||fp32|| each precision stays within,
-# checked by tests/test_rwkv7.py on the tests' model (measured: bf16 about
-# 0.005, int8 about 0.025). fp16 runs on CUDA only and is not measured on
-# the CPU-only test machines.
-PRECISION_TOLERANCE = {"fp32": 1e-5, "bf16": 0.03, "fp16": 0.03, "int8": 0.06}
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
+# Decay: w = exp(-exp(-0.5) * sigmoid(w0 + lora(x))), as in the reference.
+_DECAY_SCALE = -math.exp(-0.5)
+_GROUP_NORM_EPS = 64e-5
+_LAYER_NORM_EPS = 1e-5
 
-class Int8Linear:
-    """x @ W.T with W as int8 (one scale per output row), through fbgemm's
-    dynamically quantized linear: on CPU about 5x faster than fp32 for the
-    head at batch 1 (it reads a quarter of the bytes, with VNNI where present)."""
-
-    def __init__(self, weight):
-        weight = weight.float().contiguous()  # (out, in)
-        out_features, in_features = weight.shape
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch marks quantized tensors deprecated; still the fastest int8 path
-            quantized = torch.quantize_per_channel(weight, scales, torch.zeros(out_features, dtype=torch.long),
-                                                   0, torch.qint8)
-            self.linear = torch.ao.nn.quantized.dynamic.Linear(in_features, out_features, dtype=torch.qint8)
-            self.linear.set_weight_bias(quantized, None)
-
-    def __call__(self, x):
-        return self.linear(x.float())
+# forward_seq processes a long prompt in pieces of this many tokens: the
+# activations stay small and cache friendly, the result is the same.
+DEFAULT_SEQ_CHUNK = 256
 
 
-class Dense:
-    """x @ W.T with W stored as in the checkpoint (out, in), in the model's dtype."""
+# --------------------------------------------------------------------------
+# Linear layers in each precision: a pair (fn, weight) used as fn(x, weight),
+# x float32 (M, in) -> float32 (M, out).
 
-    def __init__(self, weight):
-        self.weight = weight.contiguous()
 
-    def __call__(self, x):
-        return F.linear(x, self.weight)
+def _mm_fp32(x, weight_t):
+    return torch.mm(x, weight_t)
+
+
+def _mm_half(x, weight):
+    return F.linear(x.to(weight.dtype), weight).float()
+
+
+def _mm_int8(x, packed):
+    return torch.ops.quantized.linear_dynamic(x, packed, False)
+
+
+def _make_linear(weight, precision, device):
+    """weight: (out, in) as stored in the checkpoint."""
+    if precision == "fp32":
+        return (_mm_fp32, weight.to(device=device, dtype=torch.float32).t().contiguous())
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return (_mm_half, weight.to(device=device, dtype=dtype).contiguous())
+    # int8: symmetric per-output-channel weights, activations quantised on the fly.
+    w = weight.float().contiguous()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+    zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+    qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
+    return (_mm_int8, torch.ops.quantized.linear_prepack(qweight, None))
+
+
+# --------------------------------------------------------------------------
+# State helpers.
+
+
+def state_split(state):
+    """A batched state -> list of B states of batch 1 (independent copies)."""
+    batch = state[0].shape[0]
+    return [[t[b : b + 1].clone() for t in state] for b in range(batch)]
+
+
+def state_stack(states):
+    """A list of states (any batch sizes) -> one batched state (new tensors)."""
+    if not states:
+        raise ValueError("state_stack needs at least one state")
+    return [torch.cat(parts, dim=0) for parts in zip(*states)]
 
 
 class RWKV7Model:
+    """RWKV-7 weights prepared once for fast batched inference.
+
+    `weights` is the checkpoint's dict of tensors (official key names, e.g.
+    from `inference.checkpoint.load_weights`). Inference runs under
+    `torch.inference_mode`; the thread count is left to the caller.
+    """
+
     def __init__(self, weights, device="cpu", precision="fp32"):
-        if precision not in PRECISION_TOLERANCE:
-            raise ValueError(f"unknown precision {precision!r}: use fp32, bf16, fp16 or int8")
-        if precision == "fp16" and not str(device).startswith("cuda"):
-            raise ValueError("fp16 needs a CUDA device: on the CPU use fp32, bf16 or int8")
-        self.device = torch.device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        device = torch.device(device)
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision 'fp16' needs a CUDA device: CPUs have no fast float16 "
+                             "matrix multiply; use 'bf16' or 'int8' on CPU")
+        if precision == "int8" and device.type != "cpu":
+            raise ValueError("precision 'int8' runs on the CPU only (fbgemm); use 'fp16' or 'bf16' on CUDA")
+        self.device = device
         self.precision = precision
-        self.dtype = torch.float32 if precision == "int8" else DTYPES[precision]
+        with torch.inference_mode():
+            self._prepare(weights)
+
+    # ------------------------------------------------------------------ load
+
+    def _prepare(self, weights):
+        dev, prec = self.device, self.precision
         self.n_head, self.head_size = weights["blocks.0.att.r_k"].shape
         self.vocab_size, self.n_embd = weights["emb.weight"].shape
         self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
-        self._prepare(weights)
-
-    def _tensor(self, t, dtype=None):
-        return t.to(self.device, dtype or self.dtype).contiguous()
-
-    def _linear(self, weight):
-        """A big matrix (out, in) from the checkpoint, ready to apply."""
-        if self.precision == "int8":
-            if self.device.type != "cpu":
-                raise ValueError("int8 weights run on the CPU: on CUDA use fp16 or bf16")
-            return Int8Linear(weight)
-        return Dense(self._tensor(weight))
-
-    def _prepare(self, w):
         C = self.n_embd
-        ln0 = (w["blocks.0.ln0.weight"].float(), w["blocks.0.ln0.bias"].float())
-        self.emb = self._tensor(F.layer_norm(w["emb.weight"].float(), (C,), *ln0))
-        self.ln_out = (self._tensor(w["ln_out.weight"]), self._tensor(w["ln_out.bias"]))
-        self.head = self._linear(w["head.weight"])
-        self.layers = []
-        for i in range(self.n_layer):
-            a, f, b = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
-            vec = lambda name: self._tensor(w[name].reshape(-1))  # noqa: E731
-            mat = lambda name: self._tensor(w[name])  # noqa: E731 (small LoRA matrices: x @ W as stored)
-            layer = {
-                "ln1": (vec(b + "ln1.weight"), vec(b + "ln1.bias")),
-                "ln2": (vec(b + "ln2.weight"), vec(b + "ln2.bias")),
-                "maa": torch.stack([vec(a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]),  # (6, C)
-                "w0": vec(a + "w0").float(), "w1": mat(a + "w1"), "w2": mat(a + "w2"),
-                "a0": vec(a + "a0"), "a1": mat(a + "a1"), "a2": mat(a + "a2"),
-                "g1": mat(a + "g1"), "g2": mat(a + "g2"),
-                "k_k": vec(a + "k_k"), "k_a": vec(a + "k_a"), "r_k": vec(a + "r_k"),
-                "R": self._linear(w[a + "receptance.weight"]), "K": self._linear(w[a + "key.weight"]),
-                "V": self._linear(w[a + "value.weight"]), "O": self._linear(w[a + "output.weight"]),
-                "ln_x": (vec(a + "ln_x.weight"), vec(a + "ln_x.bias")),
-                "ffn_maa": vec(f + "x_k"),
-                "ffn_K": self._linear(w[f + "key.weight"]), "ffn_V": self._linear(w[f + "value.weight"]),
-            }
-            if i > 0:
-                layer.update(v0=vec(a + "v0"), v1=mat(a + "v1"), v2=mat(a + "v2"))
-            self.layers.append(layer)
 
-    # ---- state ------------------------------------------------------------
+        def vec(key):
+            return weights[key].to(device=dev, dtype=torch.float32).reshape(-1).contiguous()
+
+        def mat(key):  # small matrices used as x @ m (LoRAs), kept float32
+            return weights[key].to(device=dev, dtype=torch.float32).contiguous()
+
+        w = {}
+        # ln0 folded into the embedding (the table is only ever looked up).
+        emb = F.layer_norm(weights["emb.weight"].float(), (C,), vec("blocks.0.ln0.weight").cpu(),
+                           vec("blocks.0.ln0.bias").cpu(), eps=_LAYER_NORM_EPS)
+        w["emb"] = emb.to(device=dev, dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
+        del emb
+        layers = []
+        for i in range(self.n_layer):
+            b, a, f = f"blocks.{i}.", f"blocks.{i}.att.", f"blocks.{i}.ffn."
+            p = f"{i}."
+            w[p + "ln1.w"], w[p + "ln1.b"] = vec(b + "ln1.weight"), vec(b + "ln1.bias")
+            w[p + "ln2.w"], w[p + "ln2.b"] = vec(b + "ln2.weight"), vec(b + "ln2.bias")
+            # The six token-shift mixes, stacked so one op makes all six inputs.
+            w[p + "maa"] = torch.stack([vec(a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]).unsqueeze(1)
+            for n in ("w0", "a0", "v0", "k_k", "k_a"):
+                w[p + n] = vec(a + n)
+            w[p + "r_k"] = vec(a + "r_k")
+            for n in ("w1", "w2", "a1", "a2", "g1", "g2"):
+                w[p + n] = mat(a + n)
+            if i > 0:  # layer 0 takes v as v_first; its v0/v1/v2 are unused
+                w[p + "v1"], w[p + "v2"] = mat(a + "v1"), mat(a + "v2")
+            else:
+                w[p + "v1"] = w[p + "v2"] = None
+            w[p + "lnx.w"], w[p + "lnx.b"] = vec(a + "ln_x.weight"), vec(a + "ln_x.bias")
+            for n, key in (("R", "receptance"), ("K", "key"), ("V", "value"), ("O", "output")):
+                w[p + n] = _make_linear(weights[a + key + ".weight"], prec, dev)
+            w[p + "fx_k"] = vec(f + "x_k")
+            w[p + "FK"] = _make_linear(weights[f + "key.weight"], prec, dev)
+            w[p + "FV"] = _make_linear(weights[f + "value.weight"], prec, dev)
+            layers.append(tuple(w[p + n] for n in (
+                "ln1.w", "ln1.b", "maa", "w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2",
+                "g1", "g2", "k_k", "k_a", "r_k", "R", "K", "V", "O", "lnx.w", "lnx.b",
+                "ln2.w", "ln2.b", "fx_k", "FK", "FV")))
+        w["ln_out.w"], w["ln_out.b"] = vec("ln_out.weight"), vec("ln_out.bias")
+        w["head"] = _make_linear(weights["head.weight"], prec, dev)
+        self.weights = w
+        self._layers = layers
+
+    # ----------------------------------------------------------------- state
 
     def zero_state(self, batch=1):
         B, C, H, N = batch, self.n_embd, self.n_head, self.head_size
         state = []
         for _ in range(self.n_layer):
-            state += [torch.zeros(B, C, dtype=self.dtype, device=self.device),
-                      torch.zeros(B, H, N, N, dtype=torch.float32, device=self.device),
-                      torch.zeros(B, C, dtype=self.dtype, device=self.device)]
+            state.append(torch.zeros(B, C, device=self.device))
+            state.append(torch.zeros(B, H, N, N, device=self.device))
+            state.append(torch.zeros(B, C, device=self.device))
         return state
 
-    # ---- forward ----------------------------------------------------------
+    def _embed(self, tokens):
+        return self.weights["emb"][tokens.to(self.device)].float()
 
-    @torch.inference_mode()
+    def _head(self, x):
+        w = self.weights
+        x = F.layer_norm(x, (self.n_embd,), w["ln_out.w"], w["ln_out.b"], eps=_LAYER_NORM_EPS)
+        fn, weight = w["head"]
+        return fn(x, weight)
+
+    # ------------------------------------------------------------ decoding
+
     def forward_one(self, tokens, state):
-        """One decode step. tokens: LongTensor (B,). Returns float32 logits (B, vocab)."""
-        x = self.emb[tokens.to(self.device)]  # (B, C)
-        return self._forward(x.unsqueeze(1), state).squeeze(1)
+        """One decode step for B sequences: tokens LongTensor [B] -> logits float32 [B, vocab].
 
-    @torch.inference_mode()
-    def forward_seq(self, tokens, state, full_output=False):
-        """Read tokens (B, T). Returns float32 logits (B, vocab), or (B, T, vocab) with full_output."""
-        x = self.emb[tokens.to(self.device)]  # (B, T, C)
-        if not full_output:
-            return self._forward(x, state, last_only=True).squeeze(1)
-        return self._forward(x, state)
+        `state` (batch B) is updated in place.
+        """
+        with torch.inference_mode():
+            tokens = torch.as_tensor(tokens).reshape(-1)
+            x = self._embed(tokens)
+            B = x.shape[0]
+            C, H, N = self.n_embd, self.n_head, self.head_size
+            BH = B * H
+            v_first = None
+            for i, L in enumerate(self._layers):
+                (ln1w, ln1b, maa, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, r_k,
+                 R, K, V, O, lnxw, lnxb, ln2w, ln2b, fx_k, FK, FV) = L
+                att_prev, S, ffn_prev = state[3 * i], state[3 * i + 1], state[3 * i + 2]
 
-    def _forward(self, x, state, last_only=False):
-        C = self.n_embd
-        v_first = None
-        for i, layer in enumerate(self.layers):
-            xx = F.layer_norm(x, (C,), *layer["ln1"])
-            out, v_first = self._time_mix(i, layer, xx, state, v_first)
-            x = x + out
-            xx = F.layer_norm(x, (C,), *layer["ln2"])
-            x = x + self._channel_mix(i, layer, xx, state)
-        if last_only:
-            x = x[:, -1:]
-        x = F.layer_norm(x, (C,), *self.ln_out)
-        return self.head(x).float()
+                # ---- time mix
+                xx = F.layer_norm(x, (C,), ln1w, ln1b, eps=_LAYER_NORM_EPS)
+                mixed = torch.addcmul(xx, att_prev - xx, maa)  # (6, B, C)
+                att_prev.copy_(xx)
+                xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+                r = R[0](xr, R[1])
+                k = K[0](xk, K[1])
+                v = V[0](xv, V[1])
+                w = torch.sigmoid(torch.tanh(xw @ w1) @ w2 + w0).mul_(_DECAY_SCALE).exp_()
+                a = torch.sigmoid(torch.addmm(a0, xa @ a1, a2))
+                g = torch.sigmoid(xg @ g1) @ g2
+                kk = F.normalize((k * k_k).view(B, H, N), dim=-1)
+                k = k * (1 + (a - 1) * k_a)
+                if v1 is None:
+                    v_first = v
+                else:
+                    v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(v0, xv @ v1, v2)))
 
-    @staticmethod
-    def _shifted(x, prev):
-        """The previous token's input for every position: (B, T, C)."""
-        return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
+                # S <- S diag(w) - (S kk) (kk a)^T + v k^T ;  y = S r
+                S3 = S.view(BH, N, N)
+                kk = kk.view(BH, N, 1)
+                sa = torch.bmm(S3, kk)
+                S3.mul_(w.view(BH, 1, N))
+                lhs = torch.cat((sa, v.view(BH, N, 1)), dim=2)
+                rhs = torch.cat(((kk * a.view(BH, N, 1)).neg_().view(BH, 1, N), k.view(BH, 1, N)), dim=1)
+                S3.baddbmm_(lhs, rhs)
+                y = torch.bmm(S3, r.view(BH, N, 1)).view(B, C)
 
-    def _time_mix(self, i, p, x, state, v_first):
+                y = F.group_norm(y, H, lnxw, lnxb, eps=_GROUP_NORM_EPS)
+                bonus = (r * k * r_k).view(B, H, N).sum(dim=-1, keepdim=True)
+                y = y.view(B, H, N).addcmul_(bonus, v.view(B, H, N)).view(B, C)
+                x = x + O[0](y * g, O[1])
+
+                # ---- channel mix
+                xx = F.layer_norm(x, (C,), ln2w, ln2b, eps=_LAYER_NORM_EPS)
+                kx = torch.addcmul(xx, ffn_prev - xx, fx_k)
+                ffn_prev.copy_(xx)
+                kx = torch.relu(FK[0](kx, FK[1])).square_()
+                x = x + FV[0](kx, FV[1])
+            return self._head(x)
+
+    # ------------------------------------------------------------- prompts
+
+    def forward_seq(self, tokens, state, full_output=False, chunk=DEFAULT_SEQ_CHUNK):
+        """Read T tokens for B sequences: tokens LongTensor [B, T] (or [T] for B=1).
+
+        Returns float32 logits [B, vocab] after the last token, or [B, T, vocab]
+        for every token with full_output=True. `state` is updated in place.
+        Long inputs are processed `chunk` tokens at a time.
+        """
+        with torch.inference_mode():
+            tokens = torch.as_tensor(tokens)
+            if tokens.dim() == 1:
+                tokens = tokens.unsqueeze(0)
+            T = tokens.shape[1]
+            if T == 0:
+                raise ValueError("forward_seq needs at least one token")
+            outputs = []
+            for start in range(0, T, chunk):
+                x = self._seq_chunk(tokens[:, start : start + chunk], state)
+                if full_output:
+                    outputs.append(self._head(x.reshape(-1, self.n_embd)).view(x.shape[0], x.shape[1], -1))
+            if full_output:
+                return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            return self._head(x[:, -1])
+
+    def _seq_chunk(self, tokens, state):
+        """Run the layers over tokens [B, T]; returns the last hidden states [B, T, C]."""
+        x = self._embed(tokens)
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        delta = self._shifted(x, state[3 * i]) - x
-        state[3 * i].copy_(x[:, -1])
-        mixed = x.unsqueeze(2) + delta.unsqueeze(2) * p["maa"]  # (B, T, 6, C)
-        xr, xw, xk, xv, xa, xg = mixed.unbind(2)
+        BH = B * H
+        x = x.view(B * T, C)
+        v_first = None
+        for i, L in enumerate(self._layers):
+            (ln1w, ln1b, maa, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, r_k,
+             R, K, V, O, lnxw, lnxb, ln2w, ln2b, fx_k, FK, FV) = L
+            att_prev, S, ffn_prev = state[3 * i], state[3 * i + 1], state[3 * i + 2]
 
-        r, k, v = p["R"](xr), p["K"](xk), p["V"](xv)
-        w = torch.tanh(xw @ p["w1"]) @ p["w2"]
-        a = torch.sigmoid(p["a0"] + (xa @ p["a1"]) @ p["a2"])
-        g = torch.sigmoid(xg @ p["g1"]) @ p["g2"]
+            # ---- time mix, token-parallel part
+            xx = F.layer_norm(x, (C,), ln1w, ln1b, eps=_LAYER_NORM_EPS).view(B, T, C)
+            prev = torch.cat((att_prev.unsqueeze(1), xx[:, :-1]), dim=1)
+            att_prev.copy_(xx[:, -1])
+            mixed = torch.addcmul(xx, prev - xx, maa.unsqueeze(1)).view(6, B * T, C)
+            xx = xx.view(B * T, C)
+            xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+            r = R[0](xr, R[1])
+            k = K[0](xk, K[1])
+            v = V[0](xv, V[1])
+            w = torch.sigmoid(torch.tanh(xw @ w1) @ w2 + w0).mul_(_DECAY_SCALE).exp_()
+            a = torch.sigmoid(torch.addmm(a0, xa @ a1, a2))
+            g = torch.sigmoid(xg @ g1) @ g2
+            kk = F.normalize((k * k_k).view(B * T, H, N), dim=-1).view(B * T, C)
+            k = k * (1 + (a - 1) * k_a)
+            if v1 is None:
+                v_first = v
+            else:
+                v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(v0, xv @ v1, v2)))
 
-        kk = F.normalize((k * p["k_k"]).view(B, T, H, N), dim=-1, p=2.0)
-        k = k * (1 + (a - 1) * p["k_a"])
-        if i == 0:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(p["v0"] + (xv @ p["v1"]) @ p["v2"])
-        decay = torch.exp(-0.606531 * torch.sigmoid(p["w0"] + w.float()))  # exp(-e^-0.5 * sigmoid), in (0.545, 1)
+            # ---- the recurrence, one token at a time, batched over (B, H).
+            # Per-token operands laid out (T, B*H, ...) so each step takes views.
+            def per_token(t, shape):
+                return t.view(B, T, H, *shape).transpose(0, 1).reshape(T, BH, *shape)
 
-        out = self._recurrence(state[3 * i + 1], r, decay, k, v, kk, a)  # (B, T, H, N)
-        out = F.group_norm(out.reshape(B * T, C).to(x.dtype), H, *p["ln_x"], eps=64e-5).view(B, T, C)
-        bonus = (r * k * p["r_k"]).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)
-        out = out + bonus.view(B, T, C)
-        return p["O"](out * g), v_first
+            w_t = per_token(w, (1, N))
+            nb_t = per_token((kk * a).neg_(), (1, N))
+            k_t = per_token(k, (1, N))
+            v_t = per_token(v, (N, 1))
+            # One bmm per token gives both y_t = S_t r_t and S_t kk_{t+1}.
+            q = torch.empty(T, BH, N, 2, device=x.device)
+            q[:, :, :, 0] = per_token(r, (N,))
+            kk_t = per_token(kk, (N,))
+            q[:-1, :, :, 1] = kk_t[1:]
+            q[-1, :, :, 1] = 0
+            out = torch.empty(T, BH, N, 2, device=x.device)
+            S3 = S.view(BH, N, N)
+            sa = torch.bmm(S3, kk_t[0].unsqueeze(-1))
+            for t in range(T):
+                S3.mul_(w_t[t])
+                S3.baddbmm_(sa, nb_t[t])
+                S3.baddbmm_(v_t[t], k_t[t])
+                torch.bmm(S3, q[t], out=out[t])
+                sa = out[t, :, :, 1:]
+            y = out[:, :, :, 0].reshape(T, B, C).transpose(0, 1).reshape(B * T, C)
 
-    def _recurrence(self, S, r, decay, k, v, kk, a):
-        """The WKV-7 state update, token by token; S (B, H, N, N) updated in place.
+            y = F.group_norm(y, H, lnxw, lnxb, eps=_GROUP_NORM_EPS)
+            bonus = (r * k * r_k).view(B * T, H, N).sum(dim=-1, keepdim=True)
+            y = y.view(B * T, H, N).addcmul_(bonus, v.view(B * T, H, N)).view(B * T, C)
+            x = x + O[0](y * g, O[1])
 
-        S <- S * decay + (S @ -kk) (kk * a)^T + v k^T;  out = S @ r.
-        The rank-1 correction is a matrix-vector product then an outer
-        product, never an N x N matrix per token.
-        """
-        B, T, C = r.shape
-        H, N = self.n_head, self.head_size
-        f32 = lambda t: t.float().view(B, T, H, N)  # noqa: E731
-        r, decay, k, v, kk, a = f32(r), f32(decay), f32(k), f32(v), kk.float(), f32(a)
-        kka = kk * a
-        out = torch.empty(B, T, H, N, dtype=torch.float32, device=S.device)
-        for t in range(T):
-            correction = S @ (-kk[:, t]).unsqueeze(-1)  # (B, H, N, 1)
-            S.mul_(decay[:, t].unsqueeze(-2))
-            S.add_(correction @ kka[:, t].unsqueeze(-2))
-            S.add_(v[:, t].unsqueeze(-1) @ k[:, t].unsqueeze(-2))
-            out[:, t] = (S @ r[:, t].unsqueeze(-1)).squeeze(-1)
-        return out
-
-    def _channel_mix(self, i, p, x, state):
-        delta = self._shifted(x, state[3 * i + 2]) - x
-        state[3 * i + 2].copy_(x[:, -1])
-        k = torch.relu(p["ffn_K"](x + delta * p["ffn_maa"])) ** 2
-        return p["ffn_V"](k)
-
-
-def state_split(state):
-    """A batched state as a list of per-sequence states (batch 1 each)."""
-    batch = state[0].shape[0]
-    return [[t[b:b + 1].clone() for t in state] for b in range(batch)]
-
-
-def state_stack(states):
-    """Per-sequence states (batch 1 each) as one batched state."""
-    return [torch.cat(parts, dim=0) for parts in zip(*states)]
+            # ---- channel mix
+            xx = F.layer_norm(x, (C,), ln2w, ln2b, eps=_LAYER_NORM_EPS).view(B, T, C)
+            prev = torch.cat((ffn_prev.unsqueeze(1), xx[:, :-1]), dim=1)
+            ffn_prev.copy_(xx[:, -1])
+            kx = torch.addcmul(xx, prev - xx, fx_k).view(B * T, C)
+            kx = torch.relu(FK[0](kx, FK[1])).square_()
+            x = x + FV[0](kx, FV[1])
+        return x.view(B, T, C)
