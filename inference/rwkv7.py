@@ -9,7 +9,7 @@ tests compare against), organised for serving:
 * `forward_seq` reads a prompt: everything that does not depend on the
   recurrent state (token shift, linear layers, LoRAs, norms, channel mix) runs
   for all tokens at once; only the small per-head state update loops over
-  tokens, as four batched matrix ops per token and layer.
+  tokens (per token and layer: one bmm, a copy, a scale, a rank-2 update).
 * Precisions: "fp32"; "bf16" (big matrices stored and multiplied in bfloat16,
   everything else in float32); "fp16" (CUDA only); "int8" (CPU only: big
   matrices as per-output-channel int8 weights run through fbgemm's dynamic
@@ -29,6 +29,7 @@ and its tensors stay the same objects) and return only the logits.
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,9 @@ def _make_linear(weight, precision, device):
     w = weight.float().contiguous()
     scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
     zero_points = torch.zeros(w.shape[0], dtype=torch.long)
-    qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
+    with warnings.catch_warnings():  # quantized dtypes are deprecated; fbgemm's kernels are still the fastest
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
     return (_mm_int8, torch.ops.quantized.linear_prepack(qweight, None))
 
 
@@ -232,15 +235,21 @@ class RWKV7Model:
                 else:
                     v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(v0, xv @ v1, v2)))
 
-                # S <- S diag(w) - (S kk) (kk a)^T + v k^T ;  y = S r
+                # S' = S diag(w) - (S kk) b^T + v k^T with b = kk*a, and y = S' r
+                #    = S (w*r) - (S kk)(b.r) + v (k.r): one bmm reads S for both
+                # products (a row-vector bmm against S^T is much faster on CPU
+                # than S @ column), then one rank-2 update writes it.
                 S3 = S.view(BH, N, N)
-                kk = kk.view(BH, N, 1)
-                sa = torch.bmm(S3, kk)
-                S3.mul_(w.view(BH, 1, N))
-                lhs = torch.cat((sa, v.view(BH, N, 1)), dim=2)
-                rhs = torch.cat(((kk * a.view(BH, N, 1)).neg_().view(BH, 1, N), k.view(BH, 1, N)), dim=1)
-                S3.baddbmm_(lhs, rhs)
-                y = torch.bmm(S3, r.view(BH, N, 1)).view(B, C)
+                kk = kk.view(BH, 1, N)
+                b = kk * a.view(BH, 1, N)
+                r3, k3, v3 = r.view(BH, 1, N), k.view(BH, 1, N), v.view(BH, 1, N)
+                w3 = w.view(BH, 1, N)
+                o = torch.bmm(torch.cat((w3 * r3, kk), dim=1), S3.transpose(1, 2))  # (BH, 2, N)
+                sa = o[:, 1:]
+                S3.mul_(w3)
+                S3.baddbmm_(torch.cat((sa, v3), dim=1).transpose(1, 2), torch.cat((b.neg(), k3), dim=1))
+                y = o[:, :1] - sa * (b * r3).sum(-1, keepdim=True) + v3 * (k3 * r3).sum(-1, keepdim=True)
+                y = y.view(B, C)
 
                 y = F.group_norm(y, H, lnxw, lnxb, eps=_GROUP_NORM_EPS)
                 bonus = (r * k * r_k).view(B, H, N).sum(dim=-1, keepdim=True)
@@ -313,31 +322,31 @@ class RWKV7Model:
             else:
                 v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(v0, xv @ v1, v2)))
 
-            # ---- the recurrence, one token at a time, batched over (B, H).
-            # Per-token operands laid out (T, B*H, ...) so each step takes views.
-            def per_token(t, shape):
-                return t.view(B, T, H, *shape).transpose(0, 1).reshape(T, BH, *shape)
+            # ---- the recurrence, one token at a time, batched over (B, H), as in
+            # forward_one: per token one bmm (S kk and S (w*r)), a copy, a scale
+            # and a rank-2 update. Per-token operands are laid out (T, B*H, ...)
+            # so that each step only takes views.
+            def per_token(t):
+                return t.view(B, T, H, 1, N).transpose(0, 1).reshape(T, BH, 1, N)
 
-            w_t = per_token(w, (1, N))
-            nb_t = per_token((kk * a).neg_(), (1, N))
-            k_t = per_token(k, (1, N))
-            v_t = per_token(v, (N, 1))
-            # One bmm per token gives both y_t = S_t r_t and S_t kk_{t+1}.
-            q = torch.empty(T, BH, N, 2, device=x.device)
-            q[:, :, :, 0] = per_token(r, (N,))
-            kk_t = per_token(kk, (N,))
-            q[:-1, :, :, 1] = kk_t[1:]
-            q[-1, :, :, 1] = 0
-            out = torch.empty(T, BH, N, 2, device=x.device)
+            w_t, r_t, k_t, v_t, kk_t = per_token(w), per_token(r), per_token(k), per_token(v), per_token(kk)
+            b_t = kk_t * per_token(a)
+            q = torch.cat((w_t * r_t, kk_t), dim=2)  # (T, BH, 2, N)
+            upd_r = torch.cat((b_t.neg(), k_t), dim=2)  # (T, BH, 2, N)
+            upd_l = torch.cat((torch.empty_like(v_t), v_t), dim=2)  # row 0 <- S kk, per token
             S3 = S.view(BH, N, N)
-            sa = torch.bmm(S3, kk_t[0].unsqueeze(-1))
+            St = S3.transpose(1, 2)
+            outs = []
             for t in range(T):
+                o = torch.bmm(q[t], St)
+                upd_l[t, :, 0].copy_(o[:, 1])
                 S3.mul_(w_t[t])
-                S3.baddbmm_(sa, nb_t[t])
-                S3.baddbmm_(v_t[t], k_t[t])
-                torch.bmm(S3, q[t], out=out[t])
-                sa = out[t, :, :, 1:]
-            y = out[:, :, :, 0].reshape(T, B, C).transpose(0, 1).reshape(B * T, C)
+                S3.baddbmm_(upd_l[t].transpose(1, 2), upd_r[t])
+                outs.append(o)
+            o = torch.stack(outs)  # (T, BH, 2, N)
+            sa = o[:, :, 1:]
+            y = o[:, :, :1] - sa * (b_t * r_t).sum(-1, keepdim=True) + v_t * (k_t * r_t).sum(-1, keepdim=True)
+            y = y.view(T, B, C).transpose(0, 1).reshape(B * T, C)
 
             y = F.group_norm(y, H, lnxw, lnxb, eps=_GROUP_NORM_EPS)
             bonus = (r * k * r_k).view(B * T, H, N).sum(dim=-1, keepdim=True)

@@ -1,60 +1,95 @@
-"""Our batched RWKV-7 forward against the rwkv package's RWKV-7 (RWKV_V7_ON=1)."""
+"""Our batched RWKV-7 forward (inference/rwkv7.py) against the rwkv package's RWKV_x070."""
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("RWKV_V7_ON", "1")  # must be set before rwkv.model is imported
+os.environ.setdefault("RWKV_JIT_ON", "1")
+os.environ.setdefault("RWKV_CUDA_ON", "0")
 
-from conftest import TINY_MODEL
-from inference.checkpoint import load_weights
-from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Model, state_split, state_stack
+import contextlib  # noqa: E402
+import io  # noqa: E402
 
-os.environ.setdefault("RWKV_V7_ON", "1")  # conftest sets these before anything imports rwkv.model
-from rwkv.model import RWKV  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-TOKENS = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261]
+from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
+from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Model, state_split, state_stack  # noqa: E402
+
+PROMPT = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261, 0, 65535]
+TIGHT = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def weights():
-    return load_weights(TINY_MODEL)
+def model_path(tmp_path_factory):
+    return write_demo_model(tmp_path_factory.mktemp("rwkv7") / "tiny", n_layer=2, n_embd=128, seed=7)
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return RWKV(str(TINY_MODEL.with_suffix("")), "cpu fp32")
+def weights(model_path):
+    return load_weights(model_path)
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    assert os.environ["RWKV_V7_ON"] == "1"
+    with contextlib.redirect_stdout(io.StringIO()):
+        from rwkv.model import RWKV
+
+        return RWKV(str(model_path.with_suffix("")), "cpu fp32")
 
 
 @pytest.fixture(scope="module")
 def model(weights):
-    return RWKV7Model(weights)
+    return RWKV7Model(weights, precision="fp32")
 
 
-def close(ours, theirs, tolerance=1e-4):
-    torch.testing.assert_close(ours.float(), theirs.float(), rtol=tolerance, atol=tolerance)
-
-
-def test_reading_a_prompt_matches_the_package(model, reference):
-    expected_logits, expected_state = reference.forward(TOKENS, None)
+def read_alone(model, tokens):
     state = model.zero_state(1)
-    logits = model.forward_seq(torch.tensor([TOKENS]), state)
-    close(logits[0], expected_logits)
-    for ours, theirs in zip(state, expected_state):
-        close(ours[0], theirs)
+    model.forward_seq(torch.tensor([tokens]), state)
+    return state
 
 
-def test_decoding_matches_the_package_token_by_token(model, reference):
+def test_the_model_reports_its_shape(model):
+    assert (model.n_layer, model.n_embd, model.n_head, model.head_size, model.vocab_size) == (2, 128, 2, 64, 65536)
+    state = model.zero_state(3)
+    assert len(state) == 6
+    assert [tuple(t.shape) for t in state[:3]] == [(3, 128), (3, 2, 64, 64), (3, 128)]
+    assert all(t.dtype == torch.float32 for t in state)
+
+
+def test_fp32_decoding_matches_the_package_token_by_token(model, reference):
     state, theirs = model.zero_state(1), None
-    for token in TOKENS:
+    for token in PROMPT:
         logits = model.forward_one(torch.tensor([token]), state)
         expected, theirs = reference.forward([token], theirs)
-        close(logits[0], expected)
+        assert logits.shape == (1, 65536) and logits.dtype == torch.float32
+        torch.testing.assert_close(logits[0], expected.float(), **TIGHT)
+    for ours, package in zip(state, theirs):
+        torch.testing.assert_close(ours[0], package.float(), **TIGHT)
 
 
-def test_greedy_decoding_picks_the_same_64_tokens(model, reference):
+def test_a_batch_of_different_states_gives_each_row_what_the_sequence_gives_alone(model):
+    histories = [PROMPT[:3], PROMPT[3:5], PROMPT[5:6], PROMPT]
+    alone_states = [read_alone(model, h) for h in histories]
+    batch = state_stack(alone_states)
+    next_tokens = torch.tensor([7, 8, 9, 7])
+    for _ in range(3):
+        batched = model.forward_one(next_tokens, batch)
+        for row, state in enumerate(alone_states):
+            alone = model.forward_one(next_tokens[row : row + 1], state)
+            torch.testing.assert_close(batched[row], alone[0], **TIGHT)
+        next_tokens = batched.argmax(dim=-1)
+    # The rows really differ (the test would be empty if every state were alike).
+    assert not torch.allclose(batched[0], batched[1], atol=1e-2)
+    for row, state in enumerate(state_split(batch)):
+        for a, b in zip(state, alone_states[row]):
+            torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_greedy_decoding_picks_the_same_64_tokens_as_the_package(model, reference):
     state = model.zero_state(1)
-    logits = model.forward_seq(torch.tensor([TOKENS]), state)[0]
-    expected, theirs = reference.forward(TOKENS, None)
+    logits = model.forward_seq(torch.tensor([PROMPT]), state)[0]
+    expected, theirs = reference.forward(list(PROMPT), None)
     ours_tokens, their_tokens = [], []
     for _ in range(64):
         ours_tokens.append(int(logits.argmax()))
@@ -62,53 +97,78 @@ def test_greedy_decoding_picks_the_same_64_tokens(model, reference):
         logits = model.forward_one(torch.tensor([ours_tokens[-1]]), state)[0]
         expected, theirs = reference.forward([their_tokens[-1]], theirs)
     assert ours_tokens == their_tokens
+    assert len(set(ours_tokens)) > 1  # not a degenerate run of one token
 
 
-def test_reading_at_once_equals_stepping_one_token_at_a_time(model):
+def test_reading_a_prompt_matches_the_package_logits_and_state(model, reference):
+    expected, theirs = reference.forward(list(PROMPT), None)
+    state = model.zero_state(1)
+    logits = model.forward_seq(torch.tensor([PROMPT]), state)
+    assert logits.shape == (1, 65536)
+    torch.testing.assert_close(logits[0], expected.float(), **TIGHT)
+    for ours, package in zip(state, theirs):
+        torch.testing.assert_close(ours[0], package.float(), **TIGHT)
+
+
+@pytest.mark.parametrize("chunk", [256, 5, 1])
+def test_reading_a_prompt_equals_stepping_one_token_at_a_time(model, chunk):
     whole, stepped = model.zero_state(1), model.zero_state(1)
-    logits = model.forward_seq(torch.tensor([TOKENS]), whole)
-    for token in TOKENS:
-        last = model.forward_one(torch.tensor([token]), stepped)
-    close(logits, last)
+    everything = model.forward_seq(torch.tensor([PROMPT]), whole, full_output=True, chunk=chunk)
+    assert everything.shape == (1, len(PROMPT), 65536)
+    for t, token in enumerate(PROMPT):
+        logits = model.forward_one(torch.tensor([token]), stepped)
+        torch.testing.assert_close(everything[0, t], logits[0], **TIGHT)
     for a, b in zip(whole, stepped):
-        close(a, b)
+        torch.testing.assert_close(a, b, **TIGHT)
 
 
-def test_a_batch_of_different_states_equals_each_sequence_alone(model):
-    histories = [TOKENS[:3], TOKENS[3:5], TOKENS[5:6], TOKENS]
-    states = []
-    for history in histories:
-        state = model.zero_state(1)
-        model.forward_seq(torch.tensor([history]), state)
-        states.append(state)
-    batch = state_stack(states)
-    next_tokens = torch.tensor([7, 8, 9, 10])
-    batched = model.forward_one(next_tokens, batch)
-    for row, state in enumerate(states):
-        alone = model.forward_one(next_tokens[row:row + 1], state)
-        close(batched[row], alone[0])
+def test_reading_prompts_for_a_batch_equals_reading_each_alone(model):
+    prompts = [PROMPT[:6], PROMPT[6:]]
+    start = [read_alone(model, [1, 2]), model.zero_state(1)]
+    batch = state_stack(start)
+    logits = model.forward_seq(torch.tensor(prompts), batch)
+    for row, (prompt, state) in enumerate(zip(prompts, start)):
+        alone = model.forward_seq(torch.tensor([prompt]), state)
+        torch.testing.assert_close(logits[row], alone[0], **TIGHT)
         for a, b in zip(state_split(batch)[row], state):
-            close(a, b)
+            torch.testing.assert_close(a, b, **TIGHT)
 
 
-def test_states_split_and_stack_back_unchanged(model):
+def test_states_split_and_stack_back_unchanged_and_independent(model):
     state = model.zero_state(3)
-    model.forward_one(torch.tensor([1, 2, 3]), state)
+    model.forward_seq(torch.tensor([[1, 2], [3, 4], [5, 6]]), state)
     parts = state_split(state)
-    assert len(parts) == 3 and parts[0][1].shape == (1, model.n_head, 64, 64)
+    assert len(parts) == 3
+    assert all(tuple(p[1].shape) == (1, model.n_head, 64, 64) for p in parts)
+    assert not torch.equal(parts[0][1], parts[1][1])
     for a, b in zip(state_stack(parts), state):
         assert torch.equal(a, b)
+    before = [t.clone() for t in parts[0]]
+    model.forward_one(torch.tensor([9, 9, 9]), state)  # the batch moves on, the split copies do not
+    assert all(torch.equal(a, b) for a, b in zip(parts[0], before))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_each_precision_stays_within_its_documented_error(weights, model, precision):
-    reference_logits = model.forward_seq(torch.tensor([TOKENS * 3]), model.zero_state(1))
+def test_each_lower_precision_stays_within_its_documented_relative_error(weights, model, precision):
     lower = RWKV7Model(weights, precision=precision)
-    logits = lower.forward_seq(torch.tensor([TOKENS * 3]), lower.zero_state(1))
-    error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
-    assert error < PRECISION_TOLERANCE[precision], error
+    prompt = torch.tensor([PROMPT * 3])
+    ref_state, low_state = model.zero_state(1), lower.zero_state(1)
+    errors = []
+    expected, got = model.forward_seq(prompt, ref_state), lower.forward_seq(prompt, low_state)
+    errors.append(((got - expected).norm() / expected.norm()).item())
+    for token in (11, 22, 33, 44):
+        expected = model.forward_one(torch.tensor([token]), ref_state)
+        got = lower.forward_one(torch.tensor([token]), low_state)
+        errors.append(((got - expected).norm() / expected.norm()).item())
+    assert max(errors) < PRECISION_TOLERANCE[precision], errors
+    assert max(errors) > 0  # it really ran in another precision
 
 
-def test_fp16_on_the_cpu_is_refused_clearly(weights):
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+def test_fp16_on_the_cpu_is_refused_with_a_clear_error(weights):
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
         RWKV7Model(weights, precision="fp16")
+
+
+def test_an_unknown_precision_is_refused(weights):
+    with pytest.raises(ValueError, match="precision"):
+        RWKV7Model(weights, precision="fp8")

@@ -1,0 +1,179 @@
+"""Micro-benchmark: our batched RWKV-7 forward (inference/rwkv7.py) against the rwkv package.
+
+    .venv/bin/python bench/forward.py [--layers 12 --embd 768] [--repeats 3] [--prompt 1000]
+
+Writes a random-weight model of that shape to a temp dir if it is not there
+yet, then prints medians of several repeats:
+
+* the rwkv package (RWKV_V7_ON=1, "cpu fp32"): single-stream decode tokens/s
+  and prompt-reading (prefill) tokens/s: the baseline;
+* ours for each precision: decode at batch sizes 1, 4, 16, 32 (aggregate
+  tokens/s: batch * steps / time) and prefill of the same prompt;
+* each figure's ratio to the matching baseline figure.
+
+Threads: torch's default (all cores) unless --threads is given.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["RWKV_V7_ON"] = "1"  # must be set before rwkv.model is imported
+os.environ.setdefault("RWKV_JIT_ON", "1")
+os.environ["RWKV_CUDA_ON"] = "0"
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
+from inference.rwkv7 import RWKV7Model  # noqa: E402
+
+BATCHES = (1, 4, 16, 32)
+
+
+def model_path(layers, embd):
+    path = Path(tempfile.gettempdir()) / "rpserver-bench" / f"demo-rwkv7-L{layers}-D{embd}.pth"
+    if not path.exists():
+        print(f"writing a random {layers}-layer {embd}-wide RWKV-7 to {path} ...", flush=True)
+        write_demo_model(path, n_layer=layers, n_embd=embd)
+    return path
+
+
+def cpu_busy(seconds=1.0):
+    """Fraction of the machine's CPU time that was busy over `seconds` (Linux)."""
+    def ticks():
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(seconds)
+        total1, idle1 = ticks()
+    except OSError:
+        return 0.0
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_quiet(max_wait, threshold=0.25):
+    """Other jobs on a shared 2-core machine make every figure junk: wait a while for them."""
+    started = time.monotonic()
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() - started < max_wait:
+        print(f"  CPUs {100 * busy:.0f}% busy with other processes, waiting ...", flush=True)
+        busy = cpu_busy(3.0)
+    if busy > threshold:
+        print(f"  ** CPUs still {100 * busy:.0f}% busy: figures will be low and noisy **", flush=True)
+
+
+def median_rate(run, count, repeats):
+    """Median of `count / seconds(run())` over `repeats` runs (after one warm-up)."""
+    run()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def steps_for(rate_guess, batch, seconds=0.8):
+    return max(4, int(seconds * rate_guess / batch))
+
+
+def bench_package(path, prompt, repeats):
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        from rwkv.model import RWKV
+
+        model = RWKV(str(path.with_suffix("")), "cpu fp32")
+    _, state = model.forward(prompt[:8], None)
+    steps = 16
+
+    def decode():
+        nonlocal state
+        for i in range(steps):
+            _, state = model.forward([100 + i], state)
+
+    one = median_rate(decode, steps, repeats)
+    prefill = median_rate(lambda: model.forward(list(prompt), None), len(prompt), max(1, repeats - 1))
+    del model
+    return one, prefill
+
+
+def bench_ours(weights, precision, prompt, repeats):
+    model = RWKV7Model(weights, precision=precision)
+    results = {}
+    guess = 40.0
+    for batch in BATCHES:
+        state = model.zero_state(batch)
+        tokens = torch.arange(batch, dtype=torch.long) + 100
+        model.forward_seq(torch.tensor([prompt[:8]] * batch), state)
+        steps = steps_for(guess, batch)
+
+        def decode():
+            for _ in range(steps):
+                model.forward_one(tokens, state)
+
+        results[batch] = median_rate(decode, steps * batch, repeats)
+        guess = results[batch]
+    tokens = torch.tensor([prompt])
+    results["prefill"] = median_rate(lambda: model.forward_seq(tokens, model.zero_state(1)), len(prompt),
+                                     max(1, repeats - 1))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--embd", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=1000, help="prompt length for prefill")
+    parser.add_argument("--precisions", default="fp32,bf16,int8")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--wait-quiet", type=float, default=120,
+                        help="wait up to this many seconds for other processes to leave the CPUs")
+    parser.add_argument("--no-package", action="store_true", help="skip the rwkv package baseline")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    path = model_path(args.layers, args.embd)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 65536, (args.prompt,), generator=gen).tolist()
+    print(f"model {path.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} repeats", flush=True)
+
+    wait_for_quiet(args.wait_quiet)
+    base_one = base_prefill = float("nan")
+    if not args.no_package:
+        base_one, base_prefill = bench_package(path, prompt, args.repeats)
+    weights = load_weights(path)
+    rows = []
+    for precision in args.precisions.split(","):
+        print(f"  measuring ours {precision} ...", flush=True)
+        rows.append((precision, bench_ours(weights, precision, prompt, args.repeats)))
+
+    cols = [f"B={b}" for b in BATCHES] + [f"prefill {args.prompt}"]
+    head = f"{'':18}" + "".join(f"{c:>14}" for c in cols)
+    print()
+    print("tokens/s (aggregate over the batch)       ratio vs package: decode vs its single stream, prefill vs its prefill")
+    print(head)
+    print(f"{'rwkv package fp32':18}{base_one:14.1f}{'':42}{base_prefill:14.1f}")
+    for precision, res in rows:
+        print(f"{'ours ' + precision:18}" + "".join(f"{res[k]:14.1f}" for k in (*BATCHES, "prefill")))
+    for precision, res in rows:
+        ratios = [res[b] / base_one for b in BATCHES] + [res["prefill"] / base_prefill]
+        print(f"{'  ratio ' + precision:18}" + "".join(f"{r:13.2f}x" for r in ratios))
+
+
+if __name__ == "__main__":
+    main()
