@@ -240,16 +240,18 @@ class Rwkv7Backend(Backend):
 
 
 def parse_strategy(strategy):
-    """(device, precision) from a strategy like "cpu fp32", "cuda fp16i8 *10 -> cuda fp16".
+    """(device, precision) from a strategy like "cpu fp32", "cpu int8", "cuda fp16i8 *10 -> cuda fp16".
 
-    The first segment decides; "i8" after a precision means int8 weights.
+    The first segment decides; "int8", or "i8" after a precision, means int8 weights.
     """
     first = strategy.split("->")[0].split()
     if len(first) < 2 or first[0].split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"unsupported strategy {strategy!r}: use e.g. 'cpu fp32', 'cpu bf16', 'cuda fp16'")
     device, precision = first[0], first[1]
-    if precision.endswith("i8"):
+    if precision == "int8" or (precision.endswith("i8") and device == "cpu"):
         return device, "int8"
+    if precision.endswith("i8"):
+        precision = precision[:-2]  # int8 weights run on the CPU; on CUDA, fp16/bf16 are the fast path
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"unsupported precision {precision!r} in strategy {strategy!r}")
     return device, precision

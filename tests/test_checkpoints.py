@@ -1,10 +1,12 @@
 """make_demo_model writes official RWKV checkpoints; RWKV-4 ones serve too."""
 
+import pytest
 import torch
 from django.core.management import call_command
 
 from conftest import CHARACTER, DATA_DIR, Api, Server
-from inference.checkpoint import _lora_size, detect_version, load_weights, resolve_path
+from inference.backends import load_backend, parse_strategy
+from inference.checkpoint import CheckpointError, _lora_size, detect_version, load_weights, resolve_path
 
 RWKV7_LAYER_SHAPES = {
     "att.x_r": (1, 1, 128), "att.w0": (1, 1, 128), "att.w1": (128, 32), "att.w2": (32, 128),
@@ -51,3 +53,17 @@ def test_an_rwkv4_checkpoint_serves_the_same_api():
         assert "RWKV-4" in server.log()
     finally:
         server.stop()
+
+
+def test_strategies_of_the_original_server_are_understood():
+    assert parse_strategy("cpu fp32") == ("cpu", "fp32")
+    assert parse_strategy("cpu bf16") == ("cpu", "bf16")
+    assert parse_strategy("cpu fp32i8") == ("cpu", "int8")
+    assert parse_strategy("cuda fp16i8 *10 -> cuda fp16") == ("cuda", "fp16")
+    with pytest.raises(ValueError, match="unsupported strategy"):
+        parse_strategy("tpu fp32")
+
+
+def test_a_missing_checkpoint_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="no RWKV checkpoint at"):
+        load_backend(DATA_DIR / "model" / "no-such-model")
