@@ -222,7 +222,8 @@ def main():
         print("baseline: the rwkv package, one stream, in its own process ...", flush=True)
         wait_for_quiet(args.wait_idle)
         meter = CpuMeter([])
-        baseline = baseline_subprocess(model, args.strategy, args.tokens, args.prefill_tokens, args.baseline_runs)
+        # The baseline is the original server's engine: the rwkv package, cpu fp32, whatever we serve with.
+        baseline = baseline_subprocess(model, "cpu fp32", args.tokens, args.prefill_tokens, args.baseline_runs)
         baseline["others"] = meter.others()
         print(f"  decode {fmt(baseline['decode_tok_s'])} tok/s (runs: "
               f"{', '.join(fmt(x) for x in baseline['decode_tok_s_runs'])}); read {baseline['prompt_tokens']} "

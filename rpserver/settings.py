@@ -193,7 +193,7 @@ RPSERVER = {
     "LOCK_TIMEOUT_SECONDS": env_int("RPSERVER_LOCK_TIMEOUT_SECONDS", 600, minimum=1),
     "STATE_KEEP_RECENT": env_int("RPSERVER_STATE_KEEP_RECENT", 4, minimum=1),
     "STATE_CHECKPOINT_EVERY": env_int("RPSERVER_STATE_CHECKPOINT_EVERY", 8, minimum=1),
-    "PREFILL_CHUNK": env_int("RPSERVER_PREFILL_CHUNK", 64, minimum=1),
+    "PREFILL_CHUNK": env_int("RPSERVER_PREFILL_CHUNK", 256, minimum=1),
     "MAX_BATCH": env_int("RPSERVER_MAX_BATCH", 32, minimum=1),
     "SEED": env_int("RPSERVER_SEED", -1),
     "THREADS": env_int("RPSERVER_THREADS", 0, minimum=0),
