@@ -46,6 +46,17 @@ class BenchError(Exception):
 # ---- small utilities ----------------------------------------------------------------
 
 
+def run_script(main):
+    """Run a benchmark's main(): exit 1 with the message on a BenchError."""
+    try:
+        main()
+    except BenchError as exc:
+        print(f"\nERROR: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    BenchError, Client, CpuMeter, Server, baseline_subprocess, ensure_model, fmt, gather_strict,
+    Client, run_script, CpuMeter, Server, baseline_subprocess, ensure_model, fmt, gather_strict,
     install_sigterm_handler, machine_note, median, percentile, table, text_of_tokens, user_turn_tokens,
     wait_for_quiet,
 )
@@ -306,10 +306,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        print(f"\nERROR: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main)

@@ -103,6 +103,30 @@ def state_stack(states):
     return [torch.cat(parts, dim=0) for parts in zip(*states)]
 
 
+def _projections(layer, mixed, v_first, H, N):
+    """The time mix's projections from the six token-shifted inputs (6, M, C).
+
+    Returns r, k (with its in-context scaling), v (mixed with layer 0's
+    value), the decay w, a, the gate g, kk (normalised per head), all (M, C),
+    and v_first (layer 0's value, for the layers after it).
+    """
+    (_, _, _, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, _, R, K, V, *_) = layer
+    xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+    r = R[0](xr, R[1])
+    k = K[0](xk, K[1])
+    v = V[0](xv, V[1])
+    w = torch.sigmoid(torch.tanh(xw @ w1) @ w2 + w0).mul_(_DECAY_SCALE).exp_()
+    a = torch.sigmoid(torch.addmm(a0, xa @ a1, a2))
+    g = torch.sigmoid(xg @ g1) @ g2
+    kk = F.normalize((k * k_k).view(-1, H, N), dim=-1).view(k.shape)
+    k = k * (1 + (a - 1) * k_a)
+    if v1 is None:
+        v_first = v
+    else:
+        v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(v0, xv @ v1, v2)))
+    return r, k, v, w, a, g, kk, v_first
+
+
 class RWKV7Model:
     """RWKV-7 weights prepared once for fast batched inference.
 
@@ -221,19 +245,7 @@ class RWKV7Model:
                 xx = F.layer_norm(x, (C,), ln1w, ln1b, eps=_LAYER_NORM_EPS)
                 mixed = torch.addcmul(xx, att_prev - xx, maa)  # (6, B, C)
                 att_prev.copy_(xx)
-                xr, xw, xk, xv, xa, xg = mixed.unbind(0)
-                r = R[0](xr, R[1])
-                k = K[0](xk, K[1])
-                v = V[0](xv, V[1])
-                w = torch.sigmoid(torch.tanh(xw @ w1) @ w2 + w0).mul_(_DECAY_SCALE).exp_()
-                a = torch.sigmoid(torch.addmm(a0, xa @ a1, a2))
-                g = torch.sigmoid(xg @ g1) @ g2
-                kk = F.normalize((k * k_k).view(B, H, N), dim=-1)
-                k = k * (1 + (a - 1) * k_a)
-                if v1 is None:
-                    v_first = v
-                else:
-                    v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(v0, xv @ v1, v2)))
+                r, k, v, w, a, g, kk, v_first = _projections(L, mixed, v_first, H, N)
 
                 # S' = S diag(w) - (S kk) b^T + v k^T with b = kk*a, and y = S' r
                 #    = S (w*r) - (S kk)(b.r) + v (k.r): one bmm reads S for both
@@ -308,19 +320,7 @@ class RWKV7Model:
             att_prev.copy_(xx[:, -1])
             mixed = torch.addcmul(xx, prev - xx, maa.unsqueeze(1)).view(6, B * T, C)
             xx = xx.view(B * T, C)
-            xr, xw, xk, xv, xa, xg = mixed.unbind(0)
-            r = R[0](xr, R[1])
-            k = K[0](xk, K[1])
-            v = V[0](xv, V[1])
-            w = torch.sigmoid(torch.tanh(xw @ w1) @ w2 + w0).mul_(_DECAY_SCALE).exp_()
-            a = torch.sigmoid(torch.addmm(a0, xa @ a1, a2))
-            g = torch.sigmoid(xg @ g1) @ g2
-            kk = F.normalize((k * k_k).view(B * T, H, N), dim=-1).view(B * T, C)
-            k = k * (1 + (a - 1) * k_a)
-            if v1 is None:
-                v_first = v
-            else:
-                v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(v0, xv @ v1, v2)))
+            r, k, v, w, a, g, kk, v_first = _projections(L, mixed, v_first, H, N)
 
             # ---- the recurrence, one token at a time, batched over (B, H), as in
             # forward_one: per token one bmm (S kk and S (w*r)), a copy, a scale
