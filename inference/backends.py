@@ -2,6 +2,7 @@
 
     zero_state() / copy_state(state)
     read(tokens, state) -> (logits [vocab] float32, new state)    one sequence
+    read_batch(token_lists, states) -> (logits list, states list) several, same length
     new_batch() -> a decode batch: add(key, state), remove(key) -> state,
                    discard(key), step({key: token}) -> logits [B, vocab] in key order
     state_tensors(state) / state_from_tensors(tensors)             for storage
@@ -129,6 +130,11 @@ class Backend:
     def new_batch(self):
         return SequentialBatch(self)
 
+    def read_batch(self, token_lists, states):
+        """read() for several sequences with as many tokens each: (logits, states) lists."""
+        results = [self.read(tokens, state) for tokens, state in zip(token_lists, states)]
+        return [logits for logits, _ in results], [state for _, state in results]
+
 
 class RwkvPackageBackend(Backend):
     """Any RWKV-4/5/6/7 checkpoint through the `rwkv` package (one sequence at a time)."""
@@ -218,6 +224,14 @@ class Rwkv7Backend(Backend):
         tokens = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         logits = self.model.forward_seq(tokens, state)
         return logits[0].float(), state
+
+    @torch.inference_mode()
+    def read_batch(self, token_lists, states):
+        if len(states) == 1:
+            return super().read_batch(token_lists, states)
+        stacked = self.stack_states(states)
+        logits = self.model.forward_seq(torch.tensor(token_lists, dtype=torch.long, device=self.device), stacked)
+        return list(logits.float()), self.split_states(stacked)
 
     def split_states(self, stacked):
         from .rwkv7 import state_split

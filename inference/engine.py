@@ -5,9 +5,9 @@ reply, sampling settings) and get events back through an asyncio queue, so
 the event loop never waits on the model. Every turn of the engine loop:
 
 1. admit new jobs and drop cancelled ones (a client that disconnected);
-2. read prompts, oldest first, at most one chunk's worth of tokens in all
-   (RPSERVER_PREFILL_CHUNK), so a long prompt never stalls the replies being
-   streamed while short ones (a user's turn) rarely wait a turn;
+2. advance every waiting prompt together, in one batched read of at most one
+   chunk's worth of tokens (RPSERVER_PREFILL_CHUNK), so a long prompt never
+   stalls the replies being streamed and new users do not queue behind each other;
 3. decode one token for every reply in progress, all in one batched step.
 
 A job can ask for snapshots: copies of its state after a given number of
@@ -170,17 +170,14 @@ class Engine:
             for job in [j for j in active if j.cancelled]:
                 active.remove(job)
                 batch.discard(job.id)
-            # Replies that just ended read their last token; then prompts, oldest
-            # first, up to one chunk's worth of tokens in all.
+            # Replies that just ended read their last token; then every waiting
+            # prompt advances together, in one batched read of one chunk's worth.
             for job in [j for j in active if j.reading and j.finish_reason is not None]:
-                self._guard([job], active, batch, self._read_chunk, job, active, self.prefill_chunk)
-            budget = self.prefill_chunk
-            for job in [j for j in active if j.reading and j.finish_reason is None]:
-                if budget <= 0:
-                    break
-                take = min(budget, len(job.tokens) - job.read)
-                budget -= take
-                self._guard([job], active, batch, self._read_chunk, job, active, take)
+                self._guard([job], active, batch, self._read_together, [job], active, self.prefill_chunk)
+            readers = [j for j in active if j.reading and j.finish_reason is None][:self.max_batch]
+            if readers:
+                share = max(1, self.prefill_chunk // len(readers))
+                self._guard(readers, active, batch, self._read_together, readers, active, share)
             for job in [j for j in active if j.ready and j.id not in batch]:
                 if len(batch) >= self.max_batch:
                     break
@@ -211,20 +208,27 @@ class Engine:
                 batch.discard(job.id)
                 self._emit(job, "error", exc)
 
-    def _read_chunk(self, job, active, limit):
-        """Read up to `limit` of a job's next tokens, stopping at a snapshot point."""
+    def _read_together(self, jobs, active, limit):
+        """Read the same number (at most `limit`) of next tokens for several jobs
+        in one batched forward, stopping at the first snapshot point among them."""
+        count = min(self._next_stop(job, limit) - job.read for job in jobs)
+        logits, states = self.backend.read_batch(
+            [job.tokens[job.read:job.read + count] for job in jobs], [job.state for job in jobs])
+        for job, row, state in zip(jobs, logits, states):
+            job.logits, job.state = row, state
+            job.read += count
+            self.tokens_read += count
+            if job.read in job.snapshot_at:
+                job.snapshots[job.read] = self.backend.copy_state(job.state)
+            if not job.reading and (job.sampler is None or job.finish_reason is not None):
+                active.remove(job)
+                self._finish(job)
+
+    @staticmethod
+    def _next_stop(job, limit):
+        """Where a job's next read ends: `limit` tokens on, its end, or a snapshot point."""
         end = min(job.read + limit, len(job.tokens))
-        pending = sorted(n for n in job.snapshot_at if job.read < n < end)
-        if pending:
-            end = pending[0]
-        job.logits, job.state = self.backend.read(job.tokens[job.read:end], job.state)
-        self.tokens_read += end - job.read
-        job.read = end
-        if end in job.snapshot_at:
-            job.snapshots[end] = self.backend.copy_state(job.state)
-        if not job.reading and (job.sampler is None or job.finish_reason is not None):
-            active.remove(job)
-            self._finish(job)
+        return min([n for n in job.snapshot_at if job.read < n < end] + [end])
 
     def _join(self, job, batch):
         """A reply whose prompt is read samples its first token and joins the batch."""

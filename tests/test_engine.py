@@ -122,3 +122,16 @@ def test_a_cancelled_reply_frees_the_engine():
 
     before, after, state = run(cancel_then_read())
     assert after - before < 100 and state is not None
+
+
+def test_prompts_read_together_equal_prompts_read_alone():
+    engine = get_engine()
+    prompts = [engine.tokenizer.encode(PROMPT * n) for n in (1, 2, 3)]
+    alone = [run(engine.read(None, tokens))[0] for tokens in prompts]
+
+    async def together():
+        return await asyncio.gather(*(engine.read(None, tokens, snapshot_at={5}) for tokens in prompts))
+
+    for (state, snapshots), expected, tokens in zip(run(together()), alone, prompts):
+        assert_same_state(state, expected)
+        assert_same_state(snapshots[5], run(engine.read(None, tokens[:5]))[0])
