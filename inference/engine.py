@@ -92,6 +92,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._thread = None
         self._stopping = False
+        self._outbox = {}  # event loop -> [(job, event)], flushed once per engine turn
         self.tokens_read = 0  # prompt tokens read, all jobs together (for monitoring and tests)
         self.tokens_generated = 0
 
@@ -185,6 +186,7 @@ class Engine:
             decoding = [j for j in active if j.id in batch]
             if decoding:
                 self._guard(decoding, active, batch, self._decode_step, decoding, batch)
+            self._flush()
 
     def _admit(self, active, block):
         try:
@@ -280,10 +282,24 @@ class Engine:
         self._emit(job, "done", Reply(tokens, text, job.state, job.snapshots, job.finish_reason))
 
     def _emit(self, job, kind, payload):
-        try:
-            job.loop.call_soon_threadsafe(job.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the request's event loop is gone
-            job.cancelled = True
+        """Queue an event for a job's request; sent with the others at the end of the turn."""
+        self._outbox.setdefault(job.loop, []).append((job, (kind, payload)))
+
+    def _flush(self):
+        """Hand the turn's events to their event loops: one wake-up per loop, not per token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(deliver, items)
+            except RuntimeError:  # the requests' event loop is gone
+                for job, _ in items:
+                    job.cancelled = True
+
+
+def deliver(items):
+    """On the event loop: put each event into its job's queue."""
+    for job, event in items:
+        job.events.put_nowait(event)
 
 
 def visible_text(decoder, final):
@@ -305,8 +321,15 @@ class Generation:
         return self._texts()
 
     async def _texts(self):
+        events = self._job.events
         while True:
-            kind, payload = await self._job.events.get()
+            kind, payload = await events.get()
+            # Frames are cumulative: when the client fell behind, the newest text says it all.
+            while kind == "text" and not events.empty():
+                next_kind, next_payload = events.get_nowait()
+                if next_kind != "text":
+                    yield payload
+                kind, payload = next_kind, next_payload
             if kind == "text":
                 yield payload
             elif kind == "done":
