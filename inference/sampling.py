@@ -29,6 +29,8 @@ class SamplingSettings:
     presence_penalty: float = 0.2
 
 
+FLOAT_MIN = torch.finfo(torch.float32).min
+
 # (low, high, low inclusive) for each field: what the API accepts.
 LIMITS = {
     "tau": (0.0, 20.0, True),
@@ -63,12 +65,13 @@ class Sampler:
         self.used = set()
 
     def candidates(self, logits):
-        """(token ids, probabilities) left after steps 1-5, before Mirostat."""
-        return candidates_batch([self], logits.unsqueeze(0))[0]
+        """(token ids, probabilities) tensors left after steps 1-5, before Mirostat."""
+        ids, probs = candidates_batch([self], logits.unsqueeze(0).clone())[0]
+        return torch.from_numpy(ids), torch.from_numpy(probs)
 
     def sample(self, logits):
         """Draw the next token and update Mirostat's mu."""
-        return sample_batch([self], logits.unsqueeze(0))[0]
+        return sample_batch([self], logits.unsqueeze(0).clone())[0]
 
     def draw(self, ids, probs):
         """Step 6 on this reply's candidates: Mirostat, then one draw.
@@ -77,7 +80,6 @@ class Sampler:
         numpy, where small arrays cost microseconds rather than torch's
         per-operation overhead.
         """
-        ids, probs = ids.numpy(), probs.numpy()
         allowed = -numpy.log2(probs) <= self.mu
         allowed[numpy.argmax(probs)] = True
         ids, probs = ids[allowed], probs[allowed]
@@ -91,14 +93,17 @@ class Sampler:
         return token
 
 
+@torch.inference_mode()
 def candidates_batch(samplers, logits):
-    """Steps 1-5 for B replies at once; logits [B, vocab]. A list of (ids, probs).
+    """Steps 1-5 for B replies at once; logits [B, vocab] (modified in place).
 
-    No full softmax is needed: a token survives min_p when its logit is at
-    least max + ln(min_p), and temperature on the survivors' renormalised
-    probabilities is a softmax of their logits / temperature.
+    Returns a list of (ids, probabilities) numpy arrays. No full softmax is
+    needed: a token survives min_p when its logit is at least
+    max + ln(min_p), and temperature on the survivors' renormalised
+    probabilities is a softmax of their logits / temperature. The survivors
+    are few, so that last part runs in numpy.
     """
-    logits = logits.float().clone()
+    logits = logits.float()
     logits[:, samplers[0].banned] = -math.inf
     rows, cols, factors = [], [], []
     for row, sampler in enumerate(samplers):
@@ -112,20 +117,22 @@ def candidates_batch(samplers, logits):
         picked = logits[rows, cols]
         logits[rows, cols] = torch.where(picked > 0, picked / factor, picked * factor)
     min_p = torch.tensor([s.settings.min_p for s in samplers]).unsqueeze(1)
-    threshold = logits.max(dim=1, keepdim=True).values + torch.log(min_p)  # -inf when min_p is 0
-    keep = (logits >= threshold) & (logits > -math.inf)
-    counts = keep.sum(dim=1).tolist()
-    where = keep.nonzero()
-    ids_per_row = where[:, 1].split(counts)
-    kept_logits = logits[where[:, 0], where[:, 1]].double().split(counts)
+    # With min_p 0 every finite logit survives; banned ones (-inf) never do.
+    threshold = (logits.max(dim=1, keepdim=True).values + torch.log(min_p)).clamp(min=FLOAT_MIN)
+    where = (logits >= threshold).nonzero()
+    counts = numpy.bincount(where[:, 0].numpy(), minlength=len(samplers))
+    splits = numpy.cumsum(counts)[:-1]
+    ids_per_row = numpy.split(where[:, 1].numpy(), splits)
+    kept_per_row = numpy.split(logits[where[:, 0], where[:, 1]].double().numpy(), splits)
     result = []
-    for sampler, ids, kept in zip(samplers, ids_per_row, kept_logits):
-        result.append((ids, torch.softmax(kept / sampler.settings.temperature, dim=0)))
+    for sampler, ids, kept in zip(samplers, ids_per_row, kept_per_row):
+        scaled = numpy.exp((kept - kept.max()) / sampler.settings.temperature)
+        result.append((ids, scaled / scaled.sum()))
     return result
 
 
 def sample_batch(samplers, logits):
-    """One token for each of B replies; logits [B, vocab]."""
+    """One token for each of B replies; logits [B, vocab] (modified in place)."""
     return [sampler.draw(ids, probs) for sampler, (ids, probs) in zip(samplers, candidates_batch(samplers, logits))]
 
 
