@@ -12,7 +12,6 @@ import logging
 from channels.db import database_sync_to_async
 from channels.generic.http import AsyncHttpConsumer
 from django.http import QueryDict
-from rest_framework.exceptions import ValidationError
 
 from accounts.auth import authenticate_legacy
 from rpserver.cors import cors_headers
