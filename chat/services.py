@@ -305,11 +305,12 @@ class ReplyStream:
     lock is released either way.
     """
 
-    def __init__(self, lease, generation, round_, pre_state=None):
+    def __init__(self, lease, generation, round_, pre_state=None, replayed=0):
         self.lease = lease
         self.generation = generation
         self.round = round_
         self.pre_state = pre_state  # to store, when it had to be rebuilt
+        self.replayed = replayed  # tokens of earlier rounds the job re-read before this round's
         self.text = ""
 
     def __aiter__(self):
@@ -325,18 +326,17 @@ class ReplyStream:
             round_ = self.round
             round_.bot_text = reply.text
             round_.set_tokens(round_.token_list[:round_.reply_start] + reply.tokens)
-            pre_state = reply.snapshots.get(round_.reply_start - 1, self.pre_state)
-            await db(store_round)(self.lease, round_, pre_state, reply.state, get_engine().backend)
+            pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
+            backend = get_engine().backend
+            if self.replayed:
+                await db(remember_state)(self.lease.conversation, round_.index - 1,
+                                         reply.snapshots[self.replayed], backend)
+            await db(store_round)(self.lease, round_, pre_state, reply.state, backend)
             finished = True
         finally:
             if not finished:
                 self.generation.cancel()
             await db(release)(self.lease)
-
-    async def close(self):
-        """Give up a reply that will not be iterated (releases the lock)."""
-        self.generation.cancel()
-        await db(release)(self.lease)
 
 
 async def run_locked(owner, name, work):
@@ -355,15 +355,20 @@ async def start_reply(owner, name, prompt, sampling, seed=None):
     lease = await db(acquire)(owner, name)
     try:
         engine = get_engine()
-        state = await state_after(lease.conversation, lease.last.index)
+        # When the last round's state is not stored, one job re-reads the
+        # rounds since the newest snapshot and then the new turn (the state in
+        # between is remembered when the reply is stored).
+        last = lease.last.index
+        base_index, state = await db(find_base_state)(lease.conversation, last, engine.backend)
+        replay = await db(tokens_between)(lease.conversation, base_index, last) if base_index < last else []
         user, bot = speaker_names(lease.character)
         head = engine.tokenizer.encode(prompt_format.user_turn(user, bot, prompt))
-        round_ = Round(conversation=lease.conversation, index=lease.last.index + 1,
-                       user_text=prompt, reply_start=len(head))
+        round_ = Round(conversation=lease.conversation, index=last + 1, user_text=prompt, reply_start=len(head))
         round_.set_tokens(head)
-        generation = engine.generate(state, head, sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
-                                     seed=seed, snapshot_at={len(head) - 1})
-        return ReplyStream(lease, generation, round_)
+        tokens = replay + head
+        generation = engine.generate(state, tokens, sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
+                                     seed=seed, snapshot_at={len(replay), len(tokens) - 1})
+        return ReplyStream(lease, generation, round_, replayed=len(replay))
     except BaseException:
         await db(release)(lease)
         raise

@@ -233,3 +233,14 @@ def test_a_client_that_disconnects_stops_its_reply(long_server):
     assert body["code"] == 200
     assert guest.chat("Mira") == [[None, "ok"]]
     assert "client disconnected: reply cancelled" in long_server.log()
+
+
+def test_a_reply_after_a_lost_snapshot_rereads_and_remembers_it(mira):
+    mira.reply("Mira", "first")
+    lost = rounds(mira.user_name).get(index=1)
+    lost.post_state.delete(save=True)
+    mira.reply("Mira", "second")
+    assert rounds(mira.user_name).get(index=1).post_state  # rebuilt on the way and stored again
+    assert [pair[0] for pair in mira.chat("Mira")] == [None, "first", "second"]
+    context = mira.context("Mira")
+    assert context["token_count"] == sum(len(r.token_list) for r in rounds(mira.user_name))
