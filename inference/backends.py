@@ -71,7 +71,7 @@ class StackedBatch:
         self.joining = {}
 
     def __len__(self):
-        return len(self.keys) + len(self.joining)
+        return len(self.keys) - self.keys.count(None) + len(self.joining)
 
     def __contains__(self, key):
         return key in self.joining or key in self.keys
@@ -80,17 +80,24 @@ class StackedBatch:
         self.joining[key] = state
 
     def remove(self, key):
-        states = self._unstack()
-        state = states.pop(key)
-        self._restack(states)
-        return state
+        """A leaving sequence's state; its row is dropped at the next restack, so
+        several replies ending in one step cost one restack, not one each."""
+        if key in self.joining:
+            return self.joining.pop(key)
+        row = self.keys.index(key)
+        self.keys[row] = None
+        return [t[row:row + 1].clone() for t in self.stacked]
 
     def discard(self, key):
         if key in self:
             self.remove(key)
 
     def _unstack(self):
-        states = dict(zip(self.keys, self.backend.split_states(self.stacked))) if self.keys else {}
+        states = {}
+        if self.stacked is not None:
+            for key, state in zip(self.keys, self.backend.split_states(self.stacked)):
+                if key is not None:
+                    states[key] = state
         states.update(self.joining)
         self.joining = {}
         return states
