@@ -2,9 +2,10 @@
 
     zero_state() / copy_state(state)
     read(tokens, state) -> (logits [vocab] float32, new state)    one sequence
-    read_batch(token_lists, states) -> (logits list, states list) several, same length
-    new_batch() -> a decode batch: add(key, state), remove(key) -> state,
-                   discard(key), step({key: token}) -> logits [B, vocab] in key order
+    new_batch() -> the sequences being served:
+        add(key, state), remove(key) -> state, discard(key), state(key) -> a copy,
+        keys() -> the keys in row order,
+        step({key: [tokens]}) -> logits [n, vocab] after each key's tokens, in the dict's order
     state_tensors(state) / state_from_tensors(tensors)             for storage
 
 A state is whatever the backend keeps per sequence; for storage it becomes a
@@ -24,11 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class SequentialBatch:
-    """A decode batch that steps its sequences one after another.
-
-    For models with no batched forward (the `rwkv` package): their decode
-    steps still interleave, so every stream progresses together.
-    """
+    """A batch for models with no batched forward (the `rwkv` package): each
+    step runs its sequences one after another, so every stream still progresses."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -40,8 +38,11 @@ class SequentialBatch:
     def __contains__(self, key):
         return key in self.states
 
+    def keys(self):
+        return list(self.states)
+
     def add(self, key, state):
-        self.states[key] = state
+        self.states[key] = state if state is not None else self.backend.zero_state()
 
     def remove(self, key):
         return self.states.pop(key)
@@ -49,69 +50,86 @@ class SequentialBatch:
     def discard(self, key):
         self.states.pop(key, None)
 
+    def state(self, key):
+        return self.backend.copy_state(self.states[key])
+
     def step(self, tokens):
         rows = []
-        for key, token in tokens.items():
-            row, self.states[key] = self.backend.read([token], self.states[key])
+        for key, token_list in tokens.items():
+            row, self.states[key] = self.backend.read(token_list, self.states[key])
             rows.append(row)
         return torch.stack(rows)
 
 
-class StackedBatch:
-    """A decode batch for a batched model: one forward step for every sequence.
+class SlotBatch:
+    """A batch for a batched model: every step is one forward pass for all.
 
-    The sequences' states live stacked along the batch dimension; they are
-    re-stacked only when a sequence joins or leaves, not at every step.
+    The sequences' states are the first rows of one batched state with room
+    to spare (it grows by doubling, and is let go when the batch empties):
+    joining copies one state into the next free row, leaving moves the last
+    row into the freed one. Nothing is re-stacked, whatever comes and goes.
     """
 
     def __init__(self, backend):
-        self.backend = backend
-        self.keys = []
-        self.stacked = None
-        self.joining = {}
+        self.model = backend.model
+        self._keys = []  # row -> key
+        self._slots = None  # the model's batched state, capacity rows
 
     def __len__(self):
-        return len(self.keys) - self.keys.count(None) + len(self.joining)
+        return len(self._keys)
 
     def __contains__(self, key):
-        return key in self.joining or key in self.keys
+        return key in self._keys
+
+    def keys(self):
+        return list(self._keys)
 
     def add(self, key, state):
-        self.joining[key] = state
+        count = len(self._keys)
+        if self._slots is None or count == self._slots[0].shape[0]:
+            self._grow(max(4, 2 * count))
+        for i, slot in enumerate(self._slots):
+            if state is None:
+                slot[count].zero_()
+            else:
+                slot[count].copy_(state[i][0])
+        self._keys.append(key)
 
     def remove(self, key):
-        """A leaving sequence's state; its row is dropped at the next restack, so
-        several replies ending in one step cost one restack, not one each."""
-        if key in self.joining:
-            return self.joining.pop(key)
-        row = self.keys.index(key)
-        self.keys[row] = None
-        return [t[row:row + 1].clone() for t in self.stacked]
+        row, last = self._keys.index(key), len(self._keys) - 1
+        state = [slot[row:row + 1].clone() for slot in self._slots]
+        if row != last:
+            for slot in self._slots:
+                slot[row].copy_(slot[last])
+            self._keys[row] = self._keys[last]
+        self._keys.pop()
+        if not self._keys:
+            self._slots = None
+        return state
 
     def discard(self, key):
-        if key in self:
+        if key in self._keys:
             self.remove(key)
 
-    def _unstack(self):
-        states = {}
-        if self.stacked is not None:
-            for key, state in zip(self.keys, self.backend.split_states(self.stacked)):
-                if key is not None:
-                    states[key] = state
-        states.update(self.joining)
-        self.joining = {}
-        return states
-
-    def _restack(self, states):
-        self.keys = list(states)
-        self.stacked = self.backend.stack_states(list(states.values())) if states else None
+    def state(self, key):
+        row = self._keys.index(key)
+        return [slot[row:row + 1].clone() for slot in self._slots]
 
     def step(self, tokens):
-        if self.joining or list(tokens) != self.keys:
-            states = self._unstack()
-            self._restack({key: states[key] for key in tokens})
-        return self.backend.model.forward_one(
-            torch.tensor(list(tokens.values()), dtype=torch.long, device=self.backend.device), self.stacked)
+        if len(tokens) != len(self._keys) or any(key not in tokens for key in self._keys):
+            raise ValueError("a step of a slot batch feeds every sequence in it")
+        count = len(self._keys)
+        logits = self.model.forward([tokens[key] for key in self._keys], [slot[:count] for slot in self._slots])
+        order = [self._keys.index(key) for key in tokens]
+        return logits if order == list(range(count)) else logits[order]
+
+    def _grow(self, capacity):
+        slots = self.model.zero_state(capacity)
+        if self._slots is not None:
+            count = len(self._keys)
+            for new, old in zip(slots, self._slots):
+                new[:count].copy_(old[:count])
+        self._slots = slots
 
 
 class Backend:
@@ -136,11 +154,6 @@ class Backend:
 
     def new_batch(self):
         return SequentialBatch(self)
-
-    def read_batch(self, token_lists, states):
-        """read() for several sequences with as many tokens each: (logits, states) lists."""
-        results = [self.read(tokens, state) for tokens, state in zip(token_lists, states)]
-        return [logits for logits, _ in results], [state for _, state in results]
 
 
 class RwkvPackageBackend(Backend):
@@ -232,26 +245,8 @@ class Rwkv7Backend(Backend):
         logits = self.model.forward_seq(tokens, state)
         return logits[0].float(), state
 
-    @torch.inference_mode()
-    def read_batch(self, token_lists, states):
-        if len(states) == 1:
-            return super().read_batch(token_lists, states)
-        stacked = self.stack_states(states)
-        logits = self.model.forward_seq(torch.tensor(token_lists, dtype=torch.long, device=self.device), stacked)
-        return list(logits.float()), self.split_states(stacked)
-
-    def split_states(self, stacked):
-        from .rwkv7 import state_split
-
-        return state_split(stacked)
-
-    def stack_states(self, states):
-        from .rwkv7 import state_stack
-
-        return state_stack(states)
-
     def new_batch(self):
-        return StackedBatch(self)
+        return SlotBatch(self)
 
     def state_tensors(self, state):
         return [t[0].detach().to("cpu", torch.float32).contiguous() for t in state]

@@ -2,13 +2,23 @@
 
 Requests hand the engine jobs (tokens to read from a start state, and for a
 reply, sampling settings) and get events back through an asyncio queue, so
-the event loop never waits on the model. Every turn of the engine loop:
+the event loop never waits on the model.
 
-1. admit new jobs and drop cancelled ones (a client that disconnected);
-2. advance every waiting prompt together, in one batched read of at most one
-   chunk's worth of tokens (RPSERVER_PREFILL_CHUNK), so a long prompt never
-   stalls the replies being streamed and new users do not queue behind each other;
-3. decode one token for every reply in progress, all in one batched step.
+Every job in progress has a row in one batch (up to max_batch jobs; later
+ones wait for a row), and every turn of the engine loop is one forward pass
+over the whole batch, whatever each job is doing:
+
+* a reply being generated feeds its last sampled token and samples the next;
+* a prompt being read feeds its next chunk: the waiting prompts share one
+  chunk's worth of tokens per turn (RPSERVER_PREFILL_CHUNK), so a long prompt
+  never stalls the replies being streamed, and a new reply reads its prompt
+  alongside the others' decoding instead of taking turns with them;
+* a reply that just ended feeds its closing tokens, then leaves the batch
+  with its final state.
+
+The weights are read once per turn for all of it (decoding a small model is
+bound by memory bandwidth, so one pass for many rows costs little more than
+for one). Sampling settings stay per reply; sampling is batched per turn.
 
 A job can ask for snapshots: copies of its state after a given number of
 its tokens were read (a reply keeps the state just before the last prompt
@@ -18,6 +28,7 @@ The engine knows nothing of HTTP, Django or users.
 """
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import itertools
@@ -26,12 +37,19 @@ import queue
 import threading
 from typing import Any
 
+import torch
 
 from .sampling import Sampler, banned_tokens, sample_batch
 
 logger = logging.getLogger(__name__)
 
 TURN_END = b"\n\n"
+
+# A pass reading at least this many tokens is compute-bound: it gets the
+# engine's prefill_threads (on 2 cores, all cores read prompts about 1.5x
+# faster, while decode steps are faster on one core, leaving the other to the
+# event loop).
+WIDE_PASS_TOKENS = 64
 
 
 class FinishReason(enum.Enum):
@@ -54,14 +72,13 @@ class Reply:
 class Job:
     id: int
     tokens: list  # to read, in order
-    state: Any
+    state: Any  # where the job starts (None: the zero state); once it has left the batch, where it ended
     snapshot_at: frozenset
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     sampler: Sampler | None = None  # None: read only
     max_tokens: int = 0
     read: int = 0
-    logits: Any = None
     snapshots: dict = dataclasses.field(default_factory=dict)
     generated: list = dataclasses.field(default_factory=list)
     decoder: Any = None
@@ -72,20 +89,17 @@ class Job:
     def reading(self):
         return self.read < len(self.tokens)
 
-    @property
-    def ready(self):
-        """A reply whose prompt is read, waiting to sample its first token."""
-        return self.logits is not None and self.sampler is not None and not self.reading
-
 
 class Engine:
     """Owns a backend (the loaded model) and runs its jobs on one thread."""
 
-    def __init__(self, backend, tokenizer, prefill_chunk=64, max_batch=32):
+    def __init__(self, backend, tokenizer, prefill_chunk=64, max_batch=32, threads=0, prefill_threads=0):
         self.backend = backend
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
+        self.threads = threads  # CPU threads for decode steps (0: leave torch's setting alone)
+        self.prefill_threads = prefill_threads or threads  # for passes of at least WIDE_PASS_TOKENS tokens
         self.turn_end_tokens = tokenizer.encode("\n\n")
         self._banned = banned_tokens(tokenizer, backend.vocab_size)
         self._inbox = queue.Queue()
@@ -123,6 +137,9 @@ class Engine:
         Returns (state after all tokens, {n: state after n tokens} for n in
         snapshot_at). The given state is never modified.
         """
+        if not tokens:
+            state = self.backend.copy_state(state) if state is not None else self.backend.zero_state()
+            return state, {0: self.backend.copy_state(state)} if 0 in snapshot_at else {}
         job = self._submit(state, tokens, snapshot_at)
         kind, payload = await job.events.get()
         if kind == "error":
@@ -142,16 +159,14 @@ class Engine:
         return Generation(self, job)
 
     def _submit(self, state, tokens, snapshot_at, **kwargs):
+        """Queue a job. Its state is only read (copied into the batch), never changed."""
         self.start()
-        if state is None:
-            state = self.backend.zero_state()
         job = Job(
-            id=next(self._ids), tokens=list(tokens), state=self.backend.copy_state(state),
-            snapshot_at=frozenset(snapshot_at), loop=asyncio.get_running_loop(),
-            events=asyncio.Queue(), **kwargs,
+            id=next(self._ids), tokens=list(tokens), state=state, snapshot_at=frozenset(snapshot_at),
+            loop=asyncio.get_running_loop(), events=asyncio.Queue(), **kwargs,
         )
         if 0 in job.snapshot_at:
-            job.snapshots[0] = self.backend.copy_state(state)
+            job.snapshots[0] = self.backend.copy_state(state) if state is not None else self.backend.zero_state()
         if job.sampler is not None:
             job.decoder = self.tokenizer.stream()
         self._inbox.put(job)
@@ -164,67 +179,84 @@ class Engine:
     # ---- the engine thread ------------------------------------------------
 
     def _run(self):
-        active = []  # jobs in arrival order
         batch = self.backend.new_batch()
+        members = {}  # job id -> job: the jobs whose state is in the batch, oldest first
+        waiting = collections.deque()  # admitted jobs waiting for room in the batch
         while not self._stopping:
-            self._admit(active, block=not active)
-            for job in [j for j in active if j.cancelled]:
-                active.remove(job)
+            self._admit(waiting, block=not members and not waiting)
+            for job in [j for j in members.values() if j.cancelled]:
+                del members[job.id]
                 batch.discard(job.id)
-            # Replies that just ended read their last token; then every waiting
-            # prompt advances together, in one batched read of one chunk's worth.
-            for job in [j for j in active if j.reading and j.finish_reason is not None]:
-                self._guard([job], active, batch, self._read_together, [job], active, self.prefill_chunk)
-            readers = [j for j in active if j.reading and j.finish_reason is None][:self.max_batch]
-            if readers:
-                share = max(1, self.prefill_chunk // len(readers))
-                self._guard(readers, active, batch, self._read_together, readers, active, share)
-            for job in [j for j in active if j.ready and j.id not in batch]:
-                if len(batch) >= self.max_batch:
-                    break
-                self._guard([job], active, batch, self._join, job, batch)
-            decoding = [j for j in active if j.id in batch]
-            if decoding:
-                self._guard(decoding, active, batch, self._decode_step, decoding, batch)
+            while waiting and len(members) < self.max_batch:
+                job = waiting.popleft()
+                if not job.cancelled:
+                    batch.add(job.id, job.state)
+                    members[job.id] = job
+            if members:
+                try:
+                    self._turn(batch, members)
+                except Exception as exc:  # noqa: BLE001 - reported to the waiting requests
+                    logger.exception("engine step failed")
+                    for job in members.values():
+                        self._emit(job, "error", exc)
+                    members.clear()
+                    batch = self.backend.new_batch()
             self._flush()
 
-    def _admit(self, active, block):
+    def _admit(self, waiting, block):
         try:
             item = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
             while True:
                 if item is not None:
-                    active.append(item)
+                    waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
-    def _guard(self, jobs, active, batch, step, *args):
-        """Run one step; a failure fails the jobs in it, never the engine."""
-        try:
-            step(*args)
-        except Exception as exc:  # noqa: BLE001 - reported to the waiting requests
-            logger.exception("engine step failed")
-            for job in jobs:
-                if job in active:
-                    active.remove(job)
-                batch.discard(job.id)
-                self._emit(job, "error", exc)
+    def _turn(self, batch, members):
+        """One forward pass for every job in the batch: the next token of each
+        reply, the next chunk of each prompt (waiting prompts share one chunk's
+        worth of tokens), the closing tokens of replies that ended."""
+        readers = sum(1 for job in members.values() if job.reading)
+        share = max(1, self.prefill_chunk // readers) if readers else 0
+        feed = {}
+        for key in batch.keys():
+            job = members[key]
+            feed[key] = job.tokens[job.read:self._next_stop(job, share)] if job.reading else job.generated[-1:]
+        self._set_threads(sum(len(tokens) for tokens in feed.values()))
+        logits = batch.step(feed)
+        sampling, rows, leaving = [], [], []
+        for row, (key, tokens) in enumerate(feed.items()):
+            job = members[key]
+            if job.reading:
+                job.read += len(tokens)
+                self.tokens_read += len(tokens)
+                if job.read in job.snapshot_at:
+                    job.snapshots[job.read] = batch.state(key)
+                if job.reading:
+                    continue
+                if job.sampler is None or job.finish_reason is not None:  # all read, nothing to sample
+                    leaving.append(job)
+                    continue
+            sampling.append(job)
+            rows.append(row)
+        if sampling:
+            if len(rows) < len(feed):
+                logits = logits[rows]
+            for job, token in zip(sampling, sample_batch([job.sampler for job in sampling], logits)):
+                self._accept(job, token)
+        for job in leaving:
+            del members[job.id]
+            job.state = batch.remove(job.id)
+            self._finish(job)
 
-    def _read_together(self, jobs, active, limit):
-        """Read the same number (at most `limit`) of next tokens for several jobs
-        in one batched forward, stopping at the first snapshot point among them."""
-        count = min(self._next_stop(job, limit) - job.read for job in jobs)
-        logits, states = self.backend.read_batch(
-            [job.tokens[job.read:job.read + count] for job in jobs], [job.state for job in jobs])
-        for job, row, state in zip(jobs, logits, states):
-            job.logits, job.state = row, state
-            job.read += count
-            self.tokens_read += count
-            if job.read in job.snapshot_at:
-                job.snapshots[job.read] = self.backend.copy_state(job.state)
-            if not job.reading and (job.sampler is None or job.finish_reason is not None):
-                active.remove(job)
-                self._finish(job)
+    def _set_threads(self, tokens):
+        """Decode steps run on `threads` CPU threads, passes of many prompt
+        tokens (compute-bound, and the streams are mostly waiting on them) on
+        `prefill_threads`."""
+        wanted = self.prefill_threads if tokens >= WIDE_PASS_TOKENS else self.threads
+        if wanted and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
 
     @staticmethod
     def _next_stop(job, limit):
@@ -232,28 +264,12 @@ class Engine:
         end = min(job.read + limit, len(job.tokens))
         return min([n for n in job.snapshot_at if job.read < n < end] + [end])
 
-    def _join(self, job, batch):
-        """A reply whose prompt is read samples its first token and joins the batch."""
-        token = job.sampler.sample(job.logits)
-        job.logits = None
-        self._accept(job, token)
-        if job.finish_reason is None:
-            batch.add(job.id, job.state)
-        else:
-            self._close(job)
-
-    def _decode_step(self, jobs, batch):
-        """One token for every reply in the batch; ended replies leave it at once."""
-        logits = batch.step({job.id: job.generated[-1] for job in jobs})
-        tokens = sample_batch([job.sampler for job in jobs], logits)
-        for job, token in zip(jobs, tokens):
-            self._accept(job, token)
-            if job.finish_reason is not None:
-                job.state = batch.remove(job.id)
-                self._close(job)
-
     def _accept(self, job, token):
-        """Record a sampled token, stream the text, and decide whether the reply ends."""
+        """Record a sampled token, stream the text, and decide whether the reply ends.
+
+        An ended reply still reads its last token, and "\n\n" after a cut one,
+        so that the next round starts cleanly; then it leaves the batch.
+        """
         job.generated.append(token)
         job.decoder.push(token)
         self.tokens_generated += 1
@@ -262,13 +278,8 @@ class Engine:
         elif len(job.generated) >= job.max_tokens:
             job.finish_reason = FinishReason.LENGTH
         self._emit(job, "text", visible_text(job.decoder, final=job.finish_reason is not None))
-
-    def _close(self, job):
-        """An ended reply still reads its last token, and "\n\n" after a cut one,
-        so that the next round starts cleanly."""
-        job.tokens = [job.generated[-1]] + self._closing(job)
-        job.read = 0
-        job.snapshot_at = frozenset()
+        if job.finish_reason is not None:
+            job.tokens, job.read, job.snapshot_at = [token] + self._closing(job), 0, frozenset()
 
     def _closing(self, job):
         return self.turn_end_tokens if job.finish_reason is FinishReason.LENGTH else []

@@ -38,11 +38,14 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
     with _lock:
         if _engine is not None:
             return _engine
-        # One core stays free for the event loop (streams, database, JSON): with
-        # every core in PyTorch's pool, its worker threads and the loop preempt
-        # each other and each decode step waits milliseconds (measured on 2
-        # cores: 1 thread decodes one stream about 1.7x faster than 2).
-        torch.set_num_threads(config["THREADS"] or max(1, (os.cpu_count() or 2) - 1))
+        # Decode steps leave one core free for the event loop (streams, database,
+        # JSON): with every core in PyTorch's pool, its worker threads and the
+        # loop preempt each other and each step waits milliseconds (measured on
+        # 2 cores: 1 thread decodes one stream about 1.7x faster than 2). Long
+        # prompt reads are compute-bound and take every core.
+        cores = os.cpu_count() or 2
+        threads = config["THREADS"] or max(1, cores - 1)
+        torch.set_num_threads(threads)
         model = model or config["MODEL"]
         if not model:
             model = demo_model_path()
@@ -57,6 +60,7 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
         _engine = Engine(
             backend, world_tokenizer(),
             prefill_chunk=config["PREFILL_CHUNK"], max_batch=config["MAX_BATCH"],
+            threads=threads, prefill_threads=config["PREFILL_THREADS"] or cores,
         )
         _engine.start()
         return _engine

@@ -222,7 +222,24 @@ class RWKV7Model:
         fn, weight = w["head"]
         return fn(x, weight)
 
-    # ------------------------------------------------------------ decoding
+    # ------------------------------------------------------------- forward
+
+    def forward(self, token_lists, state):
+        """Advance B sequences by their own tokens, all in one pass.
+
+        token_lists: B lists of token ids, each at least one long and of any
+        length (a decode step gives one token per sequence, a prompt chunk
+        many); `state` (batch B, row b for token_lists[b]) is updated in
+        place. Returns float32 logits [B, vocab] after each list's last
+        token. Every token goes through the linear layers together, so the
+        weights are read once for the whole pass; the caller keeps the total
+        number of tokens reasonable (the engine reads prompts in chunks).
+        """
+        with torch.inference_mode():
+            rows = _Rows([len(tokens) for tokens in token_lists], self.device)
+            flat = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.long, device=self.device)
+            x = self._hidden(flat, rows, state)
+            return self._head(x if rows.single else x[rows.last])
 
     def forward_one(self, tokens, state):
         """One decode step for B sequences: tokens LongTensor [B] -> logits float32 [B, vocab].
@@ -231,52 +248,7 @@ class RWKV7Model:
         """
         with torch.inference_mode():
             tokens = torch.as_tensor(tokens).reshape(-1)
-            x = self._embed(tokens)
-            B = x.shape[0]
-            C, H, N = self.n_embd, self.n_head, self.head_size
-            BH = B * H
-            v_first = None
-            for i, L in enumerate(self._layers):
-                (ln1w, ln1b, maa, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, r_k,
-                 R, K, V, O, lnxw, lnxb, ln2w, ln2b, fx_k, FK, FV) = L
-                att_prev, S, ffn_prev = state[3 * i], state[3 * i + 1], state[3 * i + 2]
-
-                # ---- time mix
-                xx = F.layer_norm(x, (C,), ln1w, ln1b, eps=_LAYER_NORM_EPS)
-                mixed = torch.addcmul(xx, att_prev - xx, maa)  # (6, B, C)
-                att_prev.copy_(xx)
-                r, k, v, w, a, g, kk, v_first = _projections(L, mixed, v_first, H, N)
-
-                # S' = S diag(w) - (S kk) b^T + v k^T with b = kk*a, and y = S' r
-                #    = S (w*r) - (S kk)(b.r) + v (k.r): one bmm reads S for both
-                # products (a row-vector bmm against S^T is much faster on CPU
-                # than S @ column), then one rank-2 update writes it.
-                S3 = S.view(BH, N, N)
-                kk = kk.view(BH, 1, N)
-                b = kk * a.view(BH, 1, N)
-                r3, k3, v3 = r.view(BH, 1, N), k.view(BH, 1, N), v.view(BH, 1, N)
-                w3 = w.view(BH, 1, N)
-                o = torch.bmm(torch.cat((w3 * r3, kk), dim=1), S3.transpose(1, 2))  # (BH, 2, N)
-                sa = o[:, 1:]
-                S3.mul_(w3)
-                S3.baddbmm_(torch.cat((sa, v3), dim=1).transpose(1, 2), torch.cat((b.neg(), k3), dim=1))
-                y = o[:, :1] - sa * (b * r3).sum(-1, keepdim=True) + v3 * (k3 * r3).sum(-1, keepdim=True)
-                y = y.view(B, C)
-
-                y = F.group_norm(y, H, lnxw, lnxb, eps=_GROUP_NORM_EPS)
-                bonus = (r * k * r_k).view(B, H, N).sum(dim=-1, keepdim=True)
-                y = y.view(B, H, N).addcmul_(bonus, v.view(B, H, N)).view(B, C)
-                x = x + O[0](y * g, O[1])
-
-                # ---- channel mix
-                xx = F.layer_norm(x, (C,), ln2w, ln2b, eps=_LAYER_NORM_EPS)
-                kx = torch.addcmul(xx, ffn_prev - xx, fx_k)
-                ffn_prev.copy_(xx)
-                kx = torch.relu(FK[0](kx, FK[1])).square_()
-                x = x + FV[0](kx, FV[1])
-            return self._head(x)
-
-    # ------------------------------------------------------------- prompts
+            return self._head(self._hidden(tokens, _Rows([1] * tokens.shape[0], self.device), state))
 
     def forward_seq(self, tokens, state, full_output=False, chunk=DEFAULT_SEQ_CHUNK):
         """Read T tokens for B sequences: tokens LongTensor [B, T] (or [T] for B=1).
@@ -289,75 +261,152 @@ class RWKV7Model:
             tokens = torch.as_tensor(tokens)
             if tokens.dim() == 1:
                 tokens = tokens.unsqueeze(0)
-            T = tokens.shape[1]
+            B, T = tokens.shape
             if T == 0:
                 raise ValueError("forward_seq needs at least one token")
             outputs = []
             for start in range(0, T, chunk):
-                x = self._seq_chunk(tokens[:, start : start + chunk], state)
+                part = tokens[:, start : start + chunk]
+                x = self._hidden(part.reshape(-1), _Rows([part.shape[1]] * B, self.device), state)
+                x = x.view(B, part.shape[1], self.n_embd)
                 if full_output:
-                    outputs.append(self._head(x.reshape(-1, self.n_embd)).view(x.shape[0], x.shape[1], -1))
+                    outputs.append(self._head(x.reshape(-1, self.n_embd)).view(B, part.shape[1], -1))
             if full_output:
                 return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
             return self._head(x[:, -1])
 
-    def _seq_chunk(self, tokens, state):
-        """Run the layers over tokens [B, T]; returns the last hidden states [B, T, C]."""
+    def _hidden(self, tokens, rows, state):
+        """Run the layers over the flat tokens [M] laid out by `rows`; returns hidden states [M, C]."""
         x = self._embed(tokens)
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
-        BH = B * H
-        x = x.view(B * T, C)
+        C, H, N = self.n_embd, self.n_head, self.head_size
         v_first = None
         for i, L in enumerate(self._layers):
             (ln1w, ln1b, maa, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, r_k,
              R, K, V, O, lnxw, lnxb, ln2w, ln2b, fx_k, FK, FV) = L
             att_prev, S, ffn_prev = state[3 * i], state[3 * i + 1], state[3 * i + 2]
 
-            # ---- time mix, token-parallel part
-            xx = F.layer_norm(x, (C,), ln1w, ln1b, eps=_LAYER_NORM_EPS).view(B, T, C)
-            prev = torch.cat((att_prev.unsqueeze(1), xx[:, :-1]), dim=1)
-            att_prev.copy_(xx[:, -1])
-            mixed = torch.addcmul(xx, prev - xx, maa.unsqueeze(1)).view(6, B * T, C)
-            xx = xx.view(B * T, C)
+            # ---- time mix
+            xx = F.layer_norm(x, (C,), ln1w, ln1b, eps=_LAYER_NORM_EPS)
+            mixed = torch.addcmul(xx, _shift(xx, att_prev, rows), maa)  # (6, M, C)
             r, k, v, w, a, g, kk, v_first = _projections(L, mixed, v_first, H, N)
-
-            # ---- the recurrence, one token at a time, batched over (B, H), as in
-            # forward_one: per token one bmm (S kk and S (w*r)), a copy, a scale
-            # and a rank-2 update. Per-token operands are laid out (T, B*H, ...)
-            # so that each step only takes views.
-            def per_token(t):
-                return t.view(B, T, H, 1, N).transpose(0, 1).reshape(T, BH, 1, N)
-
-            w_t, r_t, k_t, v_t, kk_t = per_token(w), per_token(r), per_token(k), per_token(v), per_token(kk)
-            b_t = kk_t * per_token(a)
-            q = torch.cat((w_t * r_t, kk_t), dim=2)  # (T, BH, 2, N)
-            upd_r = torch.cat((b_t.neg(), k_t), dim=2)  # (T, BH, 2, N)
-            upd_l = torch.cat((torch.empty_like(v_t), v_t), dim=2)  # row 0 <- S kk, per token
-            S3 = S.view(BH, N, N)
-            St = S3.transpose(1, 2)
-            outs = []
-            for t in range(T):
-                o = torch.bmm(q[t], St)
-                upd_l[t, :, 0].copy_(o[:, 1])
-                S3.mul_(w_t[t])
-                S3.baddbmm_(upd_l[t].transpose(1, 2), upd_r[t])
-                outs.append(o)
-            o = torch.stack(outs)  # (T, BH, 2, N)
-            sa = o[:, :, 1:]
-            y = o[:, :, :1] - sa * (b_t * r_t).sum(-1, keepdim=True) + v_t * (k_t * r_t).sum(-1, keepdim=True)
-            y = y.view(T, B, C).transpose(0, 1).reshape(B * T, C)
-
+            y = _recurrence(S, r, k, v, w, a, kk, rows, H, N)
             y = F.group_norm(y, H, lnxw, lnxb, eps=_GROUP_NORM_EPS)
-            bonus = (r * k * r_k).view(B * T, H, N).sum(dim=-1, keepdim=True)
-            y = y.view(B * T, H, N).addcmul_(bonus, v.view(B * T, H, N)).view(B * T, C)
+            bonus = (r * k * r_k).view(-1, H, N).sum(dim=-1, keepdim=True)
+            y = y.view(-1, H, N).addcmul_(bonus, v.view(-1, H, N)).view(-1, C)
             x = x + O[0](y * g, O[1])
 
             # ---- channel mix
-            xx = F.layer_norm(x, (C,), ln2w, ln2b, eps=_LAYER_NORM_EPS).view(B, T, C)
-            prev = torch.cat((ffn_prev.unsqueeze(1), xx[:, :-1]), dim=1)
-            ffn_prev.copy_(xx[:, -1])
-            kx = torch.addcmul(xx, prev - xx, fx_k).view(B * T, C)
+            xx = F.layer_norm(x, (C,), ln2w, ln2b, eps=_LAYER_NORM_EPS)
+            kx = torch.addcmul(xx, _shift(xx, ffn_prev, rows), fx_k)
             kx = torch.relu(FK[0](kx, FK[1])).square_()
             x = x + FV[0](kx, FV[1])
-        return x.view(B, T, C)
+        return x
+
+
+class _Rows:
+    """How the tokens of B sequences read together are laid out: flat, one
+    sequence after another, M = sum(lengths) positions in all.
+
+    The recurrence takes every sequence's first token in one batched step,
+    then the later tokens of the sequences that have more ("readers"),
+    longest first, so that at each later step the sequences still reading
+    are the first few readers.
+    """
+
+    def __init__(self, lengths, device):
+        if not lengths or min(lengths) < 1:
+            raise ValueError("every sequence needs at least one token")
+        self.count, self.total = len(lengths), sum(lengths)
+        self.single = self.total == self.count  # one token each: position b is sequence b
+        if self.single:
+            self.readers = []
+            return
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        self.first = torch.tensor(starts, device=device)
+        self.last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths)], device=device)
+        self.readers = sorted((b for b, n in enumerate(lengths) if n > 1), key=lambda b: -lengths[b])
+        self.readers_index = torch.tensor(self.readers, device=device)
+        self.readers_in_place = self.readers == list(range(self.count))  # e.g. a uniform prompt chunk
+        later = range(1, max(lengths))
+        # How many readers are still reading at each later step.
+        self.active = [sum(1 for b in self.readers if lengths[b] > t) for t in later]
+        # Runs of later steps with as many readers reading: (start, end, readers), steps counted from 0.
+        self.segments = []
+        for t, n in enumerate(self.active):
+            if self.segments and self.segments[-1][2] == n:
+                self.segments[-1][1] = t + 1
+            else:
+                self.segments.append([t, t + 1, n])
+        # Position of each reader's t-th token (its last one once it has no more), [T-1, readers].
+        self.later = torch.tensor([[starts[b] + min(t, lengths[b] - 1) for b in self.readers] for t in later],
+                                  device=device)
+        # The positions the later steps produce, in step order.
+        self.later_flat = torch.tensor([starts[b] + t for t, n in zip(later, self.active) for b in self.readers[:n]],
+                                       device=device)
+
+
+def _shift(xx, prev, rows):
+    """Token shift: (input of the previous token - input) per position, the
+    state's `prev` standing before each sequence's first token; `prev` then
+    becomes each sequence's last input."""
+    if rows.single:
+        delta = prev - xx
+        prev.copy_(xx)
+        return delta
+    shifted = xx.roll(1, 0)
+    shifted[rows.first] = prev
+    prev.copy_(xx[rows.last])
+    return shifted.sub_(xx)
+
+
+def _step(S, q, u, v, w):
+    """One token for n sequences' heads: S (nH, N, N) updated in place.
+
+    q (nH, 2, N) holds w*r and kk, so one bmm gives S (w*r) and S kk (a
+    row-vector bmm against S^T is much faster on CPU than S @ column);
+    then S' = S diag(w) - (S kk) b^T + v k^T is one scale and one rank-2
+    update with u (nH, 2, N) = (-b, k). Returns the bmm's output (nH, 2, N).
+    """
+    o = torch.bmm(q, S.transpose(1, 2))
+    S.mul_(w)
+    S.baddbmm_(torch.cat((o[:, 1:], v), dim=1).transpose(1, 2), u)
+    return o
+
+
+def _recurrence(S, r, k, v, w, a, kk, rows, H, N):
+    """The time mix's state update over all positions; returns y [M, C] and
+    updates S (B, H, N, N) in place.
+
+    With b = kk*a, each token does S' = S diag(w) - (S kk) b^T + v k^T and
+    y = S' r = S (w*r) - (S kk)(b.r) + v (k.r).
+    """
+    M, B = rows.total, rows.count
+    r4, k4, v4, w4, kk4 = (t.view(M, H, 1, N) for t in (r, k, v, w, kk))
+    b4 = kk4 * a.view(M, H, 1, N)
+    q = torch.cat((w4 * r4, kk4), dim=2)  # (M, H, 2, N)
+    u = torch.cat((b4.neg(), k4), dim=2)  # (M, H, 2, N)
+
+    first = (q, u, v4, w4) if rows.single else (t[rows.first] for t in (q, u, v4, w4))
+    q0, u0, v0, w0 = (t.reshape(B * H, -1, N) for t in first)
+    o = _step(S.view(B * H, N, N), q0, u0, v0, w0).view(B, H, 2, N)
+    if rows.readers:
+        SR = S if rows.readers_in_place else S[rows.readers_index]  # (readers, H, N, N)
+        RH = len(rows.readers) * H
+        qs, us, vs, ws = (t[rows.later].view(-1, RH, t.shape[2], N) for t in (q, u, v4, w4))  # (T-1, RH, ., N)
+        S3 = SR.view(RH, N, N)
+        outs = []
+        for start, end, n in rows.segments:  # steps [start, end) have the first n readers reading
+            nH = n * H
+            Sn = S3[:nH]
+            for step in zip(*(t[start:end, :nH].unbind(0) for t in (qs, us, vs, ws))):
+                outs.append(_step(Sn, *step))
+        if not rows.readers_in_place:
+            S[rows.readers_index] = SR
+        first_out, o = o, torch.empty(M, H, 2, N, device=o.device)
+        o[rows.first] = first_out
+        o[rows.later_flat] = torch.cat(outs).view(-1, H, 2, N)
+    sa = o[:, :, 1:]
+    y = o[:, :, :1] - sa * (b4 * r4).sum(-1, keepdim=True) + v4 * (k4 * r4).sum(-1, keepdim=True)
+    return y.view(M, H * N)

@@ -197,6 +197,7 @@ RPSERVER = {
     "MAX_BATCH": env_int("RPSERVER_MAX_BATCH", 32, minimum=1),
     "SEED": env_int("RPSERVER_SEED", -1),
     "THREADS": env_int("RPSERVER_THREADS", 0, minimum=0),
+    "PREFILL_THREADS": env_int("RPSERVER_PREFILL_THREADS", 0, minimum=0),
 }
 
 LOGGING = {

@@ -134,6 +134,27 @@ def test_reading_prompts_for_a_batch_equals_reading_each_alone(model):
             torch.testing.assert_close(a, b, **TIGHT)
 
 
+@pytest.mark.parametrize("lengths", [[3, 1, 7, 1], [1, 5, 5], [2, 6]])
+def test_sequences_of_different_lengths_read_together_equal_each_read_alone(model, lengths):
+    # Rows decoding one token and rows reading prompts of several lengths, in
+    # one pass, from different states; the long rows need not come first.
+    starts = [read_alone(model, PROMPT[:n + 1]) for n in range(len(lengths))]
+    batch = state_stack(starts)
+    token_lists = [PROMPT[row:row + n] for row, n in enumerate(lengths)]
+    logits = model.forward(token_lists, batch)
+    assert logits.shape == (len(lengths), 65536)
+    for row, (tokens, state) in enumerate(zip(token_lists, starts)):
+        alone = model.forward_seq(torch.tensor([tokens]), state)
+        torch.testing.assert_close(logits[row], alone[0], **TIGHT)
+        for a, b in zip(state_split(batch)[row], state):
+            torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_a_pass_with_an_empty_sequence_is_refused(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        model.forward([[1, 2], []], model.zero_state(2))
+
+
 def test_states_split_and_stack_back_unchanged_and_independent(model):
     state = model.zero_state(3)
     model.forward_seq(torch.tensor([[1, 2], [3, 4], [5, 6]]), state)
