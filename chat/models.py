@@ -1,15 +1,16 @@
 import array
-import uuid
 
 from django.conf import settings
 from django.db import models
 
 from characters.models import Character
 
+from .snapshots import state_name
+
 
 def state_path(instance, filename):
-    """State blobs are named by random ids under the owner's id: never by user text."""
-    return f"states/{instance.owner_id}/{uuid.uuid4().hex}.safetensors"
+    """Where a state blob assigned through the FileField goes (chat.snapshots names them)."""
+    return state_name(instance.owner_id)
 
 
 class Conversation(models.Model):

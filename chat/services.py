@@ -12,6 +12,7 @@ second request meanwhile gets code 400 at once instead of racing the first.
 The lock's holder re-checks it in the transaction that stores its result.
 """
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -31,7 +32,7 @@ from rpserver.envelope import ApiError
 from rpserver.files import delete_file_on_commit
 
 from .models import Conversation, PromptState, Round
-from .snapshots import read_state, write_state
+from .snapshots import blob_io, delete_states, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ BUSY = "a reply is already being generated for this character, please wait for i
 
 
 def db(function):
-    """Run a sync ORM/storage function from async code, on Django's sync thread."""
+    """Run a sync ORM function from async code, on Django's sync thread (state
+    blobs are written and read beside it, see chat.snapshots.blob_io)."""
     return sync_to_async(function, thread_sensitive=True)
 
 
@@ -162,24 +164,28 @@ def prompt_digest(round_zero):
     return hashlib.sha256(bytes(round_zero.tokens)).hexdigest()
 
 
-def find_base_state(conversation, index, backend):
-    """The newest stored state at or before round `index`: (round index, state).
-
-    (-1, None) means none is usable: start from the zero state.
-    """
-    candidates = (conversation.rounds.filter(index__lte=index, state_model=backend.model_id)
-                  .exclude(post_state="").order_by("-index").only("index", "post_state"))
-    for round_ in candidates:
-        state = read_state(round_.post_state, backend)
-        if state is not None:
-            return round_.index, state
+def stored_states(conversation, index, backend):
+    """Where usable states at or before round `index` may be stored, newest
+    first: [(round index, blob name)], the character's cached prompt state last."""
+    found = list(conversation.rounds.filter(index__lte=index, state_model=backend.model_id)
+                 .exclude(post_state="").order_by("-index").values_list("index", "post_state"))
     round_zero = conversation.rounds.get(index=0)
     cached = PromptState.objects.filter(character_id=conversation.character_id, state_model=backend.model_id,
                                         tokens_digest=prompt_digest(round_zero)).first()
     if cached is not None:
-        state = read_state(cached.state, backend)
+        found.append((0, cached.state.name))
+    return found
+
+
+async def base_state(conversation, index, backend):
+    """The newest readable stored state at or before round `index`: (round index, state).
+
+    (-1, None) means none is usable: start from the zero state.
+    """
+    for found_index, name in await db(stored_states)(conversation, index, backend):
+        state = await blob_io(load_state)(name, backend)
         if state is not None:
-            return 0, state
+            return found_index, state
     return -1, None
 
 
@@ -197,8 +203,25 @@ def keeps_snapshot(index, last_index):
     return index > last_index - config["STATE_KEEP_RECENT"] or index % config["STATE_CHECKPOINT_EVERY"] == 0
 
 
-def remember_state(conversation, index, state, backend):
-    """Store a rebuilt post-round state where it will be found next time.
+async def remember_state(conversation, index, state, backend):
+    """Store a rebuilt post-round state where it will be found next time."""
+    await asyncio.shield(_remember_state(conversation, index, state, backend))
+
+
+async def _remember_state(conversation, index, state, backend):
+    # Shielded: a client going away mid-way must not leave a written blob unreferenced.
+    name = await blob_io(save_state)(conversation.owner_id, backend, state)
+    try:
+        kept = await db(keep_remembered)(conversation, index, name, backend)
+    except BaseException:
+        await blob_io(delete_states)([name])
+        raise
+    if not kept:
+        await blob_io(delete_states)([name])
+
+
+def keep_remembered(conversation, index, name, backend):
+    """Attach the blob `name` (the state after round `index`); False if it is not kept.
 
     Round 0 with the character's own prompt goes to the per-character cache
     (shared by a reset); any other round keeps it if it is recent or a checkpoint.
@@ -207,34 +230,31 @@ def remember_state(conversation, index, state, backend):
     last_index = conversation.rounds.order_by("-index").values_list("index", flat=True).first()
     if index == 0 and bytes(round_.tokens) == bytes(first_round(conversation, conversation.character).tokens):
         cache = PromptState(character_id=conversation.character_id, state_model=backend.model_id,
-                            tokens_digest=prompt_digest(round_))
-        write_state(cache.state, backend, state)
+                            tokens_digest=prompt_digest(round_), state=name)
         try:
             with transaction.atomic():
                 cache.save()
         except IntegrityError:  # computed twice at once: keep the first
-            cache.state.delete(save=False)
-        return
+            return False
+        return True
     if not keeps_snapshot(index, last_index):
-        return
-    old_name = round_.post_state.name
-    write_state(round_.post_state, backend, state)
+        return False
+    old = round_.post_state
     with transaction.atomic():
-        Round.objects.filter(pk=round_.pk).update(post_state=round_.post_state.name, state_model=backend.model_id)
-        if old_name:
-            storage = round_.post_state.storage
-            transaction.on_commit(lambda: storage.delete(old_name))
+        Round.objects.filter(pk=round_.pk).update(post_state=name, state_model=backend.model_id)
+        delete_file_on_commit(old)
+    return True
 
 
 async def state_after(conversation, index):
     """The model state right after round `index`, rebuilt and remembered if not stored."""
     engine = get_engine()
-    base_index, state = await db(find_base_state)(conversation, index, engine.backend)
+    base_index, state = await base_state(conversation, index, engine.backend)
     if base_index == index:
         return state
     tokens = await db(tokens_between)(conversation, base_index, index)
     state, _ = await engine.read(state, tokens)
-    await db(remember_state)(conversation, index, state, engine.backend)
+    await remember_state(conversation, index, state, engine.backend)
     return state
 
 
@@ -243,7 +263,7 @@ async def state_before_reply(lease, round_):
     last token before the reply. Returns (state, whether it was rebuilt)."""
     engine = get_engine()
     if round_.state_model == engine.model_id:
-        state = await db(read_state)(round_.pre_state, engine.backend)
+        state = await blob_io(load_state)(round_.pre_state.name, engine.backend)
         if state is not None:
             return state, False
     base = await state_after(lease.conversation, round_.index - 1) if round_.index > 0 else None
@@ -265,36 +285,41 @@ def prune_snapshots(conversation, last_index):
             Round.objects.filter(pk=round_.pk).update(post_state="")
 
 
-def store_round(lease, round_, pre_state, post_state, backend):
+async def store_round(lease, round_, pre_state, post_state, backend):
     """Write a round's snapshots, then save it, under the lease, in one transaction.
 
     `pre_state` None keeps the round's stored one. On any failure the new
     blobs are deleted and the conversation is left as it was.
     """
-    old_files = []
-    new_files = []
-    for field, state in (("pre_state", pre_state), ("post_state", post_state)):
-        if state is None:
-            continue
-        field_file = getattr(round_, field)
-        if field_file:
-            old_files.append(field_file.name)
-        write_state(field_file, backend, state)
-        new_files.append(field_file.name)
-    round_.state_model = backend.model_id
+    await asyncio.shield(_store_round(lease, round_, pre_state, post_state, backend))
+
+
+async def _store_round(lease, round_, pre_state, post_state, backend):
+    # Shielded: a client going away mid-way must not leave written blobs unreferenced.
+    fields = [field for field, state in (("pre_state", pre_state), ("post_state", post_state)) if state is not None]
+    names = await asyncio.gather(*(blob_io(save_state)(lease.conversation.owner_id, backend, state)
+                                   for state in (pre_state, post_state) if state is not None))
     try:
-        with transaction.atomic():
-            check_lease(lease)
-            round_.save()
-            prune_snapshots(lease.conversation, round_.index)
-            Conversation.objects.filter(pk=lease.conversation.pk).update(updated=timezone.now())
-            for name in old_files:
-                storage = round_.post_state.storage
-                transaction.on_commit(lambda name=name: storage.delete(name))
-    except Exception:
-        for name in new_files:
-            round_.post_state.storage.delete(name)
+        await db(commit_round)(lease, round_, dict(zip(fields, names)), backend)
+    except BaseException:
+        await blob_io(delete_states)(names)
         raise
+
+
+def commit_round(lease, round_, blobs, backend):
+    """The database part of store_round: point the round at its new blobs
+    ({field: name}) and save it; the blobs it pointed to go once this commits."""
+    old_files = [getattr(round_, field) for field in blobs]
+    for field, name in blobs.items():
+        setattr(round_, field, name)
+    round_.state_model = backend.model_id
+    with transaction.atomic():
+        check_lease(lease)
+        round_.save()
+        prune_snapshots(lease.conversation, round_.index)
+        Conversation.objects.filter(pk=lease.conversation.pk).update(updated=timezone.now())
+        for old in old_files:
+            delete_file_on_commit(old)
 
 
 class ReplyStream:
@@ -329,9 +354,9 @@ class ReplyStream:
             pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
             backend = get_engine().backend
             if self.replayed:
-                await db(remember_state)(self.lease.conversation, round_.index - 1,
-                                         reply.snapshots[self.replayed], backend)
-            await db(store_round)(self.lease, round_, pre_state, reply.state, backend)
+                await remember_state(self.lease.conversation, round_.index - 1, reply.snapshots[self.replayed],
+                                     backend)
+            await store_round(self.lease, round_, pre_state, reply.state, backend)
             finished = True
         finally:
             if not finished:
@@ -359,7 +384,7 @@ async def start_reply(owner, name, prompt, sampling, seed=None):
         # rounds since the newest snapshot and then the new turn (the state in
         # between is remembered when the reply is stored).
         last = lease.last.index
-        base_index, state = await db(find_base_state)(lease.conversation, last, engine.backend)
+        base_index, state = await base_state(lease.conversation, last, engine.backend)
         replay = await db(tokens_between)(lease.conversation, base_index, last) if base_index < last else []
         user, bot = speaker_names(lease.character)
         head = engine.tokenizer.encode(prompt_format.user_turn(user, bot, prompt))
@@ -404,7 +429,7 @@ async def tamper(owner, name, message):
         state, _ = await engine.read(pre_state, tokens[round_.reply_start - 1:])
         round_.set_tokens(tokens)
         round_.bot_text = message.strip()
-        await db(store_round)(lease, round_, pre_state if rebuilt else None, state, engine.backend)
+        await store_round(lease, round_, pre_state if rebuilt else None, state, engine.backend)
 
     await run_locked(owner, name, work)
 

@@ -5,13 +5,22 @@ format and the model it belongs to; a state never loads into another model.
 Blobs are written under fresh random names and only then referenced by a
 row, in the transaction that drops the old reference: a crash mid-write
 leaves an unreferenced partial file and the previous state valid.
+
+Blobs are encoded, written and read in worker threads (`blob_io`), beside
+the one thread that runs the ORM: when many replies end at once, their
+megabytes of state go to storage together instead of queueing in front of
+every other request's database work. Nothing here touches the database.
 """
 
+import functools
 import json
 import logging
 import struct
+import uuid
 
+from asgiref.sync import sync_to_async
 from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -46,19 +55,33 @@ def decode_state(backend, blob):
         return None
 
 
-def write_state(field_file, backend, state):
-    """Store `state` into a FileField under a fresh name (the row is not saved)."""
-    field_file.save("state.safetensors", ContentFile(encode_state(backend, state)), save=False)
+def state_name(owner_id):
+    """A fresh name for a state blob: a random id under the owner's id, never user text."""
+    return f"states/{owner_id}/{uuid.uuid4().hex}.safetensors"
 
 
-def read_state(field_file, backend):
-    """The state a FileField points to, or None (missing, damaged, another model)."""
-    if not field_file:
+def save_state(owner_id, backend, state):
+    """Store `state` in a new blob; returns its storage name."""
+    return default_storage.save(state_name(owner_id), ContentFile(encode_state(backend, state)))
+
+
+def load_state(name, backend):
+    """The state stored under `name`, or None (no name, missing, damaged, another model)."""
+    if not name:
         return None
     try:
-        with field_file.open("rb") as stored:
+        with default_storage.open(name, "rb") as stored:
             blob = stored.read()
     except OSError as exc:
-        logger.warning("state blob %s is missing: %s", field_file.name, exc)
+        logger.warning("state blob %s is missing: %s", name, exc)
         return None
     return decode_state(backend, blob)
+
+
+def delete_states(names):
+    for name in names:
+        default_storage.delete(name)
+
+
+# Run a blob function from async code in a worker thread (not the ORM's thread).
+blob_io = functools.partial(sync_to_async, thread_sensitive=False)
