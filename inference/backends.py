@@ -223,14 +223,14 @@ class Rwkv7Backend(Backend):
 
     version = 7
 
-    def __init__(self, path, strategy="cpu fp32"):
+    def __init__(self, path, strategy="cpu fp32", jit_on=True):
         from .rwkv7 import RWKV7Model
 
         path = resolve_path(path)
         self.device, precision = parse_strategy(strategy)
         weights = load_weights(path)
         self.model_id = fingerprint(weights)
-        self.model = RWKV7Model(weights, device=self.device, precision=precision)
+        self.model = RWKV7Model(weights, device=self.device, precision=precision, jit=jit_on)
         del weights
         self.vocab_size = self.model.vocab_size
         self.description = f"RWKV-7 {path.name}, batched ({strategy})"
@@ -288,5 +288,5 @@ def load_backend(path, strategy="cpu fp32", jit_on=True, cuda_on=False, backend=
     version = detect_version(load_weights(path).keys())
     logger.info("loading RWKV-%s checkpoint %s (%s)", version, Path(path), strategy)
     if version == 7 and backend == "auto":
-        return Rwkv7Backend(path, strategy)
+        return Rwkv7Backend(path, strategy, jit_on=jit_on)
     return RwkvPackageBackend(path, strategy, version=version, jit_on=jit_on, cuda_on=cuda_on)

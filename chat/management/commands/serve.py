@@ -18,7 +18,7 @@ class Command(BaseCommand):
         parser.add_argument("--cuda_on", type=int, choices=[0, 1], default=0,
                             help="compile the rwkv package's CUDA kernel (RWKV_CUDA_ON)")
         parser.add_argument("--jit_on", type=int, choices=[0, 1], default=1,
-                            help="TorchScript in the rwkv package (RWKV_JIT_ON)")
+                            help="TorchScript: our RWKV-7 forward, and the rwkv package (RWKV_JIT_ON)")
 
     def handle(self, model, port, host, strategy, cuda_on, jit_on, **options):
         from daphne.endpoints import build_endpoint_description_strings
