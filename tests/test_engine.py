@@ -135,3 +135,48 @@ def test_prompts_read_together_equal_prompts_read_alone():
     for (state, snapshots), expected, tokens in zip(run(together()), alone, prompts):
         assert_same_state(state, expected)
         assert_same_state(snapshots[5], run(engine.read(None, tokens[:5]))[0])
+
+
+def test_a_reply_decoding_while_a_long_prompt_is_read_in_chunks_is_unchanged():
+    # Both start together with a 4-token chunk per turn shared by the readers:
+    # the reply's prompt is read in a few turns, and the long prompt (4x as
+    # long) is still being read through the reply's decode steps, each turn
+    # one forward pass that mixes a chunk with a decode step.
+    engine = get_engine()
+    prompt = engine.tokenizer.encode(PROMPT)
+    long_prompt = engine.tokenizer.encode(PROMPT * 4)
+    _, alone = generate(engine, None, prompt, SamplingSettings(), max_tokens=12, seed=7)
+    expected_read, _ = run(engine.read(None, long_prompt))
+    mixed = Engine(engine.backend, engine.tokenizer, prefill_chunk=4)
+
+    async def together():
+        generation = mixed.generate(None, prompt, SamplingSettings(), max_tokens=12, seed=7)
+        (_, reply), (state, _) = await asyncio.gather(collect(generation), mixed.read(None, long_prompt))
+        return reply, state
+
+    try:
+        reply, read_state = run(together())
+    finally:
+        mixed.stop()
+    assert len(long_prompt) - len(prompt) >= 4 * 2  # so at least two decode turns also read a chunk
+    assert reply.tokens == alone.tokens and reply.text == alone.text
+    assert_same_state(reply.state, alone.state)
+    assert_same_state(read_state, expected_read)
+
+
+def test_a_slot_batch_keeps_each_state_in_its_row_as_others_come_and_go():
+    engine = get_engine()
+    backend = engine.backend
+    states = {key: run(engine.read(None, engine.tokenizer.encode(f"{key}: hello")))[0] for key in "abcde"}
+    batch = backend.new_batch()
+    for key in "abcde":
+        batch.add(key, states[key])
+    assert batch.remove("b") is not None and batch.remove("a") is not None  # rows move to fill the gaps
+    batch.add("f", None)  # the zero state
+    expected = {key: backend.read([7, 8], states[key]) for key in "cde"}
+    expected["f"] = backend.read([7, 8], backend.zero_state())
+    logits = batch.step({key: [7, 8] for key in ("f", "e", "d", "c")})  # any order, any length
+    for row, key in enumerate(("f", "e", "d", "c")):
+        torch.testing.assert_close(logits[row], expected[key][0], rtol=1e-4, atol=1e-4)
+        assert_same_state(batch.state(key), expected[key][1])
+    assert len(batch) == 4 and "a" not in batch and "f" in batch

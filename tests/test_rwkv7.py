@@ -150,6 +150,17 @@ def test_sequences_of_different_lengths_read_together_equal_each_read_alone(mode
             torch.testing.assert_close(a, b, **TIGHT)
 
 
+def test_the_compiled_and_the_eager_forward_agree(weights, model):
+    eager = RWKV7Model(weights, precision="fp32", jit=False)
+    assert isinstance(model._network, torch.jit.ScriptModule) and not isinstance(eager._network, torch.jit.ScriptModule)
+    token_lists = [PROMPT[:4], [7], PROMPT[4:]]
+    compiled_state, eager_state = model.zero_state(3), eager.zero_state(3)
+    torch.testing.assert_close(model.forward(token_lists, compiled_state), eager.forward(token_lists, eager_state),
+                               **TIGHT)
+    for a, b in zip(compiled_state, eager_state):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
 def test_a_pass_with_an_empty_sequence_is_refused(model):
     with pytest.raises(ValueError, match="at least one token"):
         model.forward([[1, 2], []], model.zero_state(2))
