@@ -10,9 +10,10 @@ over the whole batch, whatever each job is doing:
 
 * a reply being generated feeds its last sampled token and samples the next;
 * a prompt being read feeds its next chunk: the waiting prompts share one
-  chunk's worth of tokens per turn (RPSERVER_PREFILL_CHUNK), so a long prompt
-  never stalls the replies being streamed, and a new reply reads its prompt
-  alongside the others' decoding instead of taking turns with them;
+  chunk's worth of tokens per turn (RPSERVER_PREFILL_CHUNK), oldest first
+  with a few tokens for each, so a long prompt never stalls the replies being
+  streamed nor the other prompts, and a new reply reads its prompt alongside
+  the others' decoding instead of taking turns with them;
 * a reply that just ended feeds its closing tokens, then leaves the batch
   with its final state.
 
@@ -50,6 +51,9 @@ TURN_END = b"\n\n"
 # faster, while decode steps are faster on one core, leaving the other to the
 # event loop).
 WIDE_PASS_TOKENS = 64
+
+# Every prompt being read gets at least this many tokens per turn (see Engine._read_sizes).
+READ_FLOOR = 8
 
 
 class FinishReason(enum.Enum):
@@ -215,14 +219,13 @@ class Engine:
 
     def _turn(self, batch, members):
         """One forward pass for every job in the batch: the next token of each
-        reply, the next chunk of each prompt (waiting prompts share one chunk's
-        worth of tokens), the closing tokens of replies that ended."""
-        readers = sum(1 for job in members.values() if job.reading)
-        share = max(1, self.prefill_chunk // readers) if readers else 0
+        reply, the next chunk of each prompt (see _read_sizes), the closing
+        tokens of replies that ended."""
+        sizes = self._read_sizes([job for job in members.values() if job.reading])
         feed = {}
         for key in batch.keys():
             job = members[key]
-            feed[key] = job.tokens[job.read:self._next_stop(job, share)] if job.reading else job.generated[-1:]
+            feed[key] = job.tokens[job.read:job.read + sizes[key]] if job.reading else job.generated[-1:]
         self._set_threads(sum(len(tokens) for tokens in feed.values()))
         logits = batch.step(feed)
         sampling, rows, leaving = [], [], []
@@ -258,11 +261,31 @@ class Engine:
         if wanted and wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
 
+    def _read_sizes(self, readers):
+        """How many tokens each reading job (oldest first) reads this turn.
+
+        The prompts share one chunk (prefill_chunk tokens): each gets a few
+        (READ_FLOOR, less when that would exceed the chunk) so that none
+        waits behind another's long prompt, and the rest of the chunk goes
+        to the oldest first, so that when many users arrive at once they
+        get their first tokens one after another instead of all at the end.
+        A read also stops at the job's next snapshot point.
+        """
+        if not readers:
+            return {}
+        floor = min(READ_FLOOR, max(1, self.prefill_chunk // len(readers)))
+        spare = max(0, self.prefill_chunk - floor * len(readers))
+        sizes = {}
+        for job in readers:
+            size = min(self._next_stop(job) - job.read, floor + spare)
+            spare -= max(0, size - floor)
+            sizes[job.id] = size
+        return sizes
+
     @staticmethod
-    def _next_stop(job, limit):
-        """Where a job's next read ends: `limit` tokens on, its end, or a snapshot point."""
-        end = min(job.read + limit, len(job.tokens))
-        return min([n for n in job.snapshot_at if job.read < n < end] + [end])
+    def _next_stop(job):
+        """Where a job's reading stops next: its end or its next snapshot point."""
+        return min([n for n in job.snapshot_at if job.read < n < len(job.tokens)] + [len(job.tokens)])
 
     def _accept(self, job, token):
         """Record a sampled token, stream the text, and decide whether the reply ends.

@@ -4,7 +4,7 @@ import asyncio
 
 import torch
 
-from inference.engine import Engine, FinishReason
+from inference.engine import Engine, FinishReason, Job
 from inference.runtime import get_engine
 from inference.sampling import SamplingSettings
 
@@ -180,3 +180,18 @@ def test_a_slot_batch_keeps_each_state_in_its_row_as_others_come_and_go():
         torch.testing.assert_close(logits[row], expected[key][0], rtol=1e-4, atol=1e-4)
         assert_same_state(batch.state(key), expected[key][1])
     assert len(batch) == 4 and "a" not in batch and "f" in batch
+
+
+def test_prompts_read_together_share_the_chunk_oldest_first_with_a_few_tokens_for_each():
+    engine = get_engine()
+    chunked = Engine(engine.backend, engine.tokenizer, prefill_chunk=64)
+
+    def job(number, length, snapshot_at=()):
+        return Job(id=number, tokens=[1] * length, state=None, snapshot_at=frozenset(snapshot_at), loop=None,
+                   events=None)
+
+    jobs = [job(1, 30), job(2, 100), job(3, 100), job(4, 2), job(5, 100, snapshot_at={10})]
+    # 8 each reserved (40), the other 24 to the oldest first; a snapshot point stops a read.
+    assert chunked._read_sizes(jobs) == {1: 30, 2: 10, 3: 8, 4: 2, 5: 8}
+    assert sum(chunked._read_sizes([job(n, 1000) for n in range(20)]).values()) == 64  # 20 x 3 + 4
+    assert chunked._read_sizes([job(n, 1000) for n in range(100)])[99] == 1  # never nothing
