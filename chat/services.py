@@ -297,9 +297,14 @@ async def store_round(lease, round_, pre_state, post_state, backend):
 async def _store_round(lease, round_, pre_state, post_state, backend):
     # Shielded: a client going away mid-way must not leave written blobs unreferenced.
     fields = [field for field, state in (("pre_state", pre_state), ("post_state", post_state)) if state is not None]
-    names = await asyncio.gather(*(blob_io(save_state)(lease.conversation.owner_id, backend, state)
-                                   for state in (pre_state, post_state) if state is not None))
+    written = await asyncio.gather(*(blob_io(save_state)(lease.conversation.owner_id, backend, state)
+                                     for state in (pre_state, post_state) if state is not None),
+                                   return_exceptions=True)
+    names = [name for name in written if isinstance(name, str)]
     try:
+        for failure in written:
+            if isinstance(failure, BaseException):
+                raise failure
         await db(commit_round)(lease, round_, dict(zip(fields, names)), backend)
     except BaseException:
         await blob_io(delete_states)(names)

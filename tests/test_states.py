@@ -1,9 +1,12 @@
 """Parked conversations: resuming reads the stored state, never the history."""
 
 import asyncio
+import threading
 from pathlib import Path
 
+import pytest
 import torch
+from django.conf import settings
 
 from chat import services
 from chat.models import Conversation, Round
@@ -68,3 +71,36 @@ def test_a_state_never_loads_into_another_model():
         model_id = "0123456789abcdef"
 
     assert decode_state(OtherModel(), blob) is None
+
+
+def test_a_failed_blob_write_leaves_the_round_and_the_files_as_they_were(mira, monkeypatch):
+    mira.reply("Mira", "hello")
+    conversation = conversation_of(mira)
+    folder = Path(settings.MEDIA_ROOT) / "states" / str(conversation.owner_id)
+    before_files = sorted(folder.iterdir())
+    before_round = Round.objects.get(conversation=conversation, index=1)
+    engine = get_engine()
+    pre, post = engine.zero_state(), engine.zero_state()
+    real_save, failed, written = services.save_state, threading.Event(), threading.Event()
+
+    def pre_state_write_fails(owner_id, backend, state):
+        if state is pre:
+            failed.set()
+            raise OSError("disk full")
+        failed.wait(10)  # the other blob is still being written when the first write fails
+        name = real_save(owner_id, backend, state)
+        written.set()
+        return name
+
+    monkeypatch.setattr(services, "save_state", pre_state_write_fails)
+    lease = services.acquire(conversation.owner, "Mira")
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            asyncio.run(services.store_round(lease, lease.last, pre, post, engine.backend))
+    finally:
+        services.release(lease)
+    assert written.wait(10)
+    assert sorted(folder.iterdir()) == before_files  # the blob that was written is gone again
+    after_round = Round.objects.get(pk=before_round.pk)
+    assert (after_round.pre_state.name, after_round.post_state.name) == (before_round.pre_state.name,
+                                                                         before_round.post_state.name)
