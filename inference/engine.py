@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 TURN_END = b"\n\n"
 
-# A pass reading at least this many tokens is compute-bound: it gets the
+# A pass reading at least this many prompt tokens is compute-bound: it gets the
 # engine's prefill_threads (on 2 cores, all cores read prompts about 1.5x
 # faster, while decode steps are faster on one core, leaving the other to the
 # event loop).
@@ -226,7 +226,7 @@ class Engine:
         for key in batch.keys():
             job = members[key]
             feed[key] = job.tokens[job.read:job.read + sizes[key]] if job.reading else job.generated[-1:]
-        self._set_threads(sum(len(tokens) for tokens in feed.values()))
+        self._set_threads(sum(sizes.values()))
         logits = batch.step(feed)
         sampling, rows, leaving = [], [], []
         for row, (key, tokens) in enumerate(feed.items()):
@@ -253,11 +253,11 @@ class Engine:
             job.state = batch.remove(job.id)
             self._finish(job)
 
-    def _set_threads(self, tokens):
-        """Decode steps run on `threads` CPU threads, passes of many prompt
-        tokens (compute-bound, and the streams are mostly waiting on them) on
-        `prefill_threads`."""
-        wanted = self.prefill_threads if tokens >= WIDE_PASS_TOKENS else self.threads
+    def _set_threads(self, prompt_tokens):
+        """Decode steps run on `threads` CPU threads, passes that read many
+        prompt tokens (compute-bound, and the streams are mostly waiting on
+        them) on `prefill_threads`."""
+        wanted = self.prefill_threads if prompt_tokens >= WIDE_PASS_TOKENS else self.threads
         if wanted and wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
 

@@ -195,3 +195,14 @@ def test_prompts_read_together_share_the_chunk_oldest_first_with_a_few_tokens_fo
     assert chunked._read_sizes(jobs) == {1: 30, 2: 10, 3: 8, 4: 2, 5: 8}
     assert sum(chunked._read_sizes([job(n, 1000) for n in range(20)]).values()) == 64  # 20 x 3 + 4
     assert chunked._read_sizes([job(n, 1000) for n in range(100)])[99] == 1  # never nothing
+
+
+def test_reading_nothing_hands_back_a_copy_of_the_state():
+    engine = get_engine()
+    start, _ = run(engine.read(None, [1, 2, 3]))
+    state, snapshots = run(engine.read(start, [], snapshot_at={0}))
+    assert_same_state(state, start)
+    assert_same_state(snapshots[0], start)
+    assert all(a is not b for a, b in zip(state, start))
+    zero, _ = run(engine.read(None, []))
+    assert all(float(t.abs().sum()) == 0 for t in zero)
