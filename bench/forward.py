@@ -105,7 +105,6 @@ def bench_package(path, prompt, repeats):
 
     one = median_rate(decode, steps, repeats)
     prefill = median_rate(lambda: model.forward(list(prompt), None), len(prompt), max(1, repeats - 1))
-    del model
     return one, prefill
 
 
