@@ -103,7 +103,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
         self.threads = threads  # CPU threads for decode steps (0: leave torch's setting alone)
-        self.prefill_threads = prefill_threads or threads  # for passes of at least WIDE_PASS_TOKENS tokens
+        self.prefill_threads = prefill_threads or threads  # for passes reading >= WIDE_PASS_TOKENS prompt tokens
         self.turn_end_tokens = tokenizer.encode("\n\n")
         self._banned = banned_tokens(tokenizer, backend.vocab_size)
         self._inbox = queue.Queue()
@@ -200,6 +200,8 @@ class Engine:
                 try:
                     self._turn(batch, members)
                 except Exception as exc:  # noqa: BLE001 - reported to the waiting requests
+                    # The pass was shared: every job in it fails (and its batch
+                    # goes), never the engine, which serves the next jobs.
                     logger.exception("engine step failed")
                     for job in members.values():
                         self._emit(job, "error", exc)
