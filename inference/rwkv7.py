@@ -328,11 +328,8 @@ class _Block(nn.Module):
 class _Network(nn.Module):
     """Embedding, blocks and head: what gets compiled."""
 
-    def __init__(self, weights, precision, device):
+    def __init__(self, weights, precision, device, n_layer, n_embd, n_head, head_size):
         super().__init__()
-        n_head, head_size = weights["blocks.0.att.r_k"].shape
-        n_embd = weights["emb.weight"].shape[1]
-        n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
         # ln0 folded into the embedding (the table is only ever looked up).
         emb = F.layer_norm(weights["emb.weight"].float(), (n_embd,), weights["blocks.0.ln0.weight"].float(),
                            weights["blocks.0.ln0.bias"].float(), eps=_LAYER_NORM_EPS)
@@ -386,7 +383,8 @@ class RWKV7Model:
         self.vocab_size, self.n_embd = weights["emb.weight"].shape
         self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
         with torch.inference_mode():
-            network = _Network(weights, precision, device).eval()
+            network = _Network(weights, precision, device, self.n_layer, self.n_embd, self.n_head,
+                               self.head_size).eval()
         self._network = torch.jit.script(network) if jit else network
         if jit:
             # TorchScript profiles the first call and optimises at the second
