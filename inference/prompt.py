@@ -52,3 +52,41 @@ def user_turn(user, bot, prompt):
 def reply_part(reply):
     """A reply as the model reads it when it is given (greeting, overwritten reply)."""
     return f" {clean_turn(reply)}{TURN_END}"
+
+
+# ---- the chat template (the OpenAI-compatible API) ---------------------------
+#
+# The same turn format, with the speakers named by the messages:
+#
+#     System: <system message>\n\n
+#     User: <message>\n\n
+#     Assistant: <message>\n\n
+#     ...
+#     Assistant:            <- the reply is generated here, up to its first blank line
+#
+# A message with a `name` is spoken by that name ("Mira: ..."), as role-play
+# clients name the speakers. Each turn is encoded as two parts, "<Name>:" and
+# " <text>\n\n", the way the role-play format reads a reply after "<Bot>:", so
+# that a reply the model wrote, sent back as an assistant message, encodes to
+# the same tokens it was stored under (see chat_turn_parts).
+
+ROLE_SPEAKERS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+
+
+def speaker_name(role, name=None):
+    """Who speaks a message: its `name` (one line, no colon), else its role's name."""
+    if name:
+        cleaned = " ".join(clean_turn(name).replace(":", " ").split())
+        if cleaned:
+            return cleaned
+    return ROLE_SPEAKERS[role]
+
+
+def chat_turn_parts(speaker, text):
+    """A chat turn as the two parts that are encoded separately: ("<Speaker>:", " <text>\\n\\n")."""
+    return f"{speaker}:", reply_part(text)
+
+
+def chat_text(turns, reply_speaker):
+    """The whole chat prompt as text: the turns [(speaker, text)], then "<reply_speaker>:"."""
+    return "".join("".join(chat_turn_parts(speaker, text)) for speaker, text in turns) + f"{reply_speaker}:"

@@ -1,0 +1,13 @@
+from django.apps import AppConfig
+
+
+class StateCacheConfig(AppConfig):
+    name = "statecache"
+    verbose_name = "state cache"
+
+    def ready(self):
+        from rpserver.files import connect_file_cleanup
+
+        from .models import SpilledState
+
+        connect_file_cleanup(SpilledState)
