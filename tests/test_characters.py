@@ -10,7 +10,8 @@ from characters.models import Character
 from chat.models import Conversation, PromptState, Round
 from conftest import CHARACTER
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+# A real 8x8 PNG, exactly as the server re-encodes it (so it comes back unchanged).
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8ISfHgA0wYRUdtBIA0MoBFD5jqJkAAAAASUVORK5CYII=")
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
 
