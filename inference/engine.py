@@ -57,16 +57,25 @@ READ_FLOOR = 8
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"  # the model ended its turn with a blank line
+    STOP = "stop"  # the model ended its turn with a blank line, or wrote a stop string
     LENGTH = "length"  # the reply reached its token limit; "\n\n" was read after it
 
 
 @dataclasses.dataclass
 class Reply:
-    """What a finished reply hands back to be stored."""
+    """What a finished reply hands back to be stored.
+
+    `tokens` always ends exactly at a blank line, so that the context keeps
+    the documented format: a reply that ended with a blank line ends at its
+    first "\n\n" (a last token that holds more, e.g. "\n\n   ", is replaced
+    by the tokens of its bytes up to the blank line before it is read); one
+    that wrote a stop string ends at the end of the stop string (the tokens
+    before it were already read), then "\n\n"; one cut at the limit gets
+    "\n\n" after its last token.
+    """
 
     tokens: list  # every token the model read after the prompt, closing "\n\n" included
-    text: str  # the reply as shown: decoded up to the first blank line, stripped
+    text: str  # the reply as shown: decoded up to the first blank line or stop string, stripped
     state: Any  # the state after `tokens`
     snapshots: dict  # {tokens read: state} as asked for by the job
     finish_reason: FinishReason
@@ -82,11 +91,14 @@ class Job:
     events: asyncio.Queue
     sampler: Sampler | None = None  # None: read only
     max_tokens: int = 0
+    stop: tuple = ()  # stop strings, as UTF-8 bytes
     read: int = 0
     snapshots: dict = dataclasses.field(default_factory=dict)
     generated: list = dataclasses.field(default_factory=list)
     decoder: Any = None
     finish_reason: FinishReason | None = None
+    text_end: int = -1  # once finished: where the shown text ends in decoder.raw (-1: at the end)
+    closing: list = dataclasses.field(default_factory=list)  # once finished: the tokens it reads last
     cancelled: bool = False
 
     @property
@@ -111,8 +123,30 @@ class Engine:
         self._thread = None
         self._stopping = False
         self._outbox = {}  # event loop -> [(job, event)], flushed once per engine turn
-        self.tokens_read = 0  # prompt tokens read, all jobs together (for monitoring and tests)
+        # Counters for stats(), written by the engine thread only.
+        self.tokens_read = 0  # prompt tokens read, all jobs together
         self.tokens_generated = 0
+        self.steps = 0  # forward passes
+        self.last_batch_size = 0
+        self._running = 0
+        self._waiting = 0
+
+    def stats(self):
+        """A snapshot of the engine's load and counters (for /metrics and tests).
+
+        running: jobs in the batch; waiting: jobs waiting for a row (or not
+        yet picked up); steps: forward passes so far; last_batch_size: rows
+        of the latest pass; tokens_read / tokens_generated: cumulative.
+        """
+        return {
+            "running": self._running,
+            "waiting": self._waiting + self._inbox.qsize(),
+            "steps": self.steps,
+            "last_batch_size": self.last_batch_size,
+            "tokens_read": self.tokens_read,
+            "tokens_generated": self.tokens_generated,
+            "max_batch": self.max_batch,
+        }
 
     # ---- the asyncio side -------------------------------------------------
 
@@ -150,16 +184,26 @@ class Engine:
             raise payload
         return payload
 
-    def generate(self, state, tokens, sampling, max_tokens, seed=None, snapshot_at=()):
+    def generate(self, state, tokens, sampling, max_tokens, seed=None, snapshot_at=(), stop=(), logit_bias=None):
         """Start a reply: read `tokens` (at least one) from `state`, then sample.
 
-        Returns a Generation, an async iterator of the visible reply text
-        (cumulative, re-sent as it grows) whose `reply` is set at the end.
+        The reply ends at its first blank line, at the first of the `stop`
+        strings it writes (its text is cut before it; finish reason STOP), or
+        after `max_tokens` tokens (LENGTH). Returns a Generation, an async
+        iterator of the visible reply text (cumulative, re-sent as it grows;
+        text that may be the start of a stop string is held back) whose
+        `reply` is set at the end. `logit_bias` ({token id: value}) is added
+        to the logits before sampling.
         """
         if not tokens:
             raise ValueError("a reply needs at least one token to read")
-        sampler = Sampler(sampling, self._banned, seed)
-        job = self._submit(state, tokens, snapshot_at, sampler=sampler, max_tokens=max_tokens)
+        if logit_bias and not all(0 <= int(t) < self.backend.vocab_size for t in logit_bias):
+            raise ValueError(f"logit_bias names a token outside the vocabulary (0-{self.backend.vocab_size - 1})")
+        if isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(dict.fromkeys(s.encode("utf-8") for s in stop if s))
+        sampler = Sampler(sampling, self._banned, seed, logit_bias)
+        job = self._submit(state, tokens, snapshot_at, sampler=sampler, max_tokens=max_tokens, stop=stop)
         return Generation(self, job)
 
     def _submit(self, state, tokens, snapshot_at, **kwargs):
@@ -196,6 +240,7 @@ class Engine:
                 if not job.cancelled:
                     batch.add(job.id, job.state)
                     members[job.id] = job
+            self._running, self._waiting = len(members), len(waiting)
             if members:
                 try:
                     self._turn(batch, members)
@@ -207,6 +252,7 @@ class Engine:
                         self._emit(job, "error", exc)
                     members.clear()
                     batch = self.backend.new_batch()
+            self._running, self._waiting = len(members), len(waiting)
             self._flush()
 
     def _admit(self, waiting, block):
@@ -230,12 +276,15 @@ class Engine:
             feed[key] = job.tokens[job.read:job.read + sizes[key]] if job.reading else job.generated[-1:]
         self._set_threads(sum(sizes.values()))
         logits = batch.step(feed)
+        self.steps += 1
+        self.last_batch_size = len(feed)
         sampling, rows, leaving = [], [], []
         for row, (key, tokens) in enumerate(feed.items()):
             job = members[key]
             if job.reading:
                 job.read += len(tokens)
-                self.tokens_read += len(tokens)
+                if job.finish_reason is None:  # a prompt, not a reply's last tokens
+                    self.tokens_read += len(tokens)
                 if job.read in job.snapshot_at:
                     job.snapshots[job.read] = batch.state(key)
                 if job.reading:
@@ -292,30 +341,64 @@ class Engine:
     def _accept(self, job, token):
         """Record a sampled token, stream the text, and decide whether the reply ends.
 
-        An ended reply still reads its last token, and "\n\n" after a cut one,
-        so that the next round starts cleanly; then it leaves the batch.
+        An ended reply still reads its last token (cut where the reply ends,
+        see Reply), and "\n\n" when it did not end with one, so that the
+        next round starts cleanly; then it leaves the batch.
         """
+        read = len(job.generated)  # every earlier sampled token has been read; this one is read next turn
         job.generated.append(token)
         job.decoder.push(token)
         self.tokens_generated += 1
-        if TURN_END in job.decoder.raw:
+        end = self._find_end(job)
+        if end is not None:
             job.finish_reason = FinishReason.STOP
+            job.text_end, keep, job.closing = end
+            raw = job.decoder.raw
+            if keep < len(raw):
+                # The last token holds more than the reply: read only its bytes up to the end.
+                piece_start = len(raw) - len(self.tokenizer.pieces.get(token, b""))
+                job.generated[read:] = self.tokenizer.encode_bytes(bytes(raw[piece_start:keep]))
         elif len(job.generated) >= job.max_tokens:
             job.finish_reason = FinishReason.LENGTH
-        self._emit(job, "text", visible_text(job.decoder, final=job.finish_reason is not None))
+            job.closing = self.turn_end_tokens
+        self._emit(job, "text", self._shown_text(job))
         if job.finish_reason is not None:
-            job.tokens, job.read, job.snapshot_at = [token] + self._closing(job), 0, frozenset()
+            job.tokens, job.read, job.snapshot_at = job.generated[read:] + job.closing, 0, frozenset()
 
-    def _closing(self, job):
-        return self.turn_end_tokens if job.finish_reason is FinishReason.LENGTH else []
+    def _find_end(self, job):
+        """(text end, kept bytes, closing tokens) once the reply's bytes hold
+        its end, else None.
+
+        The end is the first blank line (kept, nothing closes it) or stop
+        string (kept, "\n\n" closes it), whichever ends first. Only the
+        bytes the last token could have completed a match with are searched.
+        """
+        raw = job.decoder.raw
+        piece = len(self.tokenizer.pieces.get(job.generated[-1], b""))
+        best = None
+        for marker in (TURN_END, *job.stop):
+            start = raw.find(marker, max(0, len(raw) - piece - len(marker) + 1))
+            if start >= 0 and (best is None or start + len(marker) < best[1]):
+                best = (start, start + len(marker), [] if marker == TURN_END else self.turn_end_tokens)
+        return best
+
+    def _shown_text(self, job):
+        """The visible reply so far; while it runs, a tail that may begin a stop string is held back."""
+        if job.finish_reason is FinishReason.STOP:
+            return bytes(job.decoder.raw[:job.text_end]).decode("utf-8", errors="replace").strip()
+        final = job.finish_reason is not None
+        text = visible_text(job.decoder, final=final)
+        if not final and job.stop:
+            text = hold_back(text, job.stop)
+        return text
 
     def _finish(self, job):
         if job.sampler is None:
             self._emit(job, "done", (job.state, job.snapshots))
             return
-        tokens = job.generated + self._closing(job)
-        text = visible_text(job.decoder, final=True)
-        self._emit(job, "done", Reply(tokens, text, job.state, job.snapshots, job.finish_reason))
+        reply = Reply(job.generated + job.closing, self._shown_text(job), job.state, job.snapshots,
+                      job.finish_reason)
+        self._emit(job, "done", reply)
 
     def _emit(self, job, kind, payload):
         """Queue an event for a job's request; sent with the others at the end of the turn."""
@@ -343,6 +426,18 @@ def visible_text(decoder, final):
     text = decoder.finish() if final else decoder.text
     cut = text.find("\n\n")
     return (text if cut < 0 else text[:cut]).strip()
+
+
+def hold_back(text, stops):
+    """`text` without a tail that is the beginning of one of the stop strings (UTF-8 bytes)."""
+    raw = text.encode("utf-8")
+    held = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(raw)), held, -1):
+            if raw.endswith(stop[:size]):
+                held = size
+                break
+    return raw[:len(raw) - held].decode("utf-8", errors="ignore").rstrip() if held else text
 
 
 class Generation:

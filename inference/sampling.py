@@ -1,6 +1,7 @@
 """The reply sampler of the legacy API: presence penalty, min_p, temperature, Mirostat.
 
 For one step, on the logits of the next token:
+0. a reply's logit bias (token id -> value, as in OpenAI's API) is added;
 1. banned tokens (0, the end-of-text token, and ids outside the vocabulary)
    get probability 0;
 2. presence penalty: every token already used in this reply has its logit
@@ -57,9 +58,10 @@ def check_setting(name, value):
 class Sampler:
     """One reply's sampling state: Mirostat's mu and the tokens used so far."""
 
-    def __init__(self, settings, banned, seed=None):
+    def __init__(self, settings, banned, seed=None, logit_bias=None):
         self.settings = settings
         self.banned = banned  # LongTensor of token ids that are never sampled
+        self.logit_bias = dict(logit_bias or {})  # token id -> added to its logit
         self.random = numpy.random.default_rng(seed)
         self.mu = 2.0 * settings.tau
         self.used = set()
@@ -106,6 +108,10 @@ def candidates_batch(samplers, logits):
     """
     logits = logits.to("cpu", torch.float32)
     batch, vocab = logits.shape
+    for row, sampler in enumerate(samplers):
+        if sampler.logit_bias:
+            ids = torch.tensor(list(sampler.logit_bias), dtype=torch.long)
+            logits[row, ids] += torch.tensor(list(sampler.logit_bias.values()), dtype=torch.float32)
     logits[:, samplers[0].banned] = -math.inf
     rows, cols, factors = [], [], []
     for row, sampler in enumerate(samplers):

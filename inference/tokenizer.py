@@ -26,6 +26,10 @@ class WorldTokenizer:
     def encode(self, text):
         return self._trie.encode(text) if text else []
 
+    def encode_bytes(self, data):
+        """Tokens spelling exactly these bytes (which need not be valid UTF-8)."""
+        return self._trie.encodeBytes(bytes(data)) if data else []
+
     def decode_bytes(self, tokens):
         pieces = self.pieces
         return b"".join(pieces.get(int(t), b"") for t in tokens)

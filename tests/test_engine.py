@@ -2,9 +2,10 @@
 
 import asyncio
 
+import pytest
 import torch
 
-from inference.engine import Engine, FinishReason, Job
+from inference.engine import Engine, FinishReason, Job, hold_back
 from inference.runtime import get_engine
 from inference.sampling import SamplingSettings
 
@@ -206,3 +207,67 @@ def test_reading_nothing_hands_back_a_copy_of_the_state():
     assert all(a is not b for a, b in zip(state, start))
     zero, _ = run(engine.read(None, []))
     assert all(float(t.abs().sum()) == 0 for t in zero)
+
+
+def test_a_reply_ending_with_a_token_that_holds_more_than_the_blank_line_reads_only_the_blank_line():
+    # "\n\n   " forced as the first token: the context must end exactly at "\n\n".
+    engine = get_engine()
+    prompt = engine.tokenizer.encode(PROMPT)
+    spaces = next(t for t, piece in engine.tokenizer.pieces.items() if piece == b"\n\n   ")
+    texts, reply = generate(engine, None, prompt, SamplingSettings(), max_tokens=20, seed=1,
+                            logit_bias={spaces: 1000})
+    assert reply.finish_reason is FinishReason.STOP
+    assert reply.tokens == engine.tokenizer.encode("\n\n") and reply.text == "" and texts[-1] == ""
+    expected, _ = run(engine.read(None, prompt + reply.tokens))
+    assert_same_state(reply.state, expected)
+
+
+def test_a_stop_string_ends_the_reply_and_the_text_is_cut_before_it():
+    engine = get_engine()
+    prompt = engine.tokenizer.encode(PROMPT)
+    user = engine.tokenizer.encode("User")[0]
+    # "UserUser...": the stop string "rUs" spans the first two tokens and ends inside the second.
+    texts, reply = generate(engine, None, prompt, SamplingSettings(), max_tokens=20, seed=1,
+                            logit_bias={user: 1000}, stop=["rUs", "never"])
+    assert reply.finish_reason is FinishReason.STOP and reply.text == "Use"
+    assert all(not text.endswith(("r", "rU")) for text in texts)  # a possible stop string is held back
+    assert engine.tokenizer.decode(reply.tokens) == "UserUs\n\n"
+    expected, _ = run(engine.read(None, prompt + reply.tokens))
+    assert_same_state(reply.state, expected)
+
+
+def test_held_back_text_is_only_a_possible_start_of_a_stop_string():
+    assert hold_back("Hello\nUs", [b"\nUser:"]) == "Hello"
+    assert hold_back("Hello\nUx", [b"\nUser:"]) == "Hello\nUx"
+    assert hold_back("caf\u00e9", ["\u00e9t\u00e9".encode()]) == "caf"
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused():
+    engine = get_engine()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate(None, [1], SamplingSettings(), 5, logit_bias={10**9: 1.0})
+
+
+def test_stats_count_steps_tokens_and_jobs_waiting_for_a_row():
+    engine = get_engine()
+    single = Engine(engine.backend, engine.tokenizer, max_batch=1)
+
+    async def two_replies():
+        first = single.generate(None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=6, seed=1)
+        second = single.generate(None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=6, seed=2)
+        async for _ in first:
+            during = single.stats()
+            break
+        await collect(first)
+        await collect(second)
+        return during
+
+    try:
+        during = run(two_replies())
+        after = single.stats()
+    finally:
+        single.stop()
+    assert during["running"] == 1 and during["waiting"] == 1
+    assert after["running"] == 0 and after["waiting"] == 0 and after["last_batch_size"] == 1
+    assert after["tokens_generated"] >= 2 and after["tokens_read"] == 2 * len(engine.tokenizer.encode(PROMPT))
+    assert after["steps"] >= after["tokens_generated"]
