@@ -1,0 +1,101 @@
+"""remove_orphan_files: stored files no row references go, referenced and young files stay."""
+
+import datetime
+import io
+import os
+import time
+import uuid
+
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.core.management import call_command
+from django.test import override_settings
+
+from characters.models import Character
+from rpserver.orphans import find_orphans, remove_orphans, sweep
+from test_characters import PNG_URL, stored_files
+
+HOURS = 3600
+
+
+def age(path, seconds):
+    """Set a file's modification time `seconds` in the past."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def orphan(name, seconds_old=2 * HOURS):
+    """A real file in the media dir that no row references, as a crash leaves one."""
+    name = default_storage.save(name, ContentFile(b"left behind by a crash"))
+    age(default_storage.path(name), seconds_old)
+    return name
+
+
+def remove_orphan_files(*args):
+    out = io.StringIO()
+    call_command("remove_orphan_files", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_it_removes_old_orphans_and_nothing_else(mira):
+    mira.ok("/characters/save", bot="Mira", user="you", greeting="Hi", bot_persona="P", avatar=PNG_URL)
+    mira.reply("Mira", "hello")
+    mira.reply("Mira", "and again")
+    referenced = stored_files(mira.user_name)  # avatar, prompt state, rounds' pre and post states
+    assert len(referenced) >= 4
+    for path in referenced:
+        age(path, 5 * HOURS)  # as old as any orphan: only the references keep them
+    owner = Character.objects.get(owner__username=mira.user_name, name="Mira").owner_id
+    old_blob = orphan(f"states/{owner}/{uuid.uuid4().hex}.safetensors")
+    old_avatar = orphan(f"avatars/{owner}/{uuid.uuid4().hex}.png")
+    deep = orphan(f"states/{owner}/nested/{uuid.uuid4().hex}.safetensors")
+    young = orphan(f"states/{owner}/{uuid.uuid4().hex}.safetensors", seconds_old=60)  # being written now
+    outside = orphan("operator-notes.txt")  # not in a directory rpserver writes to
+
+    listed = remove_orphan_files("--dry-run")
+    assert f"would remove {old_blob} (22 bytes)" in listed and default_storage.exists(old_blob)
+
+    out = remove_orphan_files()
+    assert f"removed {old_blob} (22 bytes)" in out and f"removed {old_avatar} (22 bytes)" in out
+    assert f"removed {deep} (22 bytes)" in out
+    for name in (old_blob, old_avatar, deep):
+        assert not default_storage.exists(name)
+    for name in (young, outside):
+        assert default_storage.exists(name)
+    assert all(path.exists() for path in referenced)
+
+    assert f"removed {young} (22 bytes)" in remove_orphan_files("--grace-minutes", "0.5")  # old enough now
+    assert not default_storage.exists(young) and default_storage.exists(outside)
+    assert all(path.exists() for path in referenced)
+    default_storage.delete(outside)
+    # The conversation goes on from its stored states.
+    assert mira.chat("Mira")[-1][0] == "and again"
+    mira.reply("Mira", "still here?")
+    assert mira.chat("Mira")[-1][0] == "still here?"
+
+
+def test_a_file_referenced_after_the_listing_is_kept(mira):
+    owner = Character.objects.get(owner__username=mira.user_name, name="Mira").owner_id
+    name = orphan(f"avatars/{owner}/{uuid.uuid4().hex}.png")
+    candidates = find_orphans(default_storage)
+    assert name in candidates
+    # A row commits a reference to the file while the sweep is between listing and deleting.
+    Character.objects.filter(owner_id=owner, name="Mira").update(avatar=name, avatar_type="image/png")
+    removed = remove_orphans(default_storage, candidates)
+    assert name not in [n for n, _ in removed]
+    assert default_storage.exists(name)
+
+
+def test_it_works_through_the_storage_api_not_the_disk(mira):
+    """Another storage backend (Django's in-memory one) behind the same FileFields: nothing assumes a local disk."""
+    with override_settings(STORAGES={"default": {"BACKEND": "django.core.files.storage.InMemoryStorage"}}):
+        character = Character.objects.get(owner__username=mira.user_name, name="Mira")
+        character.avatar.save("kept.png", ContentFile(b"an avatar"), save=True)
+        kept = character.avatar.name
+        lost = default_storage.save(f"states/{character.owner_id}/lost.safetensors", ContentFile(b"a blob"))
+        assert type(default_storage._wrapped).__name__ == "InMemoryStorage"
+        later = datetime.timedelta(seconds=-1)  # a negative grace: files written just now count as old
+        removed = sweep(default_storage, grace=later)
+        assert removed == [(lost, 6)]
+        assert default_storage.exists(kept) and not default_storage.exists(lost)
+    Character.objects.filter(pk=character.pk).update(avatar="", avatar_type="")
