@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from django.conf import settings
 
-from .backends import load_backend
-from .checkpoint import write_demo_model
+from .backends import load_backend, parse_strategy
+from .checkpoint import CheckpointError, write_demo_model
 from .engine import Engine
 from .tokenizer import world_tokenizer
 
@@ -46,7 +46,15 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
         cores = os.cpu_count() or 2
         threads = config["THREADS"] or max(1, cores - 1)
         torch.set_num_threads(threads)
+        # A bad value's message names where it came from: the serve flag or the variable.
+        model_source = "--model" if model else "RPSERVER_MODEL" if config["MODEL"] else "the demo model"
+        strategy_source = "--strategy" if strategy else "RPSERVER_STRATEGY"
         model = model or config["MODEL"]
+        strategy = strategy or config["STRATEGY"]
+        try:
+            parse_strategy(strategy)
+        except ValueError as exc:
+            raise ValueError(f"{strategy_source}: {exc}") from exc
         if not model:
             model = demo_model_path()
             logger.warning(
@@ -54,8 +62,10 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
                 "Its replies are noise. Pass --model /path/to/RWKV-checkpoint for real replies.",
                 model,
             )
-        backend = load_backend(model, strategy or config["STRATEGY"], jit_on=jit_on, cuda_on=cuda_on,
-                               backend=config["BACKEND"])
+        try:
+            backend = load_backend(model, strategy, jit_on=jit_on, cuda_on=cuda_on, backend=config["BACKEND"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"{model_source}: {exc}") from exc
         logger.info("model loaded: %s (id %s)", backend.description, backend.model_id)
         _engine = Engine(
             backend, world_tokenizer(),
