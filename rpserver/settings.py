@@ -11,6 +11,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from rpserver.datadir import data_dir, stored_secret_key
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -42,6 +44,20 @@ def env_bool(name, default):
     raise ImproperlyConfigured(f"{name} must be 0/1/true/false, got {raw!r}")
 
 
+def env_choice(name, default, choices):
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def env_database(name, default):
+    try:
+        return dj_database_url.parse(env_str(name, default), conn_max_age=0)
+    except ValueError as exc:  # the URL itself is not echoed: it may hold a password
+        raise ImproperlyConfigured(f"{name} is not a database URL ({exc}); e.g. postgres://user:password@host/rpserver")
+
+
 def env_list(name, default):
     raw = os.environ.get(name)
     if raw is None:
@@ -50,7 +66,6 @@ def env_list(name, default):
 
 
 DEBUG = env_bool("RPSERVER_DEBUG", False)
-SECRET_KEY = env_str("RPSERVER_SECRET_KEY") or "rpserver-insecure-development-key-set-RPSERVER_SECRET_KEY"
 ALLOWED_HOSTS = env_list("RPSERVER_ALLOWED_HOSTS", ["*"])
 CSRF_TRUSTED_ORIGINS = env_list("RPSERVER_CSRF_TRUSTED_ORIGINS", [])
 
@@ -104,12 +119,12 @@ TEMPLATES = [
 ]
 
 # Data: SQLite in the checkout by default; RPSERVER_DATABASE_URL for PostgreSQL.
-DATA_DIR = Path(env_str("RPSERVER_DATA_DIR", str(BASE_DIR)))
+DATA_DIR = data_dir("RPSERVER_DATA_DIR", BASE_DIR)  # must exist and be writable
+# Unset, a random key is generated on the first start and kept in the data
+# directory (secret_key, mode 0600), so no published key ever signs anything.
+SECRET_KEY = env_str("RPSERVER_SECRET_KEY") or stored_secret_key(DATA_DIR)
 DATABASES = {
-    "default": dj_database_url.parse(
-        env_str("RPSERVER_DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
-        conn_max_age=0,
-    )
+    "default": env_database("RPSERVER_DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets readers and the writer work at once; IMMEDIATE transactions
@@ -123,7 +138,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 AUTH_USER_MODEL = "accounts.User"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-AUTH_PASSWORD_VALIDATORS = []
+# Wherever a password is set: createuser, signup, the admin's forms.
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -184,7 +205,7 @@ RPSERVER = {
     "MODEL": env_str("RPSERVER_MODEL"),
     "DEMO_MODEL": BASE_DIR / "model" / "demo-rwkv7.pth",
     "STRATEGY": env_str("RPSERVER_STRATEGY", "cpu fp32"),
-    "BACKEND": env_str("RPSERVER_BACKEND", "auto"),
+    "BACKEND": env_choice("RPSERVER_BACKEND", "auto", ("auto", "rwkv")),
     "MAX_REPLY_TOKENS": env_int("RPSERVER_MAX_REPLY_TOKENS", 512, minimum=1),
     "MAX_PROMPT_CHARS": env_int("RPSERVER_MAX_PROMPT_CHARS", 4000, minimum=1),
     "MAX_PERSONA_CHARS": env_int("RPSERVER_MAX_PERSONA_CHARS", 20000, minimum=1),
