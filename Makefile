@@ -1,4 +1,5 @@
-# rpserver: `make run` serves on http://127.0.0.1:8888, `make test` runs the suite.
+# rpserver: `make run` serves on http://127.0.0.1:8888, `make test` runs the suite
+# (`make test-postgres`: on PostgreSQL).
 # Both create .venv and install everything on a fresh machine.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ HOST ?= 127.0.0.1
 MODEL ?=
 STRATEGY ?= cpu fp32
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-postgres bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +27,10 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# The same suite on a private PostgreSQL server the run starts itself (tests/postgres.py).
+test-postgres: install
+	RPSERVER_TEST_DATABASE=postgres $(PY) -m pytest
 
 bench: install
 	$(PY) bench/forward.py

@@ -11,7 +11,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from chat.routing import http_routes  # noqa: E402
+from rpserver import metrics  # noqa: E402
+
+http_application = URLRouter(http_routes + [re_path(r"", django_application)])
+if metrics.enabled():  # counted only where /metrics can be read
+    http_application = metrics.MetricsMiddleware(http_application, stream_routes=http_routes)
 
 application = ProtocolTypeRouter({
-    "http": URLRouter(http_routes + [re_path(r"", django_application)]),
+    "http": http_application,
 })

@@ -192,13 +192,9 @@ REST_FRAMEWORK = {
 }
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("RPSERVER_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 
-# Channels: in-memory layer for one process, Redis for several.
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-if env_str("RPSERVER_REDIS_URL"):
-    CHANNEL_LAYERS["default"] = {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [env_str("RPSERVER_REDIS_URL")]},
-    }
+# No channel layer: a stream is written by the process that took its request
+# (the engine's tokens never cross processes), and no consumer sends to
+# another, so several processes need no Redis (tests/test_scaleout.py).
 
 # rpserver itself. The model settings are what `serve` flags override.
 RPSERVER = {
@@ -220,6 +216,8 @@ RPSERVER = {
     "SEED": env_int("RPSERVER_SEED", -1),
     "THREADS": env_int("RPSERVER_THREADS", 0, minimum=0),
     "PREFILL_THREADS": env_int("RPSERVER_PREFILL_THREADS", 0, minimum=0),
+    # /metrics answers only with this bearer token; unset, the route does not exist.
+    "METRICS_TOKEN": env_str("RPSERVER_METRICS_TOKEN"),
 }
 
 LOGGING = {

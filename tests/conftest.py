@@ -36,6 +36,19 @@ TEST_ENV = {
     "RWKV_JIT_ON": "1",
     "RWKV_CUDA_ON": "0",
 }
+
+# The database of the whole run: SQLite in DATA_DIR (the default), or with
+# RPSERVER_TEST_DATABASE=postgres (`make test-postgres`) a private PostgreSQL
+# server that this run starts from the system's binaries and removes at exit.
+TEST_DATABASE = os.environ.get("RPSERVER_TEST_DATABASE", "") or "sqlite"
+if TEST_DATABASE == "postgres":
+    from postgres import PrivatePostgres
+
+    TEST_ENV["RPSERVER_DATABASE_URL"] = PrivatePostgres().start()
+elif TEST_DATABASE == "sqlite":
+    os.environ.pop("RPSERVER_DATABASE_URL", None)  # never the operator's database
+else:
+    raise RuntimeError(f"RPSERVER_TEST_DATABASE must be sqlite or postgres, got {TEST_DATABASE!r}")
 os.environ.update(TEST_ENV)
 sys.path.insert(0, str(ROOT))
 

@@ -1,0 +1,93 @@
+"""/metrics: off by default, behind a bearer token, and its numbers move during a reply."""
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import CHARACTER, Api, Server
+
+TOKEN = "metrics-test-token"
+
+
+@pytest.fixture(scope="module")
+def metered():
+    """A server with metrics on and long replies (a random model rarely ends its turn)."""
+    running = Server(env={"RPSERVER_METRICS_TOKEN": TOKEN, "RPSERVER_MAX_REPLY_TOKENS": "4000"},
+                     name="metrics-server").start()
+    yield running
+    running.stop()
+
+
+def scrape(url, token=TOKEN):
+    answer = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_do_not_exist_without_the_setting(server):
+    answer = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer anything"})
+    assert answer.json()["code"] == 404
+    assert "rpserver_" not in answer.text
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {TOKEN}", TOKEN])
+def test_metrics_refuse_a_missing_or_wrong_token(metered, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    answer = httpx.get(f"{metered.url}/metrics", headers=headers)
+    assert answer.json()["code"] == 404
+    assert "rpserver_" not in answer.text
+
+
+def test_the_numbers_move_during_a_reply(metered):
+    api = Api(metered.url)
+    data = api.ok("/login/tmp")
+    guest = Api(metered.url, data["user_name"], data["token"])
+    guest.ok("/characters/save", **CHARACTER)
+    guest.chat("Mira")
+    before = scrape(metered.url)
+    assert value(before, "rpserver_locks_held") == 0
+    assert value(before, "process_resident_memory_bytes") > 50 * 2**20
+
+    fields = {**guest.auth(), "character_name": "Mira", "prompt": "tell me a long story"}
+    with guest.http.stream("POST", "/chat/reply", data=fields) as answer:
+        frames = answer.iter_raw()
+        next(frames)  # the first token has come
+        during = scrape(metered.url)
+        time.sleep(0.5)
+        later = scrape(metered.url)
+        refused = guest.call("/chat/tamper", character_name="Mira", message="not now")
+    assert refused["code"] == 400  # the reply holds the conversation's lock
+
+    assert value(during, "rpserver_engine_replies_running") >= 1
+    assert value(during, "rpserver_engine_batch_size") >= 1
+    assert value(during, "rpserver_locks_held") == 1
+    assert value(during, "rpserver_first_token_seconds_count") == value(before, "rpserver_first_token_seconds_count") + 1
+    assert value(later, "rpserver_engine_generated_tokens_total") > value(during, "rpserver_engine_generated_tokens_total")
+    assert value(later, "rpserver_engine_steps_total") > value(during, "rpserver_engine_steps_total")
+    assert value(during, "rpserver_engine_prompt_tokens_total") > value(before, "rpserver_engine_prompt_tokens_total")
+
+    # The client left: the reply is cancelled, its lock freed, its duration and request counted.
+    for _ in range(100):
+        after = scrape(metered.url)
+        if value(after, "rpserver_locks_held") == 0 and value(after, "rpserver_engine_replies_running") == 0:
+            break
+        time.sleep(0.1)
+    assert value(after, "rpserver_locks_held") == 0
+    assert value(after, "rpserver_engine_replies_running") == 0
+    assert value(after, "rpserver_reply_seconds_count") == value(before, "rpserver_reply_seconds_count") + 1
+    assert value(after, "rpserver_reply_seconds_sum") > value(before, "rpserver_reply_seconds_sum") + 0.5
+    assert value(after, "rpserver_requests_total", route="/chat/reply", status="200") == 1
+    assert value(after, "rpserver_requests_total", route="/chat/tamper", status="400") == 1
+    assert value(after, "rpserver_request_errors_total", route="/chat/tamper") == 1
+    assert value(after, "rpserver_requests_total", route="/login/tmp", status="200") >= 1
