@@ -1,4 +1,4 @@
-"""Reading the caller's identity from a legacy request."""
+"""Reading the caller's identity from a request: the legacy token or an API key."""
 
 from rest_framework import authentication, exceptions
 
@@ -8,9 +8,9 @@ from . import services
 
 
 def token_from(headers_authorization, data):
-    """The token from `Authorization: Token <key>`, else from the `token` field."""
+    """The token from `Authorization: Token <key>` (or `Bearer <key>`), else from the `token` field."""
     parts = (headers_authorization or "").split()
-    if len(parts) == 2 and parts[0].lower() == "token":
+    if len(parts) == 2 and parts[0].lower() in ("token", "bearer"):
         return parts[1]
     return str(data.get("token") or "").strip()
 
@@ -28,6 +28,11 @@ def authenticate_legacy(headers_authorization, data):
     if claimed and claimed != user.username:
         raise ApiError("this token belongs to another user, please log in again", code=403)
     return user
+
+
+def request_token(request):
+    """The token a (DRF) request was authenticated with."""
+    return token_from(request.headers.get("Authorization"), request.data)
 
 
 class LegacyTokenAuthentication(authentication.BaseAuthentication):

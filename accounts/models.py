@@ -11,6 +11,16 @@ class User(AbstractUser):
     is_guest = models.BooleanField(default=False, db_index=True)
     last_seen = models.DateTimeField(null=True, blank=True, db_index=True)
 
+    def save(self, *args, **kwargs):
+        # set_password() keeps the new raw password in _password until the
+        # save: a changed password (admin, createuser, a future UI) revokes
+        # every token issued under the old one. (Re-hashing at log-in with a
+        # newer hasher clears _password first, so it revokes nothing.)
+        password_changed = self._password is not None and self.pk is not None
+        super().save(*args, **kwargs)
+        if password_changed:
+            self.tokens.all().delete()
+
 
 def token_digest(key):
     """Tokens are stored hashed: a leaked database does not leak live tokens."""
@@ -18,12 +28,21 @@ def token_digest(key):
 
 
 class ApiToken(models.Model):
-    """A login token. The key itself is shown once, at login; only its digest is kept."""
+    """A token: a log-in's (expires when unused for RPSERVER_TOKEN_TTL_HOURS) or an
+    API key (`createapikey`, the admin; lasts until revoked). The key itself is
+    shown once; only its digest is kept."""
+
+    LOGIN = "login"
+    API_KEY = "api"
+    KINDS = [(LOGIN, "log-in token"), (API_KEY, "API key")]
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tokens")
     digest = models.CharField(max_length=64, unique=True)
+    kind = models.CharField(max_length=8, choices=KINDS, default=LOGIN)
+    name = models.CharField(max_length=100, blank=True, help_text="what an API key is for")
     created = models.DateTimeField(auto_now_add=True)
     last_used = models.DateTimeField(db_index=True)
 
     def __str__(self):
-        return f"token of {self.user} (last used {self.last_used:%Y-%m-%d %H:%M})"
+        what = f"API key {self.name!r}" if self.kind == self.API_KEY else "token"
+        return f"{what} of {self.user} (last used {self.last_used:%Y-%m-%d %H:%M})"

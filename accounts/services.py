@@ -1,14 +1,16 @@
-"""Accounts: users, guests and tokens."""
+"""Accounts: users, guests, sign-up, log-in, tokens and API keys."""
 
 import secrets
 from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth import authenticate
-from django.db import transaction
+from django.contrib.auth import authenticate, password_validation
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from limits import services as limits
 from rpserver.envelope import ApiError
 
 from .models import ApiToken, User, token_digest
@@ -21,26 +23,44 @@ def token_ttl():
     return timedelta(hours=settings.RPSERVER["TOKEN_TTL_HOURS"])
 
 
-def issue_token(user):
-    """A new random token for `user`; expired tokens of theirs are dropped."""
-    now = timezone.now()
-    ApiToken.objects.filter(user=user, last_used__lt=now - token_ttl()).delete()
+def new_token(user, kind=ApiToken.LOGIN, name=""):
     key = secrets.token_hex(16)
-    ApiToken.objects.create(user=user, digest=token_digest(key), last_used=now)
-    User.objects.filter(pk=user.pk).update(last_seen=now)
+    ApiToken.objects.create(user=user, digest=token_digest(key), kind=kind, name=name, last_used=timezone.now())
     return key
 
 
-def log_in(user_name, password):
-    """Check a password and issue a token, or raise ApiError (code 400)."""
+def issue_token(user):
+    """A new log-in token for `user`; their expired log-in tokens are dropped."""
+    now = timezone.now()
+    ApiToken.objects.filter(user=user, kind=ApiToken.LOGIN, last_used__lt=now - token_ttl()).delete()
+    User.objects.filter(pk=user.pk).update(last_seen=now)
+    return new_token(user)
+
+
+def issue_api_key(user, name=""):
+    """A new API key for `user` (Authorization: Bearer <key>); it lasts until revoked."""
+    return new_token(user, ApiToken.API_KEY, name)
+
+
+def revoke_token(key):
+    """Log out: the token stops working at once."""
+    ApiToken.objects.filter(digest=token_digest(key)).delete()
+
+
+def log_in(user_name, password, address):
+    """Check a password and issue a token, or raise ApiError (400 wrong, 429 backing off)."""
+    limits.check_login_allowed(user_name, address)
     user = authenticate(username=user_name, password=password)
     if user is None or user.is_guest:
+        limits.login_failed(user_name, address)
         raise ApiError("wrong user name or password")
+    limits.login_succeeded(user_name)
     return user, issue_token(user)
 
 
-def create_guest():
+def create_guest(address):
     """A fresh guest account (default characters included) and its token."""
+    limits.check_guest_rate(address)
     with transaction.atomic():
         user = User(username=f"tmp-{secrets.token_hex(16)}", is_guest=True)
         user.set_unusable_password()
@@ -48,14 +68,40 @@ def create_guest():
         return user, issue_token(user)
 
 
+def check_password_rules(password, user):
+    """Django's password validators (AUTH_PASSWORD_VALIDATORS), as one ApiError."""
+    try:
+        password_validation.validate_password(password, user)
+    except ValidationError as exc:
+        raise ApiError(" ".join(exc.messages))
+
+
 def create_user(user_name, password):
-    """A new account with a password (the original server used files in user/)."""
-    if User.objects.filter(username=user_name).exists():
-        raise ApiError(f"user {user_name} already exists")
+    """A new account with a password, checked by the password validators."""
     user = User(username=user_name)
+    try:
+        user.full_clean(exclude=["password"])
+    except ValidationError as exc:
+        if User.objects.filter(username=user_name).exists():
+            raise ApiError(f"user {user_name} already exists")
+        raise ApiError(" ".join(exc.messages))
+    check_password_rules(password, user)
     user.set_password(password)
-    user.save()
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError:  # the same name signed up at the same moment
+        raise ApiError(f"user {user_name} already exists")
     return user
+
+
+def sign_up(user_name, password, address):
+    """A new account and its first token (POST /signup)."""
+    if not settings.RPSERVER["ALLOW_SIGNUP"]:
+        raise ApiError("sign-up is turned off on this server", code=403)
+    limits.check_signup_rate(address)
+    user = create_user(user_name, password)
+    return user, issue_token(user)
 
 
 def user_for_token(key):
@@ -64,7 +110,7 @@ def user_for_token(key):
     if token is None:
         raise ApiError("invalid token, please log in again", code=403)
     now = timezone.now()
-    if token.last_used < now - token_ttl():
+    if token.kind == ApiToken.LOGIN and token.last_used < now - token_ttl():
         token.delete()
         raise ApiError("token expired, please log in again", code=403)
     if token.last_used < now - TOUCH_INTERVAL:

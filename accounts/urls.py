@@ -5,4 +5,6 @@ from . import views
 urlpatterns = [
     path("login", views.LoginView.as_view()),
     path("login/tmp", views.GuestLoginView.as_view()),
+    path("signup", views.SignupView.as_view()),
+    path("logout", views.LogoutView.as_view()),
 ]

@@ -2,9 +2,15 @@ from rest_framework.permissions import AllowAny
 from rest_framework.views import APIView
 
 from rpserver.envelope import ok
+from rpserver.pipeline import client_address
 
 from . import services
+from .auth import request_token
 from .serializers import LoginSerializer
+
+
+def account_data(user, key):
+    return ok({"user_name": user.username, "token": key})
 
 
 class LoginView(APIView):
@@ -14,8 +20,17 @@ class LoginView(APIView):
     def post(self, request):
         form = LoginSerializer(data=request.data)
         form.is_valid(raise_exception=True)
-        user, key = services.log_in(**form.validated_data)
-        return ok({"user_name": user.username, "token": key})
+        return account_data(*services.log_in(**form.validated_data, address=client_address(request)))
+
+
+class SignupView(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    def post(self, request):
+        form = LoginSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        return account_data(*services.sign_up(**form.validated_data, address=client_address(request)))
 
 
 class GuestLoginView(APIView):
@@ -23,5 +38,10 @@ class GuestLoginView(APIView):
     permission_classes = [AllowAny]
 
     def post(self, request):
-        user, key = services.create_guest()
-        return ok({"user_name": user.username, "token": key})
+        return account_data(*services.create_guest(client_address(request)))
+
+
+class LogoutView(APIView):
+    def post(self, request):
+        services.revoke_token(request_token(request))
+        return ok()

@@ -33,3 +33,8 @@ class Character(models.Model):
 
     def __str__(self):
         return f"{self.name} ({self.owner})"
+
+    @property
+    def lock_name(self):
+        """The lock (locks.services) over the character and its conversation."""
+        return f"character:{self.pk}"

@@ -13,7 +13,7 @@ class RoundInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("character", "owner", "updated", "locked_at")
+    list_display = ("character", "owner", "updated")
     search_fields = ("owner__username", "character__name")
     raw_id_fields = ("owner", "character")
     inlines = [RoundInline]

@@ -6,8 +6,11 @@ class ChatConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self):
+        from characters.signals import character_changed
         from rpserver.files import connect_file_cleanup
 
         from .models import PromptState, Round
+        from .services import discard_conversations
 
         connect_file_cleanup(Round, PromptState)
+        character_changed.connect(discard_conversations, dispatch_uid="discard-conversations")

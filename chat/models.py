@@ -13,17 +13,19 @@ def state_path(instance, filename):
     return state_name(instance.owner_id)
 
 
+def decode_tokens(raw):
+    """A Round's `tokens` bytes as a list of token ids."""
+    return array.array("I", bytes(raw)).tolist()
+
+
 class Conversation(models.Model):
     """The chat of one user with one character (one per character, as in the legacy API).
 
-    `locked_at`/`lock_owner` form a per-conversation lock in the database, so
-    two requests (in one process or several) never change it at once.
+    Changes to it run under its character's lock (Character.lock_name, see locks.services).
     """
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     character = models.OneToOneField(Character, on_delete=models.CASCADE, related_name="conversation")
-    locked_at = models.DateTimeField(null=True, blank=True)
-    lock_owner = models.CharField(max_length=32, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -66,7 +68,7 @@ class Round(models.Model):
 
     @property
     def token_list(self):
-        return array.array("I", bytes(self.tokens)).tolist()
+        return decode_tokens(self.tokens)
 
     def set_tokens(self, tokens):
         self.tokens = array.array("I", tokens).tobytes()

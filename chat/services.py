@@ -6,37 +6,42 @@ chat.models.Round), so the context can always be rebuilt, and keeps state
 snapshots so that it usually need not be.
 
 Locking: every change (reply, regenerate, overwrite, back, reset, and saving
-or deleting the character) runs under the conversation's lock, taken with
-one conditional UPDATE in the database so it holds across processes. A
-second request meanwhile gets code 400 at once instead of racing the first.
-The lock's holder re-checks it in the transaction that stores its result.
+or deleting the character) runs under the character's lock (locks.services:
+a lock held by a live server process, freed when it dies). A second request
+meanwhile gets code 400 at once instead of racing the first. The holder
+re-checks the lock in the transaction that stores its result, and that
+transaction also releases it.
+
+A reply costs two trips to the database thread: `prepare_reply` (rate limit,
+lock, conversation, where its state is) and `commit_round` (store, prune,
+release); state blobs are read and written beside it (chat.snapshots).
 """
 
 import asyncio
 import dataclasses
 import hashlib
 import logging
-import uuid
-from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from characters.services import get_character
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
+from limits import services as limits
+from locks import services as locks
 from rpserver.envelope import ApiError
 from rpserver.files import delete_file_on_commit
 
-from .models import Conversation, PromptState, Round
+from .models import Conversation, PromptState, Round, decode_tokens
 from .snapshots import blob_io, delete_states, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
 BUSY = "a reply is already being generated for this character, please wait for it to finish"
+LOST = "this conversation was changed by another request meanwhile, please reload it"
 
 
 def db(function):
@@ -67,13 +72,16 @@ def first_round(conversation, character):
 
 def open_conversation(owner, name):
     """The owner's conversation with a character, created with round 0 if there is none."""
-    character = get_character(owner, name)
+    return conversation_of(get_character(owner, name))
+
+
+def conversation_of(character):
     conversation = Conversation.objects.filter(character=character).first()
     if conversation is not None and conversation.rounds.exists():
         return conversation
     try:
         with transaction.atomic():
-            conversation, _ = Conversation.objects.get_or_create(character=character, owner=owner)
+            conversation, _ = Conversation.objects.get_or_create(character=character, owner=character.owner)
             if not conversation.rounds.exists():
                 first_round(conversation, character).save()
     except IntegrityError:  # another request created it meanwhile
@@ -110,47 +118,54 @@ class Lease:
     character: object
     key: str
     last: Round
+    released: bool = False
+
+    @property
+    def lock_name(self):
+        return self.character.lock_name
 
 
 def acquire(owner, name):
-    """Lock the owner's conversation with `name`; ApiError(BUSY) if it is taken.
-
-    A lock older than RPSERVER_LOCK_TIMEOUT_SECONDS (its holder died) is taken over.
-    """
-    conversation = open_conversation(owner, name)
-    key = uuid.uuid4().hex
-    now = timezone.now()
-    stale = now - timedelta(seconds=settings.RPSERVER["LOCK_TIMEOUT_SECONDS"])
-    taken = Conversation.objects.filter(pk=conversation.pk).filter(
-        Q(locked_at__isnull=True) | Q(locked_at__lt=stale)
-    ).update(locked_at=now, lock_owner=key)
-    if not taken:
+    """Lock the owner's conversation with `name` (opened if new); ApiError(BUSY) if it is taken."""
+    character = get_character(owner, name)
+    try:
+        key = locks.acquire(character.lock_name)
+    except locks.Busy:
         raise ApiError(BUSY)
-    last = conversation.rounds.order_by("-index").first()
-    return Lease(conversation, conversation.character, key, last)
+    try:
+        conversation = conversation_of(character)
+        last = conversation.rounds.order_by("-index").first()
+    except BaseException:
+        locks.release(character.lock_name, key)
+        raise
+    return Lease(conversation, character, key, last)
 
 
 def release(lease):
-    Conversation.objects.filter(pk=lease.conversation.pk, lock_owner=lease.key).update(
-        locked_at=None, lock_owner="")
+    if not lease.released:
+        locks.release(lease.lock_name, lease.key)
+        lease.released = True
 
 
 def check_lease(lease):
-    """Inside the storing transaction: the lock is still ours (not taken over as stale)."""
-    held = Conversation.objects.select_for_update().filter(
-        pk=lease.conversation.pk, lock_owner=lease.key).exists()
-    if not held:
-        raise ApiError("this conversation was changed by another request meanwhile, please reload it")
+    """Inside the storing transaction: the lock is still ours."""
+    try:
+        locks.check(lease.lock_name, lease.key)
+    except locks.Lost:
+        raise ApiError(LOST)
 
 
-def discard_conversations(character):
-    """Drop a character's conversation and cached prompt states (character saved or deleted).
+def commit_and_release(lease):
+    """Inside the storing transaction: release the lock with the commit (one trip for both)."""
+    locks.release(lease.lock_name, lease.key)
+    transaction.on_commit(lambda: setattr(lease, "released", True))
 
-    Refused while a reply is being generated for it. Call inside a transaction.
-    """
-    stale = timezone.now() - timedelta(seconds=settings.RPSERVER["LOCK_TIMEOUT_SECONDS"])
-    if Conversation.objects.filter(character=character, locked_at__gte=stale).exists():
-        raise ApiError(BUSY)
+
+def discard_conversations(character, **kwargs):
+    """characters.signals.character_changed receiver: the character's prompt changed
+    (or it is deleted), so its conversation and cached prompt states go.
+
+    The characters service holds the character's lock and a transaction."""
     for conversation in Conversation.objects.filter(character=character):
         conversation.delete()
     for prompt_state in PromptState.objects.filter(character=character):
@@ -177,16 +192,19 @@ def stored_states(conversation, index, backend):
     return found
 
 
-async def base_state(conversation, index, backend):
-    """The newest readable stored state at or before round `index`: (round index, state).
-
-    (-1, None) means none is usable: start from the zero state.
-    """
-    for found_index, name in await db(stored_states)(conversation, index, backend):
+async def first_readable(candidates, backend):
+    """The first of stored_states()'s candidates that loads: (round index, state);
+    (-1, None) when none does (start from the zero state)."""
+    for found_index, name in candidates:
         state = await blob_io(load_state)(name, backend)
         if state is not None:
             return found_index, state
     return -1, None
+
+
+async def base_state(conversation, index, backend):
+    """The newest readable stored state at or before round `index`: (round index, state)."""
+    return await first_readable(await db(stored_states)(conversation, index, backend), backend)
 
 
 def tokens_between(conversation, after, upto):
@@ -197,10 +215,17 @@ def tokens_between(conversation, after, upto):
     return tokens
 
 
-def keeps_snapshot(index, last_index):
-    """Which rounds keep their post-round snapshot: the recent ones and checkpoints."""
+def keeps_snapshot(conversation, index, last_index):
+    """Which rounds keep their post-round snapshot: the recent ones, and checkpoints.
+
+    Guests keep no checkpoints: that is their stored-state quota (at most
+    STATE_KEEP_RECENT + 2 blobs per character, however long they chat; an
+    old round is rebuilt by re-reading from the nearest one).
+    """
     config = settings.RPSERVER
-    return index > last_index - config["STATE_KEEP_RECENT"] or index % config["STATE_CHECKPOINT_EVERY"] == 0
+    if index > last_index - config["STATE_KEEP_RECENT"]:
+        return True
+    return index % config["STATE_CHECKPOINT_EVERY"] == 0 and not conversation.owner.is_guest
 
 
 async def remember_state(conversation, index, state, backend):
@@ -237,7 +262,7 @@ def keep_remembered(conversation, index, name, backend):
         except IntegrityError:  # computed twice at once: keep the first
             return False
         return True
-    if not keeps_snapshot(index, last_index):
+    if not keeps_snapshot(conversation, index, last_index):
         return False
     old = round_.post_state
     with transaction.atomic():
@@ -280,40 +305,44 @@ def prune_snapshots(conversation, last_index):
         delete_file_on_commit(round_.pre_state)
         Round.objects.filter(pk=round_.pk).update(pre_state="")
     for round_ in conversation.rounds.exclude(post_state="").filter(index__lt=last_index):
-        if not keeps_snapshot(round_.index, last_index):
+        if not keeps_snapshot(conversation, round_.index, last_index):
             delete_file_on_commit(round_.post_state)
             Round.objects.filter(pk=round_.pk).update(post_state="")
 
 
-async def store_round(lease, round_, pre_state, post_state, backend):
-    """Write a round's snapshots, then save it, under the lease, in one transaction.
+async def store_round(lease, round_, pre_state, post_state, backend, remembered=None):
+    """Write a round's snapshots, then save it and release the lock, in one transaction.
 
-    `pre_state` None keeps the round's stored one. On any failure the new
+    `pre_state` None keeps the round's stored one. `remembered` (round index,
+    state) is a rebuilt earlier state to keep too. On any failure the new
     blobs are deleted and the conversation is left as it was.
     """
-    await asyncio.shield(_store_round(lease, round_, pre_state, post_state, backend))
+    await asyncio.shield(_store_round(lease, round_, pre_state, post_state, backend, remembered))
 
 
-async def _store_round(lease, round_, pre_state, post_state, backend):
+async def _store_round(lease, round_, pre_state, post_state, backend, remembered):
     # Shielded: a client going away mid-way must not leave written blobs unreferenced.
-    fields = [field for field, state in (("pre_state", pre_state), ("post_state", post_state)) if state is not None]
+    states = {"pre_state": pre_state, "post_state": post_state, "remembered": remembered and remembered[1]}
+    states = {field: state for field, state in states.items() if state is not None}
     written = await asyncio.gather(*(blob_io(save_state)(lease.conversation.owner_id, backend, state)
-                                     for state in (pre_state, post_state) if state is not None),
-                                   return_exceptions=True)
+                                     for state in states.values()), return_exceptions=True)
     names = [name for name in written if isinstance(name, str)]
     try:
         for failure in written:
             if isinstance(failure, BaseException):
                 raise failure
-        await db(commit_round)(lease, round_, dict(zip(fields, names)), backend)
+        blobs = dict(zip(states, names))
+        remembered_blob = (remembered[0], blobs.pop("remembered")) if remembered else None
+        await db(commit_round)(lease, round_, blobs, backend, remembered_blob)
     except BaseException:
         await blob_io(delete_states)(names)
         raise
 
 
-def commit_round(lease, round_, blobs, backend):
+def commit_round(lease, round_, blobs, backend, remembered=None):
     """The database part of store_round: point the round at its new blobs
-    ({field: name}) and save it; the blobs it pointed to go once this commits."""
+    ({field: name}), keep a remembered (index, name) if it is wanted, save,
+    prune, release the lock; the blobs it no longer points to go once this commits."""
     old_files = [getattr(round_, field) for field in blobs]
     for field, name in blobs.items():
         setattr(round_, field, name)
@@ -321,18 +350,53 @@ def commit_round(lease, round_, blobs, backend):
     with transaction.atomic():
         check_lease(lease)
         round_.save()
+        if remembered and not keep_remembered(lease.conversation, *remembered, backend):
+            transaction.on_commit(lambda: delete_states([remembered[1]]))
         prune_snapshots(lease.conversation, round_.index)
         Conversation.objects.filter(pk=lease.conversation.pk).update(updated=timezone.now())
         for old in old_files:
             delete_file_on_commit(old)
+        commit_and_release(lease)
+
+
+@dataclasses.dataclass
+class ReplyPlan:
+    """What prepare_reply found: the lease, and where the conversation's state is."""
+
+    lease: Lease
+    candidates: list  # stored_states() at the last round, newest first
+    tokens: dict  # {round index: tokens} of every round after the oldest candidate
+
+    def replay_after(self, base_index):
+        """The tokens of the rounds after `base_index`; None if they were not fetched."""
+        indexes = range(base_index + 1, self.lease.last.index + 1)
+        if any(index not in self.tokens for index in indexes):
+            return None
+        return [token for index in indexes for token in self.tokens[index]]
+
+
+def prepare_reply(owner, name, backend):
+    """The database part of a new reply, in one trip: the reply rate limit, the
+    lock, the conversation, where its latest state may be stored."""
+    limits.check_reply_rate(owner)
+    lease = acquire(owner, name)
+    try:
+        candidates = stored_states(lease.conversation, lease.last.index, backend)
+        oldest = min([index for index, _ in candidates], default=-1)
+        rows = lease.conversation.rounds.filter(index__gt=oldest).values_list("index", "tokens")
+        return ReplyPlan(lease, candidates, {index: decode_tokens(raw) for index, raw in rows})
+    except BaseException:
+        release(lease)
+        raise
 
 
 class ReplyStream:
     """A reply being generated under a lease: iterate for the growing text.
 
-    When the reply ends, the round is stored; if the client goes away (the
-    iteration is cancelled), generation stops and nothing is stored. The
-    lock is released either way.
+    When the reply ends, the round is stored (and the lock released with
+    it); if the client goes away (the iteration is cancelled), generation
+    stops and nothing is stored. The lock and the user's engine share are
+    given back either way.
     """
 
     def __init__(self, lease, generation, round_, pre_state=None, replayed=0):
@@ -357,15 +421,13 @@ class ReplyStream:
             round_.bot_text = reply.text
             round_.set_tokens(round_.token_list[:round_.reply_start] + reply.tokens)
             pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
-            backend = get_engine().backend
-            if self.replayed:
-                await remember_state(self.lease.conversation, round_.index - 1, reply.snapshots[self.replayed],
-                                     backend)
-            await store_round(self.lease, round_, pre_state, reply.state, backend)
+            remembered = (round_.index - 1, reply.snapshots[self.replayed]) if self.replayed else None
+            await store_round(self.lease, round_, pre_state, reply.state, get_engine().backend, remembered)
             finished = True
         finally:
             if not finished:
                 self.generation.cancel()
+            limits.engine_share.give_back(self.lease.conversation.owner_id)
             await db(release)(self.lease)
 
 
@@ -378,19 +440,41 @@ async def run_locked(owner, name, work):
         await db(release)(lease)
 
 
+async def start_stream(lease, make_stream):
+    """Under `lease`: count the reply in its user's share of the engine
+    (limits.engine_share; taken under the lock, so that a second reply to a
+    busy conversation is told it is busy rather than over its share), then
+    `make_stream()`. On any failure the share and the lock are given back."""
+    owner_id = lease.conversation.owner_id
+    shared = False
+    try:
+        limits.engine_share.take(owner_id)
+        shared = True
+        return await make_stream()
+    except BaseException:
+        if shared:
+            limits.engine_share.give_back(owner_id)
+        await db(release)(lease)
+        raise
+
+
 async def start_reply(owner, name, prompt, sampling, seed=None):
     """Begin the character's reply to `prompt`; returns a ReplyStream. Takes the lock."""
     if not prompt_format.clean_turn(prompt):
         raise ApiError("prompt must not be empty")
-    lease = await db(acquire)(owner, name)
-    try:
-        engine = get_engine()
+    engine = get_engine()
+    plan = await db(prepare_reply)(owner, name, engine.backend)
+    lease = plan.lease
+
+    async def make_stream():
         # When the last round's state is not stored, one job re-reads the
-        # rounds since the newest snapshot and then the new turn (the state in
-        # between is remembered when the reply is stored).
+        # rounds since the newest snapshot and then the new turn (the state
+        # in between is remembered when the reply is stored).
         last = lease.last.index
-        base_index, state = await base_state(lease.conversation, last, engine.backend)
-        replay = await db(tokens_between)(lease.conversation, base_index, last) if base_index < last else []
+        base_index, state = await first_readable(plan.candidates, engine.backend)
+        replay = plan.replay_after(base_index)
+        if replay is None:  # no stored state was readable: re-read everything
+            replay = await db(tokens_between)(lease.conversation, base_index, last)
         user, bot = speaker_names(lease.character)
         head = engine.tokenizer.encode(prompt_format.user_turn(user, bot, prompt))
         round_ = Round(conversation=lease.conversation, index=last + 1, user_text=prompt, reply_start=len(head))
@@ -399,15 +483,16 @@ async def start_reply(owner, name, prompt, sampling, seed=None):
         generation = engine.generate(state, tokens, sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
                                      seed=seed, snapshot_at={len(replay), len(tokens) - 1})
         return ReplyStream(lease, generation, round_, replayed=len(replay))
-    except BaseException:
-        await db(release)(lease)
-        raise
+
+    return await start_stream(lease, make_stream)
 
 
 async def start_resay(owner, name, sampling, seed=None):
     """Begin a new version of the last reply; returns a ReplyStream. Takes the lock."""
+    await db(limits.check_reply_rate)(owner)
     lease = await db(acquire)(owner, name)
-    try:
+
+    async def make_stream():
         engine = get_engine()
         round_ = lease.last
         pre_state, rebuilt = await state_before_reply(lease, round_)
@@ -415,9 +500,8 @@ async def start_resay(owner, name, sampling, seed=None):
         generation = engine.generate(pre_state, last_prompt_token, sampling,
                                      settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
         return ReplyStream(lease, generation, round_, pre_state=pre_state if rebuilt else None)
-    except BaseException:
-        await db(release)(lease)
-        raise
+
+    return await start_stream(lease, make_stream)
 
 
 async def tamper(owner, name, message):
@@ -464,6 +548,7 @@ def restart(lease):
         for round_ in lease.conversation.rounds.all():
             round_.delete()
         first_round(lease.conversation, lease.character).save()
+        commit_and_release(lease)
     return chat_log(lease.conversation)
 
 

@@ -15,7 +15,7 @@ from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
 from accounts.services import user_for_token
-from rpserver.cors import cors_headers
+from rpserver.pipeline import cors_headers
 from rpserver.envelope import ApiError
 
 from . import serializers, services

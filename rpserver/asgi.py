@@ -1,4 +1,4 @@
-"""The ASGI application: Channels consumers for the streams, Django for the rest."""
+"""The ASGI application: the request pipeline around Channels consumers for the streams and Django for the rest."""
 
 import os
 
@@ -11,11 +11,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from chat.routing import http_routes  # noqa: E402
+from openai_api.routing import http_routes as openai_routes  # noqa: E402
 from rpserver import metrics  # noqa: E402
+from rpserver.pipeline import Pipeline  # noqa: E402
 
-http_application = URLRouter(http_routes + [re_path(r"", django_application)])
+http_application = Pipeline(URLRouter(http_routes + openai_routes + [re_path(r"", django_application)]))
 if metrics.enabled():  # counted only where /metrics can be read
-    http_application = metrics.MetricsMiddleware(http_application, stream_routes=http_routes)
+    http_application = metrics.MetricsMiddleware(http_application, stream_routes=http_routes + openai_routes)
 
 application = ProtocolTypeRouter({
     "http": http_application,

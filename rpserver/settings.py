@@ -77,17 +77,20 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "corsheaders",
     "rest_framework",
     "channels",
     "accounts",
+    "limits",
+    "locks",
     "characters",
     "chat",
     "inference",
+    "web",
+    "statecache",
+    "openai_api",
 ]
 
 MIDDLEWARE = [
-    "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -173,24 +176,19 @@ if env_str("RPSERVER_S3_BUCKET"):
     }
 WHITENOISE_USE_FINDERS = True
 
-# The legacy UI is served from another origin and sends no cookies.
+# The legacy UI is served from another origin and sends no cookies: the API
+# routes answer every origin, or only these (rpserver/pipeline.py adds the headers).
 CORS_ALLOWED_ORIGINS = env_list("RPSERVER_CORS_ORIGINS", [])
-CORS_ALLOW_ALL_ORIGINS = not CORS_ALLOWED_ORIGINS
-CORS_URLS_REGEX = r"^/(login|characters|chat|debug)/"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.auth.LegacyTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PARSER_CLASSES": [
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.JSONParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # The pipeline (rpserver/pipeline.py) parsed the body already, for views and streams alike.
+    "DEFAULT_PARSER_CLASSES": ["rpserver.pipeline.FieldsParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "rpserver.envelope.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
-DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("RPSERVER_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 
 # No channel layer: a stream is written by the process that took its request
 # (the engine's tokens never cross processes), and no consumer sends to
@@ -208,7 +206,27 @@ RPSERVER = {
     "MAX_AVATAR_BYTES": env_int("RPSERVER_MAX_AVATAR_BYTES", 2 * 1024 * 1024, minimum=1),
     "MAX_AVATAR_PIXELS": env_int("RPSERVER_MAX_AVATAR_PIXELS", 4096 * 4096, minimum=1),
     "TOKEN_TTL_HOURS": env_int("RPSERVER_TOKEN_TTL_HOURS", 24 * 30, minimum=1),
-    "LOCK_TIMEOUT_SECONDS": env_int("RPSERVER_LOCK_TIMEOUT_SECONDS", 600, minimum=1),
+    "ALLOW_SIGNUP": env_bool("RPSERVER_ALLOW_SIGNUP", True),
+    # Trust X-Forwarded-For for the client's address (only behind a proxy that sets it: deploy/nginx.conf).
+    "TRUST_X_FORWARDED_FOR": env_bool("RPSERVER_TRUST_X_FORWARDED_FOR", False),
+    "SHUTDOWN_GRACE_SECONDS": env_int("RPSERVER_SHUTDOWN_GRACE_SECONDS", 5, minimum=0),
+    "MAX_BODY_BYTES": env_int("RPSERVER_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+    "MAX_FIELDS": env_int("RPSERVER_MAX_FIELDS", 100, minimum=1),
+    "MAX_JSON_DEPTH": env_int("RPSERVER_MAX_JSON_DEPTH", 20, minimum=2),
+    # Abuse limits (limits/services.py); a rate of 0 turns that limit off.
+    "LIMITS": {
+        "LOGIN_FREE_FAILURES_PER_ACCOUNT": env_int("RPSERVER_LOGIN_FREE_FAILURES_PER_ACCOUNT", 5, minimum=0),
+        "LOGIN_FREE_FAILURES_PER_ADDRESS": env_int("RPSERVER_LOGIN_FREE_FAILURES_PER_ADDRESS", 20, minimum=0),
+        "LOGIN_BACKOFF_SECONDS": env_int("RPSERVER_LOGIN_BACKOFF_SECONDS", 2, minimum=1),
+        "LOGIN_BACKOFF_MAX_SECONDS": env_int("RPSERVER_LOGIN_BACKOFF_MAX_SECONDS", 900, minimum=1),
+        "LOGIN_FAILURE_WINDOW_SECONDS": env_int("RPSERVER_LOGIN_FAILURE_WINDOW_SECONDS", 3600, minimum=1),
+        "GUESTS_PER_HOUR_PER_ADDRESS": env_int("RPSERVER_GUESTS_PER_HOUR_PER_ADDRESS", 30, minimum=0),
+        "SIGNUPS_PER_HOUR_PER_ADDRESS": env_int("RPSERVER_SIGNUPS_PER_HOUR_PER_ADDRESS", 10, minimum=0),
+        "REPLIES_PER_MINUTE": env_int("RPSERVER_REPLIES_PER_MINUTE", 30, minimum=0),
+        "MAX_REPLIES_PER_USER": env_int("RPSERVER_MAX_REPLIES_PER_USER", 2, minimum=0),
+        "GUEST_MAX_CHARACTERS": env_int("RPSERVER_GUEST_MAX_CHARACTERS", 20, minimum=0),
+        "GUEST_MAX_AVATAR_BYTES": env_int("RPSERVER_GUEST_MAX_AVATAR_BYTES", 256 * 1024, minimum=0),
+    },
     "STATE_KEEP_RECENT": env_int("RPSERVER_STATE_KEEP_RECENT", 4, minimum=1),
     "STATE_CHECKPOINT_EVERY": env_int("RPSERVER_STATE_CHECKPOINT_EVERY", 8, minimum=1),
     "PREFILL_CHUNK": env_int("RPSERVER_PREFILL_CHUNK", 256, minimum=1),
@@ -218,7 +236,15 @@ RPSERVER = {
     "PREFILL_THREADS": env_int("RPSERVER_PREFILL_THREADS", 0, minimum=0),
     # /metrics answers only with this bearer token; unset, the route does not exist.
     "METRICS_TOKEN": env_str("RPSERVER_METRICS_TOKEN"),
+    # The shared state cache (statecache/) and the OpenAI-compatible API (openai_api/).
+    "STATE_CACHE_MB": env_int("RPSERVER_STATE_CACHE_MB", 512, minimum=0),
+    "STATE_CACHE_DISK_MB": env_int("RPSERVER_STATE_CACHE_DISK_MB", 4096, minimum=0),
+    "OPENAI_ANONYMOUS": env_bool("RPSERVER_OPENAI_ANONYMOUS", False),
+    "OPENAI_MODEL_NAME": env_str("RPSERVER_OPENAI_MODEL_NAME"),
 }
+
+# The API's body limit is the pipeline's (rpserver/pipeline.py); Django's own, for the admin's forms, is the same.
+DATA_UPLOAD_MAX_MEMORY_SIZE = RPSERVER["MAX_BODY_BYTES"]
 
 LOGGING = {
     "version": 1,

@@ -35,6 +35,11 @@ TEST_ENV = {
     "RWKV_V7_ON": "1",
     "RWKV_JIT_ON": "1",
     "RWKV_CUDA_ON": "0",
+    # The suite makes many guests and replies from one address: the abuse
+    # limits are off here, and on in the servers of tests/test_limits.py.
+    "RPSERVER_GUESTS_PER_HOUR_PER_ADDRESS": "0",
+    "RPSERVER_SIGNUPS_PER_HOUR_PER_ADDRESS": "0",
+    "RPSERVER_REPLIES_PER_MINUTE": "0",
 }
 
 # The database of the whole run: SQLite in DATA_DIR (the default), or with

@@ -42,16 +42,27 @@ def test_the_context_is_exactly_what_the_model_read(mira):
     assert context["token_count"] == stored
 
 
-def test_each_round_keeps_the_snapshots_it_needs(mira):
+def kept_snapshots(user):
     for i in range(5):
-        mira.reply("Mira", f"message {i}")
-    kept = {r.index: (bool(r.pre_state), bool(r.post_state)) for r in rounds(mira.user_name)}
+        user.reply("Mira", f"message {i}")
+    return {r.index: (bool(r.pre_state), bool(r.post_state)) for r in rounds(user.user_name)}
+
+
+def test_each_round_keeps_the_snapshots_it_needs(alice):
+    alice.ok("/characters/save", **CHARACTER)
+    kept = kept_snapshots(alice)
     # pre-reply state for the last round only; post-round states for the
     # 2 most recent rounds and every 3rd (RPSERVER_STATE_KEEP_RECENT=2, _CHECKPOINT_EVERY=3);
     # round 0's is the character's cached prompt state.
-    assert PromptState.objects.filter(character__owner__username=mira.user_name).count() == 1
+    assert PromptState.objects.filter(character__owner__username=alice.user_name).count() == 1
     assert kept == {0: (False, False), 1: (False, False), 2: (False, False), 3: (False, True),
                     4: (False, True), 5: (True, True)}
+
+
+def test_guests_keep_no_checkpoints(mira):
+    # A guest's stored states are bounded, however long it chats: the recent rounds only.
+    assert kept_snapshots(mira) == {0: (False, False), 1: (False, False), 2: (False, False),
+                                    3: (False, False), 4: (False, True), 5: (True, True)}
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -232,7 +243,7 @@ def test_a_client_that_disconnects_stops_its_reply(long_server):
         threading.Event().wait(0.05)
     assert body["code"] == 200
     assert guest.chat("Mira") == [[None, "ok"]]
-    assert "client disconnected: reply cancelled" in long_server.log()
+    assert "client disconnected: /chat/reply cancelled" in long_server.log()
 
 
 def test_a_reply_after_a_lost_snapshot_rereads_and_remembers_it(mira):

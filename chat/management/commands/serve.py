@@ -1,5 +1,6 @@
 import logging
 
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
@@ -22,25 +23,39 @@ class Command(BaseCommand):
 
     def handle(self, model, port, host, strategy, cuda_on, jit_on, **options):
         from daphne.endpoints import build_endpoint_description_strings
-        from daphne.server import Server
 
         from inference.checkpoint import CheckpointError
         from inference.runtime import load_engine
+        from locks import services as locks
+        from rpserver.server import Server
 
         call_command("migrate", interactive=False, verbosity=0)
+        locks.instance()  # registers this process, freeing the locks of a dead predecessor at once
         try:
-            load_engine(model=model, strategy=strategy, jit_on=bool(jit_on), cuda_on=bool(cuda_on))
+            engine = load_engine(model=model, strategy=strategy, jit_on=bool(jit_on), cuda_on=bool(cuda_on))
         except (CheckpointError, ValueError) as exc:
+            locks.stop_instance()
             raise CommandError(str(exc))
         from rpserver.asgi import application
 
+        forwarded = settings.RPSERVER["TRUST_X_FORWARDED_FOR"]
         logger.info("rpserver listening on http://%s:%s/ (admin at /admin/)", host, port)
-        Server(
-            application=application,
-            endpoints=build_endpoint_description_strings(host=host, port=port),
-            http_timeout=None,
-            websocket_timeout=None,
-            application_close_timeout=10,
-            verbosity=0,
-            server_name="rpserver",
-        ).run()
+        try:
+            Server(
+                application=application,
+                endpoints=build_endpoint_description_strings(host=host, port=port),
+                http_timeout=None,
+                websocket_timeout=None,
+                application_close_timeout=10,
+                verbosity=0,
+                server_name="rpserver",
+                proxy_forwarded_address_header="X-Forwarded-For" if forwarded else None,
+                proxy_forwarded_port_header="X-Forwarded-Port" if forwarded else None,
+                proxy_forwarded_proto_header="X-Forwarded-Proto" if forwarded else None,
+            ).run()
+        finally:
+            # The engine's thread must be out of the model before the interpreter
+            # exits (a thread killed inside a PyTorch call aborts the process).
+            engine.stop()
+            locks.stop_instance()
+            logger.info("rpserver stopped")

@@ -1,0 +1,185 @@
+"""Locks that die with their holder: one home for the lock and its rules.
+
+A lock is a row (locks.models.Lock) naming the server process that holds it
+(a ServerInstance row) and the request within it (a random key). Taking it is
+one INSERT: the unique name makes a second taker fail at once, in one
+process or across several on one database.
+
+Why each piece:
+- The holder is a process, not a time: a running reply keeps its lock for as
+  long as it runs, however long, while its process lives. (A timeout on the
+  lock itself would hand a long reply's conversation to a second request.)
+- A process proves it lives by a heartbeat (every HEARTBEAT_SECONDS). A
+  process whose heartbeat is older than DEAD_AFTER_SECONDS is dead: its row
+  is deleted and its locks go with it (CASCADE), so a crashed process's
+  locks free within DEAD_AFTER_SECONDS + HEARTBEAT_SECONDS on any other
+  process that wants one of them.
+- A restarted server on the same host frees its predecessor's locks at once:
+  at start-up, instances on this host whose process id is not running (or is
+  our own: a container restarts as pid 1 again) are dead.
+- A process that was stalled so long that another reaped it (its row is
+  gone) finds out at its next heartbeat and registers again, and its
+  requests fail their `check` at commit: nothing it stores can overwrite the
+  work of the request that took the lock over.
+- A clean stop deletes the instance's row, freeing anything still held.
+"""
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from datetime import timedelta
+
+from django.db import IntegrityError, close_old_connections, transaction
+from django.utils import timezone
+
+from .models import Lock, ServerInstance
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5
+DEAD_AFTER_SECONDS = 20
+
+HOST = socket.gethostname()
+
+
+class Busy(Exception):
+    """The lock is held by a live request."""
+
+
+class Lost(Exception):
+    """The lock is no longer ours (our process was taken for dead meanwhile)."""
+
+
+class Instance:
+    """This process's identity as a lock holder, with its heartbeat thread."""
+
+    def __init__(self):
+        self.id = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = None
+
+    def register(self):
+        """Reap the dead (see the module's notes), then record this process as alive."""
+        reap_dead_here()
+        reap_expired()
+        ServerInstance.objects.update_or_create(
+            id=self.id, defaults={"host": HOST, "pid": os.getpid(), "heartbeat": timezone.now()})
+
+    def start(self):
+        self.register()
+        self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                close_old_connections()
+                if not ServerInstance.objects.filter(id=self.id).update(heartbeat=timezone.now()):
+                    logger.warning("this server was taken for dead (no heartbeat for %s s); registering again",
+                                   DEAD_AFTER_SECONDS)
+                    self.register()
+                reap_expired()
+            except Exception:  # the database may be away for a moment: try again next beat
+                logger.exception("lock heartbeat failed")
+        close_old_connections()
+
+    def stop(self):
+        """Stop beating and free every lock this process still holds."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=HEARTBEAT_SECONDS + 5)
+        ServerInstance.objects.filter(id=self.id).delete()
+
+
+_instance = None
+
+
+def instance():
+    """This process's Instance (registered and beating on first use)."""
+    global _instance
+    if _instance is None:
+        _instance = Instance()
+        _instance.start()
+    return _instance
+
+
+def stop_instance():
+    global _instance
+    if _instance is not None:
+        _instance.stop()
+        _instance = None
+
+
+def pid_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        return True
+    return True
+
+
+def reap_dead_here():
+    """Delete the instances of this host whose process is gone (their locks go too)."""
+    for row in ServerInstance.objects.filter(host=HOST):
+        if row.pid == os.getpid() or not pid_running(row.pid):
+            row.delete()
+
+
+def reap_expired():
+    """Delete the instances whose heartbeat stopped (their locks go too)."""
+    ServerInstance.objects.filter(heartbeat__lt=timezone.now() - timedelta(seconds=DEAD_AFTER_SECONDS)).delete()
+
+
+def acquire(name):
+    """Take the lock `name` for this request; returns its key. Busy if a live request holds it.
+
+    Call outside a transaction or inside one (the INSERT is its own savepoint).
+    """
+    me = instance()
+    key = uuid.uuid4().hex
+    for attempt in (1, 2):
+        try:
+            with transaction.atomic():
+                Lock.objects.create(name=name, holder_id=me.id, key=key)
+            return key
+        except IntegrityError:
+            if attempt == 2 or not reap_holder_if_dead(name):
+                raise Busy(name)
+    raise Busy(name)
+
+
+def reap_holder_if_dead(name):
+    """If `name` is held by a dead process, reap it; True when the lock is free now."""
+    lock = Lock.objects.select_related("holder").filter(name=name).first()
+    if lock is None:
+        return True
+    holder = lock.holder
+    dead = holder.heartbeat < timezone.now() - timedelta(seconds=DEAD_AFTER_SECONDS) or (
+        holder.host == HOST and holder.id != instance().id and not pid_running(holder.pid))
+    if dead:
+        holder.delete()
+    return dead
+
+
+def release(name, key):
+    Lock.objects.filter(name=name, key=key).delete()
+
+
+def check(name, key):
+    """Inside the transaction that stores a locked change: the lock is still ours
+    (row-locked until the commit, so it cannot be reaped meanwhile). Lost if not."""
+    if not Lock.objects.select_for_update().filter(name=name, key=key).exists():
+        raise Lost(name)
+
+
+def is_held(name):
+    """Whether a live request holds `name` (a dead holder's lock is reaped and does not count)."""
+    return Lock.objects.filter(name=name).exists() and not reap_holder_if_dead(name)
+
+
+def held_count():
+    return Lock.objects.count()
