@@ -111,6 +111,6 @@ def test_preflights_succeed(api):
 
 
 def test_createuser_makes_an_account_that_logs_in(api):
-    call_command("createuser", "carol-cli", "--password", "pw-123")
-    assert api.ok("/login", user_name="carol-cli", password="pw-123")["user_name"] == "carol-cli"
+    call_command("createuser", "carol-cli", "--password", "lantern-harbour-7")
+    assert api.ok("/login", user_name="carol-cli", password="lantern-harbour-7")["user_name"] == "carol-cli"
     assert User.objects.get(username="carol-cli").password.startswith("pbkdf2_")
