@@ -9,6 +9,9 @@ PORT ?= 8888
 HOST ?= 127.0.0.1
 MODEL ?=
 STRATEGY ?= cpu fp32
+# The browser tests drive this Chromium (scripts/ensure-chromium installs Debian's).
+CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
 
 .PHONY: install run test test-postgres bench clean
 

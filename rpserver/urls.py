@@ -8,6 +8,7 @@ urlpatterns = [
     path("", include("accounts.urls")),
     path("", include("characters.urls")),
     path("", include("chat.urls")),
+    path("", include("web.urls")),
     path("metrics", metrics_view),
 ]
 

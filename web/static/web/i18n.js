@@ -1,0 +1,218 @@
+// English and Chinese. The language comes from the browser unless the person
+// picked one with the switch (kept in localStorage).
+
+const STRINGS = {
+  en: {
+    "demo.title": "Demo model",
+    "demo.text": "This server runs a tiny model with random weights, so its replies are noise. That is expected: start the server with --model and a real RWKV checkpoint for real replies.",
+    "auth.tagline": "Role-play with RWKV characters. Your chats are kept on the server, so you can come back to them any time.",
+    "auth.login": "Log in",
+    "auth.signup": "Sign up",
+    "auth.create": "Create account",
+    "auth.user_name": "User name",
+    "auth.password": "Password",
+    "auth.or": "or",
+    "auth.guest": "Continue as a guest",
+    "auth.guest_note": "A guest gets their own characters and chats on this browser.",
+    "auth.missing": "Please enter a user name and a password.",
+    "auth.signup_off": "Sign-up is turned off on this server. Ask its operator for an account.",
+    "app.logout": "Log out",
+    "app.guest": "guest",
+    "gallery.title": "Characters",
+    "gallery.hint": "Choose someone to talk to, or make your own.",
+    "gallery.new": "New character",
+    "gallery.new_short": "+ New",
+    "gallery.empty": "No characters yet.",
+    "editor.new_title": "New character",
+    "editor.edit_title": "Edit {name}",
+    "editor.avatar_choose": "Choose image",
+    "editor.avatar_remove": "Remove",
+    "editor.avatar_hint": "PNG, JPEG, GIF or WebP. Large images are scaled down.",
+    "editor.avatar_bad": "That file is not an image this browser can read.",
+    "editor.name": "Name",
+    "editor.name_ph": "Mira",
+    "editor.user": "What the character calls you",
+    "editor.user_ph": "traveller",
+    "editor.greeting": "Greeting",
+    "editor.greeting_ph": "*looks up from the logbook* Oh, hello {{user}}!",
+    "editor.persona": "Persona",
+    "editor.persona_ph": "{{char}} is a calm lighthouse keeper who…",
+    "editor.examples": "Example dialogue",
+    "editor.examples_ph": "{{user}}: How are you?\n\n{{char}}: *smiles* Fine, thank you.",
+    "editor.placeholders": "{{user}} and {{char}} are replaced by the two names.",
+    "editor.use_qa": "Name the speakers “User” and “Assistant” in the prompt",
+    "editor.overwrite_note": "Saving changes starts this character's chat over.",
+    "editor.delete": "Delete character",
+    "editor.saved": "Saved.",
+    "editor.required": "Please fill in: {fields}.",
+    "editor.confirm_delete": "Delete {name}? Their chat goes too. This cannot be undone.",
+    "editor.deleted": "{name} was deleted.",
+    "common.back": "Back",
+    "common.cancel": "Cancel",
+    "common.save": "Save",
+    "common.done": "Done",
+    "common.close": "Close",
+    "common.optional": "optional",
+    "common.delete": "Delete",
+    "chat.settings": "Sampling settings",
+    "chat.context": "What the model has read",
+    "chat.edit_character": "Edit character",
+    "chat.reset": "Start over",
+    "chat.placeholder": "Write a message…",
+    "chat.keys": "Enter sends · Shift+Enter starts a new line",
+    "chat.send": "Send",
+    "chat.stop": "Stop",
+    "chat.you": "You",
+    "chat.regenerate": "Regenerate",
+    "chat.edit": "Edit",
+    "chat.rewind": "Rewind to here",
+    "chat.empty_reply": "(empty reply)",
+    "chat.confirm_reset": "Start the chat with {name} over? Every message goes.",
+    "chat.confirm_reset_ok": "Start over",
+    "chat.confirm_rewind": "Go back to this point? The later messages go.",
+    "chat.confirm_rewind_ok": "Rewind",
+    "chat.stopped": "Stopped. Nothing of that reply was kept.",
+    "chat.not_found": "That character does not exist (any more).",
+    "context.count": "{count} tokens",
+    "settings.title": "Sampling settings",
+    "settings.hint": "Kept in this browser, for this character.",
+    "settings.defaults": "Defaults",
+    "settings.tau": "Mirostat target surprise (tau)",
+    "settings.rate": "Mirostat learning rate",
+    "settings.min_p": "Minimum probability (min_p)",
+    "settings.temperature": "Temperature",
+    "settings.presence_penalty": "Presence penalty",
+    "error.network": "The server cannot be reached. Is it running?",
+    "error.busy": "The character is still answering. Wait for the reply to finish, or stop it.",
+    "error.rate": "Too many attempts. Wait a little and try again.",
+    "error.expired": "Your session has ended. Please log in again.",
+    "error.server": "The server had a problem: {message}",
+  },
+  zh: {
+    "demo.title": "演示模型",
+    "demo.text": "本服务器运行的是一个随机权重的小模型，所以回复是乱码，这是正常的。用 --model 指定真正的 RWKV 模型启动服务器，才会得到真实的回复。",
+    "auth.tagline": "和 RWKV 角色聊天。聊天记录保存在服务器上，随时可以回来继续。",
+    "auth.login": "登录",
+    "auth.signup": "注册",
+    "auth.create": "创建账号",
+    "auth.user_name": "用户名",
+    "auth.password": "密码",
+    "auth.or": "或者",
+    "auth.guest": "以访客身份继续",
+    "auth.guest_note": "访客在这个浏览器里有自己的角色和聊天。",
+    "auth.missing": "请输入用户名和密码。",
+    "auth.signup_off": "本服务器已关闭注册，请向管理员索取账号。",
+    "app.logout": "退出",
+    "app.guest": "访客",
+    "gallery.title": "角色",
+    "gallery.hint": "选一个角色聊天，或者创建你自己的角色。",
+    "gallery.new": "新建角色",
+    "gallery.new_short": "+ 新建",
+    "gallery.empty": "还没有角色。",
+    "editor.new_title": "新建角色",
+    "editor.edit_title": "编辑 {name}",
+    "editor.avatar_choose": "选择图片",
+    "editor.avatar_remove": "移除",
+    "editor.avatar_hint": "PNG、JPEG、GIF 或 WebP，大图会自动缩小。",
+    "editor.avatar_bad": "这个文件不是浏览器能读取的图片。",
+    "editor.name": "名字",
+    "editor.name_ph": "小雪",
+    "editor.user": "角色对你的称呼",
+    "editor.user_ph": "旅人",
+    "editor.greeting": "开场白",
+    "editor.greeting_ph": "（从日志本上抬起头）啊，你好，{{user}}！",
+    "editor.persona": "人设",
+    "editor.persona_ph": "{{char}}是一位安静的灯塔守护人……",
+    "editor.examples": "对话示例",
+    "editor.examples_ph": "{{user}}: 你好吗？\n\n{{char}}: （微笑）很好，谢谢。",
+    "editor.placeholders": "{{user}} 和 {{char}} 会被替换成两个名字。",
+    "editor.use_qa": "提示词中使用 “User” 和 “Assistant” 作为说话人",
+    "editor.overwrite_note": "保存修改会清空这个角色的聊天记录。",
+    "editor.delete": "删除角色",
+    "editor.saved": "已保存。",
+    "editor.required": "请填写：{fields}。",
+    "editor.confirm_delete": "删除 {name}？聊天记录也会一起删除，无法恢复。",
+    "editor.deleted": "已删除 {name}。",
+    "common.back": "返回",
+    "common.cancel": "取消",
+    "common.save": "保存",
+    "common.done": "完成",
+    "common.close": "关闭",
+    "common.optional": "可选",
+    "common.delete": "删除",
+    "chat.settings": "采样设置",
+    "chat.context": "模型读到的内容",
+    "chat.edit_character": "编辑角色",
+    "chat.reset": "重新开始",
+    "chat.placeholder": "输入消息……",
+    "chat.keys": "Enter 发送 · Shift+Enter 换行",
+    "chat.send": "发送",
+    "chat.stop": "停止",
+    "chat.you": "你",
+    "chat.regenerate": "重新生成",
+    "chat.edit": "修改",
+    "chat.rewind": "回到这里",
+    "chat.empty_reply": "（空回复）",
+    "chat.confirm_reset": "和 {name} 的聊天重新开始？所有消息都会清空。",
+    "chat.confirm_reset_ok": "重新开始",
+    "chat.confirm_rewind": "回到这一轮？之后的消息都会删除。",
+    "chat.confirm_rewind_ok": "回退",
+    "chat.stopped": "已停止，这条回复没有保存。",
+    "chat.not_found": "这个角色不存在（或已被删除）。",
+    "context.count": "{count} 个 token",
+    "settings.title": "采样设置",
+    "settings.hint": "保存在这个浏览器里，每个角色单独保存。",
+    "settings.defaults": "默认值",
+    "settings.tau": "Mirostat 目标惊讶度（tau）",
+    "settings.rate": "Mirostat 学习率",
+    "settings.min_p": "最小概率（min_p）",
+    "settings.temperature": "温度",
+    "settings.presence_penalty": "重复惩罚",
+    "error.network": "无法连接服务器，它在运行吗？",
+    "error.busy": "角色还在回复中。请等它说完，或者点停止。",
+    "error.rate": "尝试次数太多，请稍等再试。",
+    "error.expired": "登录已过期，请重新登录。",
+    "error.server": "服务器出错：{message}",
+  },
+};
+
+const KEY = "rpserver.language";
+
+export let language = pickLanguage();
+
+function pickLanguage() {
+  const chosen = localStorage.getItem(KEY);
+  if (chosen && STRINGS[chosen]) return chosen;
+  const wanted = navigator.languages && navigator.languages.length ? navigator.languages : [navigator.language || "en"];
+  return wanted.some((tag) => String(tag).toLowerCase().startsWith("zh")) ? "zh" : "en";
+}
+
+export function t(key, values = {}) {
+  const text = STRINGS[language][key] ?? STRINGS.en[key] ?? key;
+  return text.replace(/\{(\w+)\}/g, (whole, name) => (name in values ? String(values[name]) : whole));
+}
+
+export function setLanguage(code) {
+  language = code;
+  localStorage.setItem(KEY, code);
+  translatePage();
+}
+
+export function otherLanguage() {
+  return language === "zh" ? "en" : "zh";
+}
+
+/** Fill every element marked with data-i18n (text), data-i18n-placeholder and data-i18n-label. */
+export function translatePage(root = document) {
+  document.documentElement.lang = language === "zh" ? "zh-CN" : "en";
+  for (const el of root.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of root.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  for (const el of root.querySelectorAll("[data-i18n-label]")) {
+    el.setAttribute("aria-label", t(el.dataset.i18nLabel));
+    el.title = t(el.dataset.i18nLabel);
+  }
+  for (const el of root.querySelectorAll("[data-action=switch-language]")) {
+    el.textContent = language === "zh" ? "English" : "中文";
+    el.lang = language === "zh" ? "en" : "zh-CN";
+  }
+}
