@@ -29,6 +29,7 @@ run: install
 	$(PY) manage.py serve --host $(HOST) --port $(PORT) --strategy "$(STRATEGY)" $(if $(MODEL),--model "$(MODEL)")
 
 test: install
+	scripts/ensure-chromium
 	$(PY) -m pytest
 
 # The same suite on a private PostgreSQL server the run starts itself (tests/postgres.py).
