@@ -23,12 +23,14 @@ Authentication is one function per credential (accounts.auth), used by the
 DRF authentication class and the consumers alike.
 """
 
+import io
 import json
 import logging
 from urllib.parse import parse_qsl
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.core.files.uploadhandler import MemoryFileUploadHandler
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from rest_framework.parsers import BaseParser
 
@@ -190,11 +192,10 @@ def parse_form(body):
 
 
 def parse_multipart(scope, body):
-    import io
-
     meta = {"CONTENT_TYPE": header(scope, b"content-type"), "CONTENT_LENGTH": str(len(body))}
     try:
-        fields, files = MultiPartParser(meta, io.BytesIO(body), [], "utf-8").parse()
+        handlers = [MemoryFileUploadHandler()]  # only to notice files (refused below); the body is in memory already
+        fields, files = MultiPartParser(meta, io.BytesIO(body), handlers, "utf-8").parse()
     except (MultiPartParserError, RequestDataTooBig, SuspiciousOperation, ValueError) as exc:
         raise ApiError(f"the multipart body could not be read: {exc}")
     if files:

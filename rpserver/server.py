@@ -39,10 +39,13 @@ class Request(http_protocol.WebRequest):
         self.limit = settings.RPSERVER["MAX_BODY_BYTES"]
         self.received = 0
         self.too_large = False
+        self.refused = False
 
     def gotLength(self, length):
         if length is not None and length > self.limit:
             self.too_large = True
+            if length > self.limit * CUT_OFF_FACTOR:
+                self.refuse_now()
         super().gotLength(None if self.too_large else length)
 
     def handleContentChunk(self, data):
@@ -52,21 +55,39 @@ class Request(http_protocol.WebRequest):
                 self.too_large = True
                 self.content.truncate(0)
             if self.received > self.limit * CUT_OFF_FACTOR:
-                self.channel.loseConnection()
+                self.refuse_now()
             return
         super().handleContentChunk(data)
 
+    def too_large_answer(self, path):
+        """(status, headers, body) of the refusal, in the route's error shape."""
+        route = path.split(b"?", 1)[0].decode("latin-1")
+        status, content_type, body = error_response(route, pipeline.too_large_message(), 400)
+        scope = {"path": route, "headers": [(name.lower(), value) for name, values
+                                            in self.requestHeaders.getAllRawHeaders() for value in values]}
+        return status, [(b"content-type", content_type)] + pipeline.SECURITY_HEADERS + pipeline.cors_headers(
+            scope), body
+
+    def refuse_now(self):
+        """Far too much: answer before the body is in, and close the connection."""
+        if self.refused:
+            return
+        self.refused = True
+        status, headers, body = self.too_large_answer(getattr(self.channel, "_path", b"/"))
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        self.channel.transport.write(b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+            status, b"OK" if status == 200 else b"Bad Request", head, len(body), body))
+        self.channel.transport.loseConnection()
+
     def requestReceived(self, command, path, version):
+        if self.refused:
+            return
         if not self.too_large:
             return super().requestReceived(command, path, version)
+        # Over the limit, but not by far: the body was counted and dropped; answer now that it is in.
         self.method, self.uri, self.clientproto = command, path, version
         self.path = path.split(b"?", 1)[0]
-        route = self.path.decode("latin-1")
-        status, content_type, body = error_response(route, pipeline.too_large_message(), 400)
-        scope = {"path": route, "headers": self.requestHeaders.getAllRawHeaders()}
-        headers = [(b"content-type", content_type)] + pipeline.SECURITY_HEADERS + pipeline.cors_headers(
-            {"path": route, "headers": [(name.lower(), value) for name, values in scope["headers"]
-                                        for value in values]})
+        status, headers, body = self.too_large_answer(path)
         self.handle_reply({"type": "http.response.start", "status": status, "headers": headers})
         self.handle_reply({"type": "http.response.body", "body": body})
 
