@@ -128,7 +128,7 @@ def test_streams_and_their_errors_carry_the_security_headers(mira, route):
 
 def test_a_wrong_method_gets_an_envelope(mira):
     for route in ("/chat/reply", "/characters/list"):
-        answer = mira.http.get(route)
+        answer = mira.http.get(route, headers={"authorization": f"Token {mira.token}"})
         assert_refused(answer, "method GET is not allowed here")
 
 
