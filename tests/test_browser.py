@@ -373,7 +373,9 @@ def test_stop_regenerate_edit_rewind_and_reset(open_page, web):
     assert api.context("Mira")["token_state"].endswith("Mira: I keep the light. *smiles*\n\n")
 
     # Rewind to round 1.
-    page.locator("#messages .message.bot[data-round='1'] button", has_text="Rewind to here").click(force=True)
+    round_1 = page.locator("#messages .message.bot[data-round='1']")
+    round_1.hover()
+    round_1.locator("button", has_text="Rewind to here").click()
     confirm(page)
     expect(page.locator("#messages .message.user")).to_have_count(1)
     assert len(api.chat("Mira")) == 2

@@ -385,7 +385,7 @@ function messageElement(role, round, text, streaming = false) {
   const name = role === "bot" ? state.chatName : current.user_name;
   if (role === "bot") fillAvatar(item.querySelector(".avatar"), name, characterAvatar(name));
   else fillAvatar(item.querySelector(".avatar"), current.guest ? t("chat.you") : current.user_name, null);
-  item.querySelector(".speaker").textContent = role === "bot" ? state.chatName : t("chat.you");
+  item.querySelector(".speaker-name").textContent = role === "bot" ? state.chatName : t("chat.you");
   setBubbleText(item.querySelector(".bubble"), text);
   return item;
 }
@@ -423,7 +423,7 @@ function renderChat() {
       );
     } else if (round < last) {
       bot.classList.add("past");
-      actions.append(actionButton(t("chat.rewind"), () => rewind(round)));
+      bot.querySelector(".speaker-actions").append(actionButton(t("chat.rewind"), () => rewind(round)));
     }
     items.push(bot);
   });
@@ -435,7 +435,7 @@ function renderChat() {
 function setBusy(busy) {
   $("#send").hidden = busy;
   $("#stop").hidden = !busy;
-  for (const button of document.querySelectorAll("#messages .message-actions button, .chat-tools button")) {
+  for (const button of document.querySelectorAll("#messages .message-actions button, #messages .speaker-actions button, .chat-tools button")) {
     button.disabled = busy;
   }
 }
