@@ -1,9 +1,12 @@
 """Soak test: N users for M minutes doing everything a person does to a chat.
 
 A fresh server (`manage.py serve`, its own temp data dir) is started on a
-random-weight RWKV-7 model (by default shaped like the 0.1B one: 12 layers,
-768 wide). Each of --users simulated people logs in as a guest, saves a
-character, and then, until --minutes are over, picks at random one of:
+random-weight RWKV-7 model, by default a small one (2 layers, 256 wide, the
+world vocabulary): the soak exercises the server's machinery (HTTP, the
+database, the state store, locks, the engine's batch) and a small model puts
+more requests through it per minute; --layers 12 --embd 768 is 0.1B-shaped.
+Each of --users simulated people logs in as a guest, saves a character, and
+then, until --minutes are over, picks at random one of:
 
     reply   (/chat/reply, a new round, streamed)       weight 50
     resay   (/chat/resay, regenerate the last reply)   weight 15
@@ -31,7 +34,7 @@ reliability, not the limits): --keep-limits leaves them on.
 
     .venv/bin/python bench/soak.py                          # 16 users, 5 minutes
     .venv/bin/python bench/soak.py --minutes 0.5 --users 4  # a quick run
-    .venv/bin/python bench/soak.py --minutes 2 --layers 2 --embd 256   # a tiny model: more requests per minute
+    .venv/bin/python bench/soak.py --minutes 2 --layers 12 --embd 768  # a 0.1B-shaped model
 
 Exit status 1 if any request failed, any conversation differs from the
 client's record, the context format was broken, or the server would not start.
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     BenchError, Client, Server, ensure_model, filler_text, fmt, install_sigterm_handler, machine_note,
-    percentile, run_script, table,
+    percentile, run_script, table, wait_for_quiet,
 )
 
 USER = "Ann"
@@ -274,12 +277,15 @@ def main():
     parser.add_argument("--tokens", type=int, default=32, help="RPSERVER_MAX_REPLY_TOKENS (default 32)")
     parser.add_argument("--strategy", default="cpu fp32")
     parser.add_argument("--model", help="checkpoint to serve (default: a cached random RWKV-7 of --layers x --embd)")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--embd", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--embd", type=int, default=256)
+    parser.add_argument("--wait-quiet", type=int, default=120,
+                        help="wait up to this many seconds for other processes to leave the CPUs (default 120)")
     parser.add_argument("--seed", type=int, default=1, help="the clients' random choices")
     parser.add_argument("--keep-limits", action="store_true", help="leave the reply rate limits on")
     args = parser.parse_args()
 
+    wait_for_quiet(args.wait_quiet)
     print(machine_note(), flush=True)
     model = Path(args.model) if args.model else ensure_model(args.layers, args.embd)
     env = {"RPSERVER_MAX_REPLY_TOKENS": args.tokens}
