@@ -1,9 +1,14 @@
 """The /v1/ routes: OpenAI's API as Channels consumers (streams and plain answers alike).
 
-Each route parses and authorizes, then calls one function in services.py.
-Errors come back in OpenAI's shape with a real HTTP status (errors.py). A
-stream is Server-Sent Events in OpenAI's chunk format ending with
-`data: [DONE]`; a client that goes away cancels its reply in the engine.
+The request pipeline (rpserver/pipeline.py) has checked the body's size,
+parsed the JSON and adds the CORS and security headers. Each route
+authenticates (`Authorization: Bearer <key>`), parses its fields
+(serializers.py) and calls one function in services.py. Errors come back in
+OpenAI's shape with a real HTTP status: ours with the field they are about
+(errors.py), the pipeline's and the rate limits' through
+envelope.error_response. A stream is Server-Sent Events in OpenAI's chunk
+format ending with `data: [DONE]`; a client that goes away cancels its reply
+in the engine.
 """
 
 import asyncio
@@ -11,12 +16,13 @@ import json
 import logging
 
 from channels.db import database_sync_to_async
-from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
 from accounts.services import user_for_token
-from rpserver.pipeline import cors_headers
+from limits import services as limits
 from rpserver.envelope import ApiError
+from rpserver.pipeline import request_fields
+from rpserver.streams import SSE_HEADERS, ApiConsumer
 
 from . import serializers, services
 from .errors import OpenAIError
@@ -24,93 +30,88 @@ from .errors import OpenAIError
 logger = logging.getLogger(__name__)
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 
 
 def authenticate(authorization):
-    """The user behind `Authorization: Bearer <key>` (None when anonymous use is allowed and no key is given)."""
+    """The user behind `Authorization: Bearer <key>` (an API key or a login token);
+    None when no key is given and RPSERVER_OPENAI_ANONYMOUS allows that."""
     parts = (authorization or "").split()
     if len(parts) != 2 or parts[0].lower() != "bearer":
         if not parts and settings.RPSERVER["OPENAI_ANONYMOUS"]:
             return None
-        raise OpenAIError("missing API key: send the header 'Authorization: Bearer <key>'", status=401,
-                          code="invalid_api_key")
+        raise OpenAIError("missing API key: send the header 'Authorization: Bearer <key>' "
+                          "(make a key with `manage.py createapikey USER`)", status=401, code="invalid_api_key")
     try:
         return user_for_token(parts[1])
     except ApiError as exc:
         raise OpenAIError(f"incorrect API key: {exc.message}", status=401, code="invalid_api_key")
 
 
-class OpenAIConsumer(AsyncHttpConsumer):
-    """Shared parts: methods, body, authentication, errors, CORS."""
+def check_reply_allowed(user):
+    """The per-user reply rate (as for the legacy API); anonymous use has none."""
+    if user is not None:
+        limits.check_reply_rate(user)
+
+
+class OpenAIConsumer(ApiConsumer):
+    """Shared parts: methods, authentication, errors in OpenAI's shape."""
 
     methods = ("POST",)
 
-    async def __call__(self, scope, receive, send):
-        self._receive = receive  # read directly while streaming, to see a disconnect
-        await super().__call__(scope, receive, send)
-
-    def header(self, name):
-        return dict(self.scope.get("headers", [])).get(name, b"").decode("latin-1")
-
     async def send_json(self, body, status=200):
-        await self.send_response(status, json.dumps(body, ensure_ascii=False).encode(),
-                                 headers=JSON_HEADERS + cors_headers(self.scope))
+        await self.send_response(status, json.dumps(body, ensure_ascii=False).encode(), headers=JSON_HEADERS)
 
     async def handle(self, body):
         method = self.scope["method"]
-        if method == "OPTIONS":
-            await self.send_response(204, b"", headers=cors_headers(self.scope, preflight=True))
-            return
         try:
             if method not in self.methods:
                 raise OpenAIError(f"method {method} is not allowed here, use {' or '.join(self.methods)}",
                                   status=405)
-            if len(body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-                raise OpenAIError(f"the request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes",
-                                  status=413)
             user = await database_sync_to_async(authenticate)(self.header(b"authorization"))
-            await self.answer(user, self.parse(body) if method == "POST" else {})
+            await self.answer(user, request_fields(self.scope))
         except OpenAIError as exc:
             await self.send_json(exc.body(), status=exc.status)
+        except ApiError as exc:  # the rate limits
+            await self.send_error(exc.message, exc.code)
         except Exception:
             logger.exception("OpenAI route %s failed", self.scope["path"])
             await self.send_json(OpenAIError("internal server error", status=500).body(), status=500)
-
-    @staticmethod
-    def parse(body):
-        try:
-            data = json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise OpenAIError(f"the request body is not valid JSON: {exc}")
-        if not isinstance(data, dict):
-            raise OpenAIError("the request body must be a JSON object")
-        return data
 
     async def answer(self, user, data):
         raise NotImplementedError
 
     # ---- completions -------------------------------------------------------------
 
-    async def reply(self, completion, chunk, whole):
-        """Answer with a completion: streamed chunks, or one body once it is done."""
-        if completion.options.stream:
-            await self.send_headers(status=200, headers=SSE_HEADERS + cors_headers(self.scope))
-            await self.until_disconnect(completion, self.stream(completion, chunk))
-        else:
-            await self.until_disconnect(completion, self.whole(completion, whole))
+    async def complete(self, user, start, request, chunk, whole):
+        """Start a completion under the user's share of the engine, and answer
+        with it: streamed chunks, or one body once it is done."""
+        await database_sync_to_async(check_reply_allowed)(user)
+        owner = user.pk if user is not None else None
+        if owner is not None:
+            limits.engine_share.take(owner)
+        try:
+            completion = await start(request)
+            if completion.options.stream:
+                await self.send_headers(status=200, headers=SSE_HEADERS)
+                await self.until_disconnect(completion, self.chunks(completion, chunk))
+            else:
+                await self.until_disconnect(completion, self.whole(completion, whole))
+        finally:
+            if owner is not None:
+                limits.engine_share.give_back(owner)
 
     async def whole(self, completion, whole):
-        async for _ in completion.deltas():
-            pass
-        await completion.finish()
+        try:
+            async for _ in completion.deltas():
+                pass
+            await completion.finish()
+        except Exception:
+            logger.exception("completion %s failed", completion.id)
+            await self.send_json(OpenAIError("internal server error", status=500).body(), status=500)
+            return
         await self.send_json(whole(completion))
 
-    async def stream(self, completion, chunk):
+    async def chunks(self, completion, chunk):
         try:
             await self.event(chunk(completion, None, first=True))
             async for delta in completion.deltas():
@@ -147,12 +148,6 @@ class OpenAIConsumer(AsyncHttpConsumer):
             except Exception:
                 logger.exception("completion %s failed", completion.id)
 
-    async def wait_for_disconnect(self):
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                return
-
 
 def chunk_object(chunk):
     return "chat.completion.chunk" if chunk is chat_chunk else "text_completion"
@@ -180,6 +175,8 @@ def chat_whole(completion):
 
 
 def text_chunk(completion, delta, first=False, finish=False):
+    if first:  # a raw completion's stream has no role chunk
+        return None
     choice = {"index": 0, "text": delta or "", "logprobs": None,
               "finish_reason": completion.finish_reason if finish else None}
     return {**envelope(completion, "text_completion"), "choices": [choice]}
@@ -193,23 +190,13 @@ def text_whole(completion):
 class ChatCompletionsConsumer(OpenAIConsumer):
     async def answer(self, user, data):
         request = serializers.chat_request(data)
-        await self.reply(await services.start_chat(request), chat_chunk, chat_whole)
+        await self.complete(user, services.start_chat, request, chat_chunk, chat_whole)
 
 
 class CompletionsConsumer(OpenAIConsumer):
     async def answer(self, user, data):
         request = serializers.completion_request(data)
-        completion = await services.start_completion(request)
-        if completion.options.stream:
-            # A raw completion's stream has no role chunk: skip the first (empty) one.
-            await self.send_headers(status=200, headers=SSE_HEADERS + cors_headers(self.scope))
-            await self.until_disconnect(completion, self.stream(completion, text_stream_chunk))
-        else:
-            await self.until_disconnect(completion, self.whole(completion, text_whole))
-
-
-def text_stream_chunk(completion, delta, first=False, finish=False):
-    return text_chunk(completion, delta, finish=finish) if not first else None
+        await self.complete(user, services.start_completion, request, text_chunk, text_whole)
 
 
 class ModelsConsumer(OpenAIConsumer):
@@ -231,6 +218,6 @@ class DebugStatsConsumer(OpenAIConsumer):
 class NotFoundConsumer(OpenAIConsumer):
     methods = ("GET", "POST")
 
-    async def handle(self, body):
+    async def handle(self, body):  # noqa: ARG002 - every method, every body
         error = OpenAIError(f"no such route: {self.scope['method']} {self.scope['path']}", status=404)
         await self.send_json(error.body(), status=404)

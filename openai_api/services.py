@@ -27,6 +27,7 @@ from django.conf import settings
 from inference import prompt as prompt_format
 from inference.engine import FinishReason
 from inference.runtime import get_engine
+from inference.tokenizer import world_tokenizer
 from statecache.services import state_cache
 
 from .errors import OpenAIError
@@ -45,7 +46,7 @@ counters = {"canonical_reads": 0, "canonical_tokens": 0, "replies": 0}
 @functools.lru_cache(maxsize=65536)
 def encode_part(text):
     """The tokens of one part of a turn (memoised: clients re-send the same turns every request)."""
-    return tuple(get_engine().tokenizer.encode(text))
+    return tuple(world_tokenizer().encode(text))
 
 
 def model_name():
@@ -70,7 +71,7 @@ def chat_prompt(turns, reply_speaker):
 
 def completion_prompt(request):
     tokens = list(request.prompt_tokens) if request.prompt_tokens is not None else \
-        list(get_engine().tokenizer.encode(request.prompt))
+        list(world_tokenizer().encode(request.prompt))
     vocab = get_engine().backend.vocab_size
     if any(not 0 < t < vocab for t in tokens):
         raise OpenAIError(f"prompt token ids must be in [1, {vocab - 1}]", param="prompt")
@@ -78,14 +79,14 @@ def completion_prompt(request):
 
 
 def spaced(ends, start, spacing=SNAPSHOT_SPACING):
-    """Message ends after `start` worth keeping a state at: the last one, and one every `spacing` tokens."""
-    kept, last = [], start
-    for end in ends:
-        if end - last >= spacing:
+    """Message ends after `start` worth keeping a state at: the first (a system prompt or
+    character card, shared by many chats), the last, and one every `spacing` tokens."""
+    ends = [end for end in ends if end > start]
+    kept, last = ends[:1], ends[0] if ends else start
+    for end in ends[1:]:
+        if end - last >= spacing or end == ends[-1]:
             kept.append(end)
             last = end
-    if ends and ends[-1] > start and ends[-1] not in kept:
-        kept.append(ends[-1])
     return kept
 
 

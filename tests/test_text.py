@@ -48,3 +48,21 @@ def test_the_visible_reply_ends_at_the_first_blank_line():
     for token in tokenizer.encode(" Hello there.\n\nfriend: more"):
         stream.push(token)
     assert visible_text(stream, final=True) == "Hello there."
+
+
+def test_the_chat_template_names_the_speakers_and_cleans_the_turns():
+    turns = [("System", "Be kind.\n\n\nAlways."), (prompt.speaker_name("user", "Ann: the\nfirst"), " hi \n\n there "),
+             (prompt.speaker_name("assistant"), "Hello.")]
+    assert prompt.chat_text(turns, "Assistant") == (
+        "System: Be kind.\nAlways.\n\nAnn the first: hi\nthere\n\nAssistant: Hello.\n\nAssistant:")
+    assert prompt.speaker_name("developer") == "System" and prompt.speaker_name("user", "  ") == "User"
+
+
+def test_a_reply_sent_back_as_a_message_encodes_to_the_tokens_it_was_stored_under():
+    from openai_api.services import chat_prompt
+
+    tokenizer = world_tokenizer()
+    before, _ = chat_prompt([("User", "Hi there")], "Mira")
+    reply = tokenizer.encode(prompt.reply_part("Well, hello!"))
+    after, ends = chat_prompt([("User", "Hi there"), ("Mira", "Well, hello!")], "User")
+    assert after[:ends[-1]] == before + reply

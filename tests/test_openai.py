@@ -1,0 +1,298 @@
+"""The OpenAI-compatible API (/v1/), driven by the official `openai` client against the real server."""
+
+import json
+import threading
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+from conftest import Api, Server, make_user
+
+from openai_api.services import chat_prompt
+from inference import prompt as prompt_format
+
+
+@pytest.fixture(scope="module")
+def oa_server():
+    """A server whose replies may be long (a random model rarely ends its turn)."""
+    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000", "RPSERVER_REPLIES_PER_MINUTE": "1000"},
+                     name="openai-server").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def key(oa_server):
+    return make_user(Api(oa_server.url), "oa").token
+
+
+@pytest.fixture(scope="module")
+def client(oa_server, key):
+    return openai.OpenAI(base_url=f"{oa_server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def stats(oa_server, key):
+    answer = httpx.get(f"{oa_server.url}/v1/debug/stats", headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def system(text="You are a terse lighthouse keeper."):
+    """A system message no other test sends (so no other test's cached states apply)."""
+    return {"role": "system", "content": f"{text} ({uuid.uuid4().hex})"}
+
+
+def chat(client, messages, **fields):
+    fields.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model="rwkv", messages=messages, **fields)
+
+
+def test_it_lists_the_served_model(client):
+    models = client.models.list().data
+    assert len(models) == 1
+    assert models[0].id == "tiny-rwkv7" and models[0].owned_by == "rpserver"
+
+
+def test_a_chat_completion_answers_with_the_reply_and_its_usage(client):
+    messages = [system(), {"role": "user", "content": "Hello there!"}]
+    answer = chat(client, messages, max_tokens=6, seed=1)
+    choice = answer.choices[0]
+    assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    tokens, _ = chat_prompt([("System", messages[0]["content"]), ("User", "Hello there!")], "Assistant")
+    assert answer.usage.prompt_tokens == len(tokens)
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0
+    assert 1 <= answer.usage.completion_tokens <= 6
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_a_streamed_chat_completion_comes_in_chunks_that_add_up_to_the_reply(client):
+    messages = [system(), {"role": "user", "content": "Tell me about the sea."}]
+    chunks = list(chat(client, messages, max_tokens=10, seed=5, stream=True,
+                       stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = chat(client, messages, max_tokens=10, seed=5)
+    assert streamed == whole.choices[0].message.content
+
+
+def test_a_stream_is_server_sent_events_ending_with_done(oa_server, key):
+    body = {"model": "rwkv", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{oa_server.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}, timeout=60) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        raw = answer.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_max_tokens_cuts_the_reply_with_finish_reason_length(client):
+    answer = chat(client, [system(), {"role": "user", "content": "Talk."}], max_tokens=3, seed=2)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 3
+
+
+def test_the_same_seed_gives_the_same_reply(client):
+    messages = [system(), {"role": "user", "content": "Say something."}]
+    first = chat(client, messages, max_tokens=12, seed=42, temperature=1.5)
+    second = chat(client, messages, max_tokens=12, seed=42, temperature=1.5)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    others = {chat(client, messages, max_tokens=12, seed=s, temperature=1.5).choices[0].message.content
+              for s in (1, 2, 3)}
+    assert len(others | {first.choices[0].message.content}) > 1
+
+
+def test_a_stop_string_ends_the_reply_before_it(client):
+    messages = [system(), {"role": "user", "content": "Go on."}]
+    free = chat(client, messages, max_tokens=12, temperature=0).choices[0].message.content
+    assert len(free) >= 4, free
+    stop = free[2:4]
+    cut = chat(client, messages, max_tokens=12, temperature=0, stop=[stop, "never-written"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == free[:free.index(stop)].strip()
+
+
+def test_a_raw_completion_continues_the_prompt(client):
+    answer = client.completions.create(model="rwkv", prompt="The lighthouse stood", max_tokens=5, seed=3)
+    assert answer.object == "text_completion" and answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.prompt_tokens == len(prompt_format_tokens("The lighthouse stood"))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="rwkv", prompt="The lighthouse stood", max_tokens=5, seed=3, stream=True))
+    assert streamed == answer.choices[0].text
+
+
+def prompt_format_tokens(text):
+    from inference.tokenizer import world_tokenizer
+
+    return world_tokenizer().encode(text)
+
+
+def test_a_wrong_key_gets_401_in_openai_shape(oa_server):
+    bad = openai.OpenAI(base_url=f"{oa_server.url}/v1", api_key="not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad.chat.completions.create(model="rwkv", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 401
+    error = caught.value.body
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
+    answer = httpx.get(f"{oa_server.url}/v1/models")
+    assert answer.status_code == 401 and "Authorization: Bearer" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"temperature": 5}, "temperature", "temperature must be in [0, 2]"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens must be in [1"),
+    ({"n": 2}, "n", "n must be 1"),
+    ({"top_p": 0.5}, "top_p", "use min_p"),
+    ({"stop": [1, 2]}, "stop", "stop must be a string or a list of strings"),
+    ({"messages": []}, "messages", "messages must be a non-empty list"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "role must be one of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "only text"),
+])
+def test_a_bad_field_gets_400_naming_it(client, fields, param, words):
+    request = {"model": "rwkv", "messages": [{"role": "user", "content": "hi"}], **fields}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**request)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param and words in caught.value.body["message"]
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_and_an_unknown_route_get_openai_errors(oa_server, key):
+    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    answer = httpx.post(f"{oa_server.url}/v1/chat/completions", content=b"{not json", headers=headers)
+    assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]["message"]
+    answer = httpx.post(f"{oa_server.url}/v1/embeddings", json={}, headers=headers)
+    assert answer.status_code == 404 and answer.json()["error"]["message"].startswith("no such route")
+
+
+def test_a_client_that_disconnects_frees_the_engine(oa_server, key, client):
+    before = stats(oa_server, key)["engine"]["tokens_generated"]
+    body = {"model": "rwkv", "max_tokens": 4000, "stream": True, "messages": [system(), {"role": "user", "content": "Speak at length."}]}
+    with httpx.stream("POST", f"{oa_server.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}, timeout=60) as answer:
+        lines = answer.iter_lines()
+        for _ in range(4):
+            next(lines)
+    deadline = time.monotonic() + 10
+    while stats(oa_server, key)["engine"]["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine = stats(oa_server, key)["engine"]
+    assert engine["running"] == 0
+    time.sleep(0.3)
+    assert stats(oa_server, key)["engine"]["tokens_generated"] == engine["tokens_generated"] < before + 1000
+    assert "cancelled" in oa_server.log()
+
+
+def test_a_conversation_re_sent_whole_each_turn_reads_only_its_new_tokens(oa_server, key, client):
+    messages = [system("You are Mira, a lighthouse keeper.")]
+    turns = [("System", messages[0]["content"])]
+    for turn in range(10):
+        user_text = f"Turn {turn}: what do you see on the water tonight?"
+        messages.append({"role": "user", "content": user_text})
+        turns.append(("User", user_text))
+        before = stats(oa_server, key)
+        answer = chat(client, messages, max_tokens=10, seed=turn)
+        after = stats(oa_server, key)
+        tokens, ends = chat_prompt(turns, "Assistant")
+        usage = answer.usage
+        assert usage.prompt_tokens == len(tokens)
+        # Everything up to the end of the previous reply was cached; only the new user turn is read.
+        assert usage.prompt_tokens_details.cached_tokens == (ends[-2] if turn else 0)
+        read = after["engine"]["tokens_read"] - before["engine"]["tokens_read"]
+        rereads = after["openai"]["canonical_tokens"] - before["openai"]["canonical_tokens"]
+        assert read == usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens + rereads
+        if turn:
+            assert read - rereads == len(tokens) - ends[-2] < 40
+        reply = answer.choices[0].message.content
+        messages.append({"role": "assistant", "content": reply})
+        turns.append(("Assistant", reply))
+    assert ends[-1] > 150  # by then, re-reading everything would cost several times the new turn
+
+
+def test_an_edit_or_a_regenerate_reads_from_the_longest_cached_prefix(client):
+    messages = [system(), {"role": "user", "content": "First question?"}]
+    first = chat(client, messages, seed=1).choices[0].message.content
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "Second question?"}]
+    answer = chat(client, messages, seed=2)
+    tokens, ends = chat_prompt([("System", messages[0]["content"]), ("User", "First question?"),
+                                ("Assistant", first), ("User", "Second question?")], "Assistant")
+    regenerated = chat(client, messages, seed=3)
+    assert regenerated.usage.prompt_tokens_details.cached_tokens == len(tokens) - 1
+    messages[-1] = {"role": "user", "content": "An edited second question?"}
+    edited = chat(client, messages, seed=4)
+    assert edited.usage.prompt_tokens_details.cached_tokens == ends[2]
+    del messages[1:]
+    messages.append({"role": "user", "content": "A different first question?"})
+    assert chat(client, messages, seed=5).usage.prompt_tokens_details.cached_tokens == ends[0]
+    assert answer.usage.prompt_tokens_details.cached_tokens == ends[2]
+
+
+def test_two_users_share_only_a_token_for_token_identical_prefix(oa_server, client):
+    other = openai.OpenAI(base_url=f"{oa_server.url}/v1", api_key=make_user(Api(oa_server.url), "ob").token,
+                          max_retries=0)
+    shared = system("A shared character card.")
+    chat(client, [shared, {"role": "user", "content": "Hi!"}])
+    same = chat(other, [shared, {"role": "user", "content": "Hello!"}])
+    tokens, ends = chat_prompt([("System", shared["content"])], "Assistant")
+    assert same.usage.prompt_tokens_details.cached_tokens == ends[0]
+    different = chat(other, [{**shared, "content": shared["content"].replace("card", "cards")},
+                             {"role": "user", "content": "Hi!"}])
+    assert different.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_names_name_the_speakers(client):
+    messages = [system(), {"role": "user", "name": "Ann", "content": "Hi Mira.\n\n\nHow are you?"},
+                {"role": "assistant", "name": "Mira", "content": "Fine."}, {"role": "user", "name": "Ann", "content": "Good."}]
+    answer = chat(client, messages)
+    tokens, _ = chat_prompt([("System", messages[0]["content"]), ("Ann", "Hi Mira.\nHow are you?"),
+                             ("Mira", "Fine."), ("Ann", "Good.")], "Mira")
+    assert answer.usage.prompt_tokens == len(tokens)
+
+
+def test_clients_of_different_users_share_the_batch(oa_server):
+    clients = [openai.OpenAI(base_url=f"{oa_server.url}/v1", api_key=make_user(Api(oa_server.url), f"c{i}").token,
+                             max_retries=0) for i in range(4)]
+    results = []
+
+    def one(i):
+        results.append(chat(clients[i], [system(), {"role": "user", "content": f"Client {i}"}], max_tokens=30, seed=i))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(r.usage.completion_tokens >= 1 for r in results)
+
+
+def never_ending():
+    """A logit_bias that keeps the model from ever ending its turn (no token holding a blank line)."""
+    from inference.tokenizer import world_tokenizer
+
+    return {str(t): -100 for t, piece in world_tokenizer().pieces.items() if b"\n\n" in piece}
+
+
+def test_one_user_gets_at_most_their_share_of_the_engine(oa_server, client):
+    key = make_user(Api(oa_server.url), "share").token
+    body = {"model": "rwkv", "max_tokens": 4000, "stream": True, "logit_bias": never_ending(),
+            "messages": [system(), {"role": "user", "content": "Speak at length."}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=oa_server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as first, \
+                http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as second:
+            # Both are running (RPSERVER_MAX_REPLIES_PER_USER=2); the line iterators stay referenced
+            # (dropping one closes its connection, which would cancel its reply).
+            streams = [first.iter_lines(), second.iter_lines()]
+            assert [next(lines).startswith("data: ") for lines in streams] == [True, True]
+            third = httpx.post(f"{oa_server.url}/v1/chat/completions", json={**body, "stream": False},
+                               headers=headers, timeout=60)
+    assert third.status_code == 429
+    assert third.json()["error"]["type"] == "rate_limit_error" and "replies being generated" in third.json()["error"]["message"]

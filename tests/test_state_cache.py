@@ -1,0 +1,159 @@
+"""The shared state cache: exact-prefix keys, least-recently-used RAM, spilling to the state store."""
+
+import asyncio
+import hashlib
+import array
+import uuid
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import Api, Server, make_user
+from django.core.files.storage import default_storage
+
+from chat.snapshots import blob_metadata
+from inference.runtime import get_engine
+from statecache.models import SpilledState
+from statecache.services import StateCache, prefix_digests, state_bytes
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture
+def backend():
+    return get_engine().backend
+
+
+def tokens(n, salt=None):
+    """n distinct-looking token ids, different for each salt."""
+    start = (uuid.uuid4().int if salt is None else salt) % 30000 + 100
+    return [start + i for i in range(n)]
+
+
+def state_like(backend, value):
+    return [torch.full_like(t, value) for t in backend.zero_state()]
+
+
+def same(a, b):
+    return all(torch.equal(x.float(), y.float()) for x, y in zip(a, b))
+
+
+def test_a_key_is_the_digest_of_the_exact_prefix():
+    sequence = tokens(10)
+    digests = prefix_digests(sequence, [3, 10, 7])
+    for n in (3, 7, 10):
+        assert digests[n] == hashlib.sha256(array.array("I", sequence[:n]).tobytes()).hexdigest()
+
+
+def test_a_lookup_finds_the_longest_cached_prefix(backend):
+    cache = StateCache(backend, ram_bytes=10**9, disk_bytes=0)
+    sequence = tokens(20)
+
+    async def go():
+        cache.put(sequence[:5], state_like(backend, 5))
+        cache.put(sequence[:12], state_like(backend, 12))
+        found = await cache.longest(sequence, [5, 12, 19])
+        other = await cache.longest(sequence[:4] + [1] + sequence[5:], [5, 12, 19])
+        return found, other
+
+    (n, state), other = run(go())
+    assert n == 12 and same(state, state_like(backend, 12))
+    assert other == (0, None)  # one token differs: nothing applies
+
+
+def test_ram_keeps_the_most_recently_used_states_within_its_budget(backend):
+    one = state_bytes(backend.zero_state())
+    cache = StateCache(backend, ram_bytes=2 * one, disk_bytes=0)
+    a, b, c = tokens(4), tokens(4), tokens(4)
+
+    async def go():
+        cache.put(a, state_like(backend, 1))
+        cache.put(b, state_like(backend, 2))
+        assert (await cache.longest(a, [4]))[0] == 4  # a is now the most recently used
+        cache.put(c, state_like(backend, 3))
+        return [(await cache.longest(s, [4]))[0] for s in (a, b, c)]
+
+    assert run(go()) == [4, 0, 4]
+    assert cache.stats()["bytes"] == 2 * one and cache.stats()["evicted"] == 1
+
+
+def test_an_evicted_state_is_spilled_to_the_store_and_found_by_another_process(backend):
+    one = state_bytes(backend.zero_state())
+    cache = StateCache(backend, ram_bytes=one, disk_bytes=100 * one)
+    first, second = tokens(6), tokens(6)
+
+    async def go():
+        cache.put(first, state_like(backend, 7))
+        cache.put(second, state_like(backend, 8))  # pushes `first` out of RAM
+        await cache.drain()
+        elsewhere = StateCache(backend, ram_bytes=10 * one, disk_bytes=100 * one)  # as in a second process
+        return await elsewhere.longest(first + [5, 6], [3, 6, 7]), elsewhere
+
+    (n, state), elsewhere = run(go())
+    assert n == 6 and same(state, state_like(backend, 7))
+    assert elsewhere.stats()["disk_hits"] == 1
+    row = SpilledState.objects.get(digest=prefix_digests(first, [6])[6])
+    assert row.state_model == backend.model_id and row.tokens == 6 and row.nbytes == one
+    with default_storage.open(row.state.name, "rb") as stored:
+        assert blob_metadata(stored.read())["model"] == backend.model_id
+
+
+def test_spilled_states_past_their_budget_go_least_recently_used_first(backend):
+    SpilledState.objects.all().delete()
+    one = state_bytes(backend.zero_state())
+    cache = StateCache(backend, ram_bytes=0, disk_bytes=2 * one)  # everything goes straight to the store
+    sequences = [tokens(3) for _ in range(3)]
+
+    async def go():
+        for i, sequence in enumerate(sequences):
+            cache.put(sequence, state_like(backend, i))
+            await cache.drain()
+
+    run(go())
+    rows = SpilledState.objects.order_by("last_used")
+    assert [r.digest for r in rows] == [prefix_digests(s, [3])[3] for s in sequences[1:]]
+    assert sum(r.nbytes for r in rows) <= 2 * one
+    assert len(default_storage.listdir("states/cache")[1]) == 2  # the oldest blob went with its row
+
+
+def test_a_damaged_spilled_state_is_forgotten_not_used(backend):
+    one = state_bytes(backend.zero_state())
+    cache = StateCache(backend, ram_bytes=0, disk_bytes=100 * one)
+    sequence = tokens(5)
+
+    async def spill():
+        cache.put(sequence, state_like(backend, 1))
+        await cache.drain()
+
+    run(spill())
+    row = SpilledState.objects.get(digest=prefix_digests(sequence, [5])[5])
+    with default_storage.open(row.state.name, "wb") as stored:
+        stored.write(b"not a state")
+    assert run(cache.longest(sequence, [5])) == (0, None)
+    assert not SpilledState.objects.filter(digest=prefix_digests(sequence, [5])[5]).exists()
+
+
+@pytest.fixture(scope="module")
+def spilling_server():
+    """A server that keeps no state in RAM: every cached state goes to the store."""
+    running = Server(env={"RPSERVER_STATE_CACHE_MB": "0"}, name="spilling-server").start()
+    yield running
+    running.stop()
+
+
+def test_over_http_a_conversation_resumes_from_spilled_states(spilling_server):
+    key = make_user(Api(spilling_server.url), "sc").token
+    client = openai.OpenAI(base_url=f"{spilling_server.url}/v1", api_key=key, max_retries=0)
+    messages = [{"role": "system", "content": f"Spilled {uuid.uuid4().hex}"}, {"role": "user", "content": "One."}]
+    first = client.chat.completions.create(model="rwkv", messages=messages, max_tokens=5, seed=1)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Two."}]
+    before = httpx.get(f"{spilling_server.url}/v1/debug/stats", headers={"Authorization": f"Bearer {key}"}).json()
+    second = client.chat.completions.create(model="rwkv", messages=messages, max_tokens=5, seed=2)
+    after = httpx.get(f"{spilling_server.url}/v1/debug/stats", headers={"Authorization": f"Bearer {key}"}).json()
+    assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    assert after["state_cache"]["disk_hits"] == before["state_cache"].get("disk_hits", 0) + 1
+    assert after["state_cache"]["entries"] == 0
