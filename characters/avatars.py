@@ -47,6 +47,8 @@ MARKUP = re.compile(
     re.IGNORECASE,
 )
 
+EXIF_ORIENTATION = 0x0112
+
 # What Pillow raises on a damaged, truncated or unsupported file.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
@@ -143,9 +145,15 @@ def reencode(image, pillow_format):
 
 
 def encode_clean(source, pillow_format):
-    """Encode the pixels of `source` (loaded) in `pillow_format`, keeping only orientation and transparency."""
+    """Encode the pixels of `source` (loaded) in `pillow_format`, keeping only orientation and transparency.
+
+    Copies are made only where needed (a rotation, a mode change): at the
+    pixel limit one RGBA copy is 64 MB, and several avatars may be decoded at once.
+    """
     transparency = source.info.get("transparency")
-    picture = ImageOps.exif_transpose(source) if pillow_format in ("JPEG", "WEBP", "PNG") else source
+    picture = source
+    if pillow_format != "GIF" and source.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        picture = ImageOps.exif_transpose(source)
     options = {}
     if pillow_format == "JPEG":
         if picture.mode not in ("RGB", "L"):
@@ -158,16 +166,12 @@ def encode_clean(source, pillow_format):
     elif pillow_format == "PNG":
         if transparency is not None or picture.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
             picture = picture.convert("RGBA" if transparency is not None or "A" in picture.mode else "RGB")
-    elif pillow_format == "GIF":
-        if transparency is not None:
-            options = {"transparency": transparency}
+    elif pillow_format == "GIF" and transparency is not None:
+        options = {"transparency": transparency}
+    # Nothing of the source's info (EXIF, XMP, ICC profile, text chunks, comments) is written.
+    picture.info = {}
     output = io.BytesIO()
-    # A fresh image carries none of the source's info dict (EXIF, XMP, text, comments, ICC).
-    clean = Image.new(picture.mode, picture.size)
-    if picture.mode == "P":
-        clean.putpalette(picture.getpalette())
-    clean.paste(picture)
-    clean.save(output, pillow_format, **options)
+    picture.save(output, pillow_format, **options)
     return output.getvalue()
 
 
