@@ -1,0 +1,118 @@
+"""The state store in an S3-compatible bucket (django-storages), against a local S3 server.
+
+The S3 server is moto's server mode (`python -m moto.server`, PyPI's
+`moto[server]`): a separate process that speaks S3's REST API over HTTP.
+django-storages talks to it through boto3 exactly as it would to AWS or
+MinIO (PUT, GET, HEAD, DELETE, ListObjectsV2 on real URLs), so the upload,
+download, naming and deletion paths are the ones production runs. What it
+does not reproduce: AWS's permissions and network latency.
+"""
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import boto3
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import CHARACTER, ROOT, Api, Server, free_port
+
+BUCKET = "rpserver-states"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free port; (endpoint URL, boto3 bucket)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None and time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.1)
+        resource = boto3.resource("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                  aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        bucket = resource.create_bucket(Bucket=BUCKET)
+        yield endpoint, bucket
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def local_media():
+    return tempfile.mkdtemp(prefix="rpserver-s3-media-")
+
+
+@pytest.fixture(scope="module")
+def s3_server(s3, local_media):
+    endpoint, _ = s3
+    running = Server(env={**CREDENTIALS, "RPSERVER_S3_BUCKET": BUCKET, "RPSERVER_S3_ENDPOINT_URL": endpoint,
+                          "RPSERVER_MEDIA_ROOT": local_media}, name="s3-server").start()
+    yield running
+    running.stop()
+
+
+def keys(bucket):
+    return {item.key for item in bucket.objects.all()}
+
+
+def png_data_url():
+    output = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(output, "PNG")
+    return "data:image/png;base64," + base64.b64encode(output.getvalue()).decode()
+
+
+def test_states_and_avatars_live_in_the_bucket(s3, s3_server, local_media):
+    _, bucket = s3
+    before = keys(bucket)
+    api = Api(s3_server.url)
+    data = api.ok("/login/tmp")
+    guest = Api(s3_server.url, data["user_name"], data["token"])
+    guest.ok("/characters/save", **CHARACTER, avatar=png_data_url())
+    for i in range(4):
+        guest.reply("Mira", f"message {i}")
+    added = keys(bucket) - before
+    assert any(key.endswith(".png") for key in added)
+    assert len([key for key in added if not key.endswith(".png")]) >= 3  # state blobs
+    assert not any(files for _, _, files in os.walk(local_media))  # nothing on the local disk
+    served = guest.ok("/characters/get", character_name="Mira")["avatar"]
+    assert served.startswith("data:image/png;base64,") and len(served) > 40
+
+    # Rolling back and regenerating read their states back from the bucket.
+    chat = guest.chat("Mira")
+    guest.ok("/chat/back", character_name="Mira", log_index=2)
+    assert guest.chat("Mira") == chat[:3]
+    frames, _ = guest.stream("/chat/resay", character_name="Mira")
+    assert guest.chat("Mira") == chat[:2] + [[chat[2][0], frames[-1]]]
+    context = guest.context("Mira")
+
+    # A restarted process (or another one) continues from the bucket alone.
+    s3_server.restart()
+    again = Api(s3_server.url, guest.user_name, guest.token)
+    assert again.context("Mira") == context
+    again.reply("Mira", "after the restart")
+    assert len(again.chat("Mira")) == 4
+
+    # Deleting the character removes its objects.
+    again.ok("/characters/del", character_name="Mira")
+    deadline = time.monotonic() + 10
+    while keys(bucket) & added and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not keys(bucket) & added
+    assert "Traceback" not in s3_server.log()
