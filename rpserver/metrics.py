@@ -96,14 +96,9 @@ class LockCollector:
     """Locks held now, counted in the database (the same figure from every process)."""
 
     def collect(self):
-        if apps.is_installed("locks"):
-            from locks.services import held_count
+        from locks.services import held_count
 
-            held = held_count()
-        else:  # the conversation-row lock, before the locks app
-            from chat.models import Conversation
-
-            held = Conversation.objects.exclude(lock_owner="").count()
+        held = held_count()
         yield GaugeMetricFamily("rpserver_locks_held", "Locks held now (one per conversation being changed).",
                                 value=held)
 
