@@ -18,7 +18,7 @@ from django.test import override_settings
 
 from characters.models import Character
 from conftest import ROOT, free_port
-from rpserver.orphans import find_orphans, referenced_names, remove_orphans, sweep
+from rpserver.orphans import find_orphans, referenced_names, remove_orphans, start_sweeping, sweep
 from test_characters import PNG_URL
 
 HOURS = 3600
@@ -94,6 +94,16 @@ def test_a_file_referenced_after_the_listing_is_kept(mira):
     removed = remove_orphans(default_storage, candidates)
     assert name not in [n for n, _ in removed]
     assert default_storage.exists(name)
+
+
+def test_the_server_side_sweep_removes_orphans_on_its_own(mira):
+    owner = Character.objects.get(owner__username=mira.user_name, name="Mira").owner_id
+    name = orphan(f"states/{owner}/{uuid.uuid4().hex}.safetensors")
+    start_sweeping(first_after=datetime.timedelta(0))
+    deadline = time.monotonic() + 30
+    while default_storage.exists(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not default_storage.exists(name)
 
 
 def test_it_works_through_the_storage_api_not_the_disk(mira):
