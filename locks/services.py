@@ -9,11 +9,11 @@ Why each piece:
 - The holder is a process, not a time: a running reply keeps its lock for as
   long as it runs, however long, while its process lives. (A timeout on the
   lock itself would hand a long reply's conversation to a second request.)
-- A process proves it lives by a heartbeat (every HEARTBEAT_SECONDS). A
-  process whose heartbeat is older than DEAD_AFTER_SECONDS is dead: its row
-  is deleted and its locks go with it (CASCADE), so a crashed process's
-  locks free within DEAD_AFTER_SECONDS + HEARTBEAT_SECONDS on any other
-  process that wants one of them.
+- A process proves it lives by a heartbeat (every quarter of
+  RPSERVER_LOCK_DEAD_AFTER_SECONDS, default 20). A process whose heartbeat
+  is older than that is dead: its row is deleted and its locks go with it
+  (CASCADE), so a crashed process's locks free within 25 s (dead-after +
+  one heartbeat) for any other process that wants one of them.
 - A restarted server on the same host frees its predecessor's locks at once:
   at start-up, instances on this host whose process id is not running (or is
   our own: a container restarts as pid 1 again) are dead.
@@ -31,6 +31,7 @@ import threading
 import uuid
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
@@ -38,10 +39,20 @@ from .models import Lock, ServerInstance
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 5
-DEAD_AFTER_SECONDS = 20
 
-HOST = socket.gethostname()
+
+def dead_after():
+    """Seconds without a heartbeat after which a process is dead."""
+    return settings.RPSERVER["LOCK_DEAD_AFTER_SECONDS"]
+
+
+def heartbeat_seconds():
+    return max(0.25, dead_after() / 4)
+
+
+def host():
+    """This machine's name for the instances (RPSERVER_INSTANCE_HOST, default the host name)."""
+    return settings.RPSERVER["INSTANCE_HOST"] or socket.gethostname()
 
 
 class Busy(Exception):
@@ -65,7 +76,7 @@ class Instance:
         reap_dead_here()
         reap_expired()
         ServerInstance.objects.update_or_create(
-            id=self.id, defaults={"host": HOST, "pid": os.getpid(), "heartbeat": timezone.now()})
+            id=self.id, defaults={"host": host(), "pid": os.getpid(), "heartbeat": timezone.now()})
 
     def start(self):
         self.register()
@@ -73,12 +84,12 @@ class Instance:
         self._thread.start()
 
     def _beat(self):
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        while not self._stop.wait(heartbeat_seconds()):
             try:
                 close_old_connections()
                 if not ServerInstance.objects.filter(id=self.id).update(heartbeat=timezone.now()):
                     logger.warning("this server was taken for dead (no heartbeat for %s s); registering again",
-                                   DEAD_AFTER_SECONDS)
+                                   dead_after())
                     self.register()
                 reap_expired()
             except Exception:  # the database may be away for a moment: try again next beat
@@ -89,7 +100,7 @@ class Instance:
         """Stop beating and free every lock this process still holds."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=HEARTBEAT_SECONDS + 5)
+            self._thread.join(timeout=heartbeat_seconds() + 5)
         ServerInstance.objects.filter(id=self.id).delete()
 
 
@@ -124,14 +135,14 @@ def pid_running(pid):
 
 def reap_dead_here():
     """Delete the instances of this host whose process is gone (their locks go too)."""
-    for row in ServerInstance.objects.filter(host=HOST):
+    for row in ServerInstance.objects.filter(host=host()):
         if row.pid == os.getpid() or not pid_running(row.pid):
             row.delete()
 
 
 def reap_expired():
     """Delete the instances whose heartbeat stopped (their locks go too)."""
-    ServerInstance.objects.filter(heartbeat__lt=timezone.now() - timedelta(seconds=DEAD_AFTER_SECONDS)).delete()
+    ServerInstance.objects.filter(heartbeat__lt=timezone.now() - timedelta(seconds=dead_after())).delete()
 
 
 def acquire(name):
@@ -158,8 +169,8 @@ def reap_holder_if_dead(name):
     if lock is None:
         return True
     holder = lock.holder
-    dead = holder.heartbeat < timezone.now() - timedelta(seconds=DEAD_AFTER_SECONDS) or (
-        holder.host == HOST and holder.id != instance().id and not pid_running(holder.pid))
+    dead = holder.heartbeat < timezone.now() - timedelta(seconds=dead_after()) or (
+        holder.host == host() and holder.id != instance().id and not pid_running(holder.pid))
     if dead:
         holder.delete()
     return dead

@@ -198,7 +198,7 @@ REST_FRAMEWORK = {
 RPSERVER = {
     "MODEL": env_str("RPSERVER_MODEL"),
     "DEMO_MODEL": BASE_DIR / "model" / "demo-rwkv7.pth",
-    "STRATEGY": env_str("RPSERVER_STRATEGY", "cpu fp32"),
+    "STRATEGY": env_str("RPSERVER_STRATEGY", "auto"),
     "BACKEND": env_choice("RPSERVER_BACKEND", "auto", ("auto", "rwkv")),
     "MAX_REPLY_TOKENS": env_int("RPSERVER_MAX_REPLY_TOKENS", 512, minimum=1),
     "MAX_PROMPT_CHARS": env_int("RPSERVER_MAX_PROMPT_CHARS", 4000, minimum=1),
@@ -207,6 +207,9 @@ RPSERVER = {
     "MAX_AVATAR_PIXELS": env_int("RPSERVER_MAX_AVATAR_PIXELS", 4096 * 4096, minimum=1),
     "TOKEN_TTL_HOURS": env_int("RPSERVER_TOKEN_TTL_HOURS", 24 * 30, minimum=1),
     "ALLOW_SIGNUP": env_bool("RPSERVER_ALLOW_SIGNUP", True),
+    # Locks (locks/services.py): a process silent this long is dead and its locks are freed.
+    "LOCK_DEAD_AFTER_SECONDS": env_int("RPSERVER_LOCK_DEAD_AFTER_SECONDS", 20, minimum=2),
+    "INSTANCE_HOST": env_str("RPSERVER_INSTANCE_HOST"),
     # Trust X-Forwarded-For for the client's address (only behind a proxy that sets it: deploy/nginx.conf).
     "TRUST_X_FORWARDED_FOR": env_bool("RPSERVER_TRUST_X_FORWARDED_FOR", False),
     "SHUTDOWN_GRACE_SECONDS": env_int("RPSERVER_SHUTDOWN_GRACE_SECONDS", 5, minimum=0),

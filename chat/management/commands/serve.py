@@ -1,4 +1,6 @@
 import logging
+import os
+import sys
 
 from django.conf import settings
 from django.core.management import call_command
@@ -59,3 +61,10 @@ class Command(BaseCommand):
             engine.stop()
             locks.stop_instance()
             logger.info("rpserver stopped")
+            # Everything is stopped and stored: leave without the interpreter's
+            # teardown, where PyTorch's own threads can crash the process (SIGSEGV
+            # or "terminate called without an active exception").
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)

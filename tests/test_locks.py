@@ -1,0 +1,170 @@
+"""Locks that die with their holder: crashes, restarts, a clean stop, two processes on one database."""
+
+import random
+import signal
+import time
+
+import httpx
+
+from chat.models import Round
+from chat.services import BUSY
+from conftest import CHARACTER, Api, Server
+from locks.models import Lock, ServerInstance
+
+LONG = {"RPSERVER_MAX_REPLY_TOKENS": "100000"}  # a random model rarely ends its turn: replies run until stopped
+
+
+def new_guest(server):
+    data = Api(server.url).ok("/login/tmp")
+    guest = Api(server.url, data["user_name"], data["token"])
+    guest.ok("/characters/save", **CHARACTER)
+    guest.chat("Mira")
+    return guest
+
+
+def same_user(guest, server):
+    return Api(server.url, guest.user_name, guest.token)
+
+
+def first_frame(answer):
+    """Read a stream until its first frame has arrived; returns (bytes read, the rest of the stream)."""
+    chunks = answer.iter_raw()
+    seen = b""
+    for chunk in chunks:
+        seen += chunk
+        if b"data: " in seen:
+            break
+    return seen, chunks
+
+
+def assert_consistent(guest):
+    """The chat log, the rounds and the context agree (nothing half-stored)."""
+    chat = guest.chat("Mira")
+    rounds = list(Round.objects.filter(conversation__owner__username=guest.user_name).order_by("index"))
+    assert [r.index for r in rounds] == list(range(len(chat)))
+    assert [[r.user_text, r.bot_text] for r in rounds] == chat
+    assert guest.context("Mira")["token_count"] == sum(len(r.token_list) for r in rounds)
+
+
+def test_a_server_killed_during_a_reply_frees_the_conversation_at_restart():
+    server = Server(env=LONG, name="killed-mid-reply").start()
+    try:
+        guest = new_guest(server)
+        with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                            "prompt": "tell me everything"}) as answer:
+            _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
+            assert Lock.objects.filter(holder__pid=server.process.pid).count() == 1
+            server.process.kill()
+            server.process.wait()
+        server.process = None
+        server.start()
+        guest = same_user(guest, server)
+        guest.ok("/characters/load", character_name="Mira")
+        frames, _ = guest.stream("/chat/reply", character_name="Mira", prompt="again")
+        assert isinstance(frames, list), frames  # not BUSY: the dead process's lock went at start-up
+        assert guest.chat("Mira")[1][0] == "again"  # the killed reply stored nothing
+        assert_consistent(guest)
+    finally:
+        server.stop()
+
+
+def test_kills_at_random_moments_of_replies_and_their_storing_lose_nothing():
+    # Short replies: a kill lands while the reply is generated, while its round
+    # is being stored (after the last frame, before the stream ends), or between.
+    server = Server(name="killed-at-random").start()
+    rng = random.Random(7)
+    try:
+        guest = new_guest(server)
+        for attempt in range(4):
+            guest = same_user(guest, server)
+            guest.reply("Mira", f"kept {attempt}")
+            before = guest.chat("Mira")
+            with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                                "prompt": f"maybe {attempt}"}) as answer:
+                _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
+                time.sleep(rng.uniform(0, 0.05))
+                server.process.kill()
+                server.process.wait()
+            server.process = None
+            server.start()
+            guest = same_user(guest, server)
+            after = guest.chat("Mira")
+            assert after in (before, before + [[f"maybe {attempt}", after[-1][1]]])  # all or nothing
+            assert_consistent(guest)
+            guest.reply("Mira", f"at once {attempt}")  # never BUSY after a restart
+            assert guest.chat("Mira")[-1][0] == f"at once {attempt}"
+    finally:
+        server.stop()
+
+
+def test_sigterm_during_a_stream_exits_cleanly_and_frees_every_lock():
+    server = Server(env={**LONG, "RPSERVER_SHUTDOWN_GRACE_SECONDS": "1"}, name="sigterm").start()
+    guest = new_guest(server)
+    pid = server.process.pid
+    with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                        "prompt": "tell me everything"}) as answer:
+        _, rest = first_frame(answer)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        try:
+            for _ in rest:  # the stream ends: cancelled after the grace period
+                pass
+        except httpx.RemoteProtocolError:  # (cut off when the process left)
+            pass
+    server.process = None
+    assert not Lock.objects.filter(holder__pid=pid).exists()
+    assert not ServerInstance.objects.filter(pid=pid).exists()
+    log = server.log()
+    assert "terminate called" not in log and "Traceback" not in log
+    assert "rpserver stopped" in log
+    assert Round.objects.filter(conversation__owner__username=guest.user_name).count() == 1  # nothing half
+
+
+def test_sigterm_lets_a_short_reply_finish_within_the_grace_period():
+    server = Server(env={"RPSERVER_SHUTDOWN_GRACE_SECONDS": "20"}, name="sigterm-grace").start()
+    guest = new_guest(server)
+    with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                        "prompt": "short one"}) as answer:
+        seen, rest = first_frame(answer)
+        server.process.send_signal(signal.SIGTERM)
+        body = seen + b"".join(rest)
+    assert server.process.wait(timeout=30) == 0
+    server.process = None
+    rounds = Round.objects.filter(conversation__owner__username=guest.user_name).order_by("index")
+    assert [r.user_text for r in rounds] == [None, "short one"]
+    assert rounds[1].bot_text in body.decode()
+
+
+def test_a_dead_process_lock_frees_within_the_bound_and_a_live_one_never():
+    # Two processes on one database, as on two machines (different instance
+    # hosts, so only the heartbeat tells a dead one). Dead after 2 s here; 20 s by default.
+    env = {**LONG, "RPSERVER_LOCK_DEAD_AFTER_SECONDS": "2"}
+    first = Server(env={**env, "RPSERVER_INSTANCE_HOST": "machine-a"}, name="machine-a").start()
+    second = Server(env={**env, "RPSERVER_INSTANCE_HOST": "machine-b"}, name="machine-b").start()
+    try:
+        guest = new_guest(first)
+        other = same_user(guest, second)
+        with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                            "prompt": "tell me everything"}) as answer:
+            _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
+            deadline = time.monotonic() + 5  # 2.5 times the dead-after time: the heartbeat keeps it
+            while time.monotonic() < deadline:
+                body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
+                assert body == {"data": None, "message": BUSY, "code": 400}
+                time.sleep(0.5)
+            assert Lock.objects.filter(holder__pid=first.process.pid).exists()  # still replying
+            first.process.kill()
+            first.process.wait()
+            killed = time.monotonic()
+        first.process = None
+        while True:
+            body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
+            if isinstance(body, list):
+                break
+            assert body["message"] == BUSY
+            assert time.monotonic() - killed < 2 + 0.5 + 3, "the dead process's lock was not freed in time"
+            time.sleep(0.2)
+        assert [user_text for user_text, _ in other.chat("Mira")] == [None, "from b"]
+    finally:
+        first.stop()
+        second.stop()
