@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Conversation, PromptState, Round
+from .models import Conversation, Round
 
 
 class RoundInline(admin.TabularInline):
@@ -17,9 +17,3 @@ class ConversationAdmin(admin.ModelAdmin):
     search_fields = ("owner__username", "character__name")
     raw_id_fields = ("owner", "character")
     inlines = [RoundInline]
-
-
-@admin.register(PromptState)
-class PromptStateAdmin(admin.ModelAdmin):
-    list_display = ("character", "state_model", "created")
-    raw_id_fields = ("character",)

@@ -9,8 +9,8 @@ class ChatConfig(AppConfig):
         from characters.signals import character_changed
         from rpserver.files import connect_file_cleanup
 
-        from .models import PromptState, Round
+        from .models import Round
         from .services import discard_conversations
 
-        connect_file_cleanup(Round, PromptState)
+        connect_file_cleanup(Round)
         character_changed.connect(discard_conversations, dispatch_uid="discard-conversations")

@@ -75,22 +75,3 @@ class Round(models.Model):
 
     def __str__(self):
         return f"round {self.index} of {self.conversation}"
-
-
-class PromptState(models.Model):
-    """The state after a character's header and greeting, computed once per model."""
-
-    character = models.ForeignKey(Character, on_delete=models.CASCADE, related_name="prompt_states")
-    state_model = models.CharField(max_length=32)
-    tokens_digest = models.CharField(max_length=64)
-    state = models.FileField(upload_to=state_path)
-    created = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["character", "state_model", "tokens_digest"], name="unique_prompt_state")
-        ]
-
-    @property
-    def owner_id(self):
-        return self.character.owner_id

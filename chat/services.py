@@ -19,7 +19,6 @@ release); state blobs are read and written beside it (chat.snapshots).
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 
 from asgiref.sync import sync_to_async
@@ -35,7 +34,9 @@ from locks import services as locks
 from rpserver.envelope import ApiError
 from rpserver.files import delete_file_on_commit
 
-from .models import Conversation, PromptState, Round, decode_tokens
+from statecache.services import state_cache
+
+from .models import Conversation, Round, decode_tokens
 from .snapshots import blob_io, delete_states, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -163,33 +164,45 @@ def commit_and_release(lease):
 
 def discard_conversations(character, **kwargs):
     """characters.signals.character_changed receiver: the character's prompt changed
-    (or it is deleted), so its conversation and cached prompt states go.
+    (or it is deleted), so its conversation goes. (The state after its old
+    prompt stays in the shared state cache, keyed by those exact tokens, for
+    whoever else starts with them, until it is the least recently used.)
 
     The characters service holds the character's lock and a transaction."""
     for conversation in Conversation.objects.filter(character=character):
         conversation.delete()
-    for prompt_state in PromptState.objects.filter(character=character):
-        prompt_state.delete()
 
 
 # ---- states --------------------------------------------------------------------
 
 
-def prompt_digest(round_zero):
-    return hashlib.sha256(bytes(round_zero.tokens)).hexdigest()
-
-
 def stored_states(conversation, index, backend):
     """Where usable states at or before round `index` may be stored, newest
-    first: [(round index, blob name)], the character's cached prompt state last."""
-    found = list(conversation.rounds.filter(index__lte=index, state_model=backend.model_id)
-                 .exclude(post_state="").order_by("-index").values_list("index", "post_state"))
-    round_zero = conversation.rounds.get(index=0)
-    cached = PromptState.objects.filter(character_id=conversation.character_id, state_model=backend.model_id,
-                                        tokens_digest=prompt_digest(round_zero)).first()
-    if cached is not None:
-        found.append((0, cached.state.name))
-    return found
+    first: [(round index, blob name)]. (Round 0's state is in the shared
+    state cache: round_zero_state.)"""
+    return list(conversation.rounds.filter(index__lte=index, state_model=backend.model_id)
+                .exclude(post_state="").order_by("-index").values_list("index", "post_state"))
+
+
+def round_tokens(conversation, index):
+    return conversation.rounds.get(index=index).token_list
+
+
+async def round_zero_state(conversation, tokens=None):
+    """The state after round 0 (the character's header and greeting; `tokens`
+    when the caller has them), from the shared state cache (statecache),
+    keyed by those exact tokens: every conversation that starts with the
+    same tokens (the copies of a default character, a reset) shares it, and
+    when several start at once it is read once for all of them."""
+    if tokens is None:
+        tokens = await db(round_tokens)(conversation, 0)
+    engine = get_engine()
+
+    async def read(tokens):
+        state, _ = await engine.read(None, tokens)
+        return state
+
+    return await state_cache().state_after(list(tokens), read)
 
 
 async def first_readable(candidates, backend):
@@ -203,8 +216,12 @@ async def first_readable(candidates, backend):
 
 
 async def base_state(conversation, index, backend):
-    """The newest readable stored state at or before round `index`: (round index, state)."""
-    return await first_readable(await db(stored_states)(conversation, index, backend), backend)
+    """The newest readable stored state at or before round `index`: (round index, state);
+    at worst round 0's (round_zero_state)."""
+    found = await first_readable(await db(stored_states)(conversation, index, backend), backend)
+    if found[0] >= 0:
+        return found
+    return 0, await round_zero_state(conversation)
 
 
 def tokens_between(conversation, after, upto):
@@ -248,21 +265,12 @@ async def _remember_state(conversation, index, state, backend):
 def keep_remembered(conversation, index, name, backend):
     """Attach the blob `name` (the state after round `index`); False if it is not kept.
 
-    Round 0 with the character's own prompt goes to the per-character cache
-    (shared by a reset); any other round keeps it if it is recent or a checkpoint.
+    A round keeps it if it is recent or a checkpoint; never round 0, whose
+    state lives in the shared state cache (round_zero_state).
     """
     round_ = conversation.rounds.get(index=index)
     last_index = conversation.rounds.order_by("-index").values_list("index", flat=True).first()
-    if index == 0 and bytes(round_.tokens) == bytes(first_round(conversation, conversation.character).tokens):
-        cache = PromptState(character_id=conversation.character_id, state_model=backend.model_id,
-                            tokens_digest=prompt_digest(round_), state=name)
-        try:
-            with transaction.atomic():
-                cache.save()
-        except IntegrityError:  # computed twice at once: keep the first
-            return False
-        return True
-    if not keeps_snapshot(conversation, index, last_index):
+    if index == 0 or not keeps_snapshot(conversation, index, last_index):
         return False
     old = round_.post_state
     with transaction.atomic():
@@ -472,6 +480,8 @@ async def start_reply(owner, name, prompt, sampling, seed=None):
         # in between is remembered when the reply is stored).
         last = lease.last.index
         base_index, state = await first_readable(plan.candidates, engine.backend)
+        if base_index < 0:  # a new conversation (or its snapshots are gone): round 0's shared state
+            base_index, state = 0, await round_zero_state(lease.conversation, plan.tokens.get(0))
         replay = plan.replay_after(base_index)
         if replay is None:  # no stored state was readable: re-read everything
             replay = await db(tokens_between)(lease.conversation, base_index, last)

@@ -84,6 +84,7 @@ class StateCache:
         self.disk_bytes = disk_bytes
         self._ram = collections.OrderedDict()  # (model, digest) -> Entry, least recently used first
         self._spilling = {}  # (model, digest) -> Entry being written to the store
+        self._reading = {}  # (model, digest) -> future state, while one caller reads it for all
         self._tasks = set()
         self._used = 0
         self.counters = collections.Counter()
@@ -139,13 +140,50 @@ class StateCache:
     def put(self, tokens, state):
         """Keep `state` as the state after exactly `tokens` (already read: nothing is computed)."""
         if not tokens:
-            return
+            return None
         key = (self.backend.model_id, tokens_digest(tokens))
         if key in self._ram:
             self._ram.move_to_end(key)
-            return
+            return key
         self.counters["stored"] += 1
         self._insert(key, Entry(state, len(tokens), state_bytes(state)))
+        return key
+
+    async def keep(self, tokens, state):
+        """put(), and write the state to the store now (it outlives a restart and
+        is shared with other processes at once), unless it is there already."""
+        key = self.put(tokens, state)
+        entry = self._ram.get(key) or self._spilling.get(key)
+        if entry is None or entry.spilled or not self.disk_bytes:
+            return
+        if key not in self._spilling:
+            self._spill_later(key, entry)
+        await asyncio.gather(*[task for task in self._tasks if task.get_name() == key[1]])
+
+    async def state_after(self, tokens, read):
+        """The state after exactly `tokens`: cached, or read once (`await read(tokens)`)
+        and kept in the store. Concurrent callers for the same tokens share one
+        read (many guests opening the same default character at once)."""
+        state = await self.get(tokens)
+        if state is not None:
+            return state
+        key = (self.backend.model_id, tokens_digest(tokens))
+        if key in self._reading:
+            self.counters["shared_reads"] += 1
+            return await asyncio.shield(self._reading[key])
+        reading = asyncio.get_running_loop().create_future()
+        reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved either way
+        self._reading[key] = reading
+        try:
+            state = await read(tokens)
+            reading.set_result(state)
+        except BaseException as exc:
+            reading.set_exception(exc)
+            raise
+        finally:
+            del self._reading[key]
+        await asyncio.shield(self.keep(tokens, state))
+        return state
 
     def _insert(self, key, entry):
         self._ram[key] = entry
@@ -159,7 +197,7 @@ class StateCache:
 
     def _spill_later(self, key, entry):
         self._spilling[key] = entry
-        task = asyncio.get_running_loop().create_task(self._spill(key, entry))
+        task = asyncio.get_running_loop().create_task(self._spill(key, entry), name=key[1])
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -170,6 +208,7 @@ class StateCache:
             if await db(record_spilled)(key[0], key[1], entry.tokens, entry.nbytes, name, self.disk_bytes):
                 self.counters["spilled"] += 1
                 name = None
+            entry.spilled = True  # by us, or by another process before us
         except Exception:
             logger.exception("could not spill a cached state")
         finally:

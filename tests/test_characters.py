@@ -7,7 +7,7 @@ import pytest
 from django.conf import settings
 
 from characters.models import Character
-from chat.models import Conversation, PromptState, Round
+from chat.models import Conversation, Round
 from conftest import CHARACTER
 
 # A real 8x8 PNG, exactly as the server re-encodes it (so it comes back unchanged).
@@ -20,7 +20,6 @@ def stored_files(user_name):
     names = [c.avatar.name for c in Character.objects.filter(owner__username=user_name) if c.avatar]
     for r in Round.objects.filter(conversation__owner__username=user_name):
         names += [f.name for f in (r.pre_state, r.post_state) if f]
-    names += [p.state.name for p in PromptState.objects.filter(character__owner__username=user_name)]
     return [Path(settings.MEDIA_ROOT) / name for name in names]
 
 
@@ -92,14 +91,13 @@ def test_saving_again_keeps_the_avatar_unless_told_otherwise(guest):
     assert not Path(first).exists()
 
 
-def test_overwriting_discards_the_conversation_and_prompt_state(mira):
+def test_overwriting_discards_the_conversation(mira):
     mira.reply("Mira", "hello")
     files = stored_files(mira.user_name)
     assert files and all(f.exists() for f in files)
     mira.ok("/characters/save", **{**CHARACTER, "greeting": "A new greeting."})
     assert mira.chat("Mira") == [[None, "A new greeting."]]
     assert not any(f.exists() for f in files)
-    assert not PromptState.objects.filter(character__owner__username=mira.user_name).exists()
 
 
 def test_deleting_removes_the_character_its_chat_and_every_file(mira):

@@ -6,9 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from chat.models import PromptState, Round
+from chat.models import Round
 from chat.services import BUSY
 from conftest import CHARACTER, Api, Server
+from statecache.models import SpilledState
+from statecache.services import tokens_digest
 
 HEADER = "friend: How are you?\n\nMira: Fine, thank you.\n\nMira is a calm lighthouse keeper who talks to friend.\n\nMira:"
 GREETING = "Hi friend! I'm Mira."
@@ -53,8 +55,9 @@ def test_each_round_keeps_the_snapshots_it_needs(alice):
     kept = kept_snapshots(alice)
     # pre-reply state for the last round only; post-round states for the
     # 2 most recent rounds and every 3rd (RPSERVER_STATE_KEEP_RECENT=2, _CHECKPOINT_EVERY=3);
-    # round 0's is the character's cached prompt state.
-    assert PromptState.objects.filter(character__owner__username=alice.user_name).count() == 1
+    # round 0's is in the shared state cache, kept in the store under the digest of its tokens.
+    round_zero = rounds(alice.user_name).get(index=0)
+    assert SpilledState.objects.filter(digest=tokens_digest(round_zero.token_list)).count() == 1
     assert kept == {0: (False, False), 1: (False, False), 2: (False, False), 3: (False, True),
                     4: (False, True), 5: (True, True)}
 

@@ -1,8 +1,9 @@
 """The shared state cache: exact-prefix keys, least-recently-used RAM, spilling to the state store."""
 
+import array
 import asyncio
 import hashlib
-import array
+import threading
 import uuid
 
 import httpx
@@ -157,3 +158,34 @@ def test_over_http_a_conversation_resumes_from_spilled_states(spilling_server):
     assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
     assert after["state_cache"]["disk_hits"] == before["state_cache"].get("disk_hits", 0) + 1
     assert after["state_cache"]["entries"] == 0
+
+
+def test_eight_guests_opening_the_same_default_character_read_its_header_once(spilling_server):
+    from chat.models import Round
+    from statecache.services import tokens_digest
+
+    guests = []
+    for _ in range(8):
+        data = Api(spilling_server.url).ok("/login/tmp")
+        guests.append(Api(spilling_server.url, data["user_name"], data["token"]))
+    guests[0].chat("Ellie")
+    round_zero = Round.objects.get(conversation__owner__username=guests[0].user_name, index=0).token_list
+    SpilledState.objects.filter(digest=tokens_digest(round_zero)).delete()  # whatever an earlier test left
+    headers = {"Authorization": f"Bearer {guests[0].token}"}
+    before = httpx.get(f"{spilling_server.url}/v1/debug/stats", headers=headers).json()
+
+    threads = [threading.Thread(target=guest.reply, args=("Ellie", "Hello!")) for guest in guests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = httpx.get(f"{spilling_server.url}/v1/debug/stats", headers=headers).json()
+
+    replies = Round.objects.filter(conversation__owner__username__in=[g.user_name for g in guests], index=1)
+    assert replies.count() == 8
+    head = replies[0].reply_start  # the user's turn, read by each reply
+    read = after["engine"]["tokens_read"] - before["engine"]["tokens_read"]
+    # The header and greeting once; then each reply's own turn, and its last token and closing blank line.
+    assert len(round_zero) + 8 * head <= read <= len(round_zero) + 8 * (head + 4)
+    assert len(round_zero) > 8 * 4
+    assert SpilledState.objects.filter(digest=tokens_digest(round_zero)).count() == 1
