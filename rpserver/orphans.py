@@ -7,7 +7,8 @@ the two leaves a file that nothing references and nothing will ever delete.
 `find_orphans` lists them and `remove_orphans` deletes them, through the
 storage API (local disk or S3), never touching a referenced file. The
 `remove_orphan_files` command runs them once (from cron); `start_sweeping`
-runs them in the server, a few minutes after start-up and then hourly.
+runs them in a daemon thread of the calling process (for `serve`: a few
+minutes after start-up, then hourly).
 How a referenced file, or one being written, is kept safe:
 
 - The referencing columns are discovered from the models: every FileField
