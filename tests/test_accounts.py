@@ -1,12 +1,15 @@
 """/login, /login/tmp, tokens, createuser, the envelope and CORS."""
 
+import io
+import uuid
 from datetime import timedelta
 
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.core.management import call_command
 from django.utils import timezone
 
 from accounts.models import ApiToken, User, token_digest
-from conftest import Api
+from conftest import Api, Server
 
 
 def test_it_logs_in_with_a_password(alice):
@@ -114,3 +117,72 @@ def test_createuser_makes_an_account_that_logs_in(api):
     call_command("createuser", "carol-cli", "--password", "lantern-harbour-7")
     assert api.ok("/login", user_name="carol-cli", password="lantern-harbour-7")["user_name"] == "carol-cli"
     assert User.objects.get(username="carol-cli").password.startswith("pbkdf2_")
+
+
+def test_signup_makes_an_account_and_logs_it_in(api):
+    name = f"hana-{uuid.uuid4().hex[:6]}"
+    data = api.ok("/signup", user_name=name, password="lantern-harbour-7")
+    user = Api(api.url, data["user_name"], data["token"])
+    assert [c["char_name"] for c in user.ok("/characters/list")["list"]] == ["小雪", "Ellie"]
+    assert api.ok("/login", user_name=name, password="lantern-harbour-7")["user_name"] == name
+
+
+def test_signup_applies_the_password_validators(api):
+    body = api.call("/signup", user_name=f"ivy-{uuid.uuid4().hex[:6]}", password="1")
+    assert body["code"] == 400 and "This password is too short" in body["message"]
+    body = api.call("/signup", user_name=f"ivy-{uuid.uuid4().hex[:6]}", password="password")
+    assert body["code"] == 400 and "This password is too common" in body["message"]
+
+
+def test_signup_refuses_a_taken_or_malformed_name(api, alice):
+    body = api.call("/signup", user_name=alice.user_name, password="lantern-harbour-7")
+    assert body == {"data": None, "message": f"user {alice.user_name} already exists", "code": 400}
+    body = api.call("/signup", user_name="no spaces allowed", password="lantern-harbour-7")
+    assert body["code"] == 400 and "Enter a valid username" in body["message"]
+
+
+def test_signup_can_be_turned_off():
+    server = Server(env={"RPSERVER_ALLOW_SIGNUP": "0"}, name="no-signup").start()
+    try:
+        body = Api(server.url).call("/signup", user_name="jo-x", password="lantern-harbour-7")
+        assert body == {"data": None, "message": "sign-up is turned off on this server", "code": 403}
+    finally:
+        server.stop()
+
+
+def test_logout_revokes_the_token_it_is_called_with(alice):
+    second = Api(alice.url).ok("/login", user_name=alice.user_name, password="secret-pw")["token"]
+    assert alice.ok("/logout") is None
+    body = alice.call("/characters/list")
+    assert body["code"] == 403 and body["message"] == "invalid token, please log in again"
+    assert Api(alice.url, alice.user_name, second).ok("/characters/list")["list"]  # other sessions stay
+
+
+def test_changing_a_password_revokes_every_token(alice):
+    user = User.objects.get(username=alice.user_name)
+    user.set_password("a-new-lantern-9")
+    user.save()
+    assert alice.call("/characters/list")["code"] == 403
+
+
+def weak_hash(password):
+    return PBKDF2PasswordHasher().encode(password, "fixedsalt12345", iterations=1000)
+
+
+def test_a_password_rehash_at_login_revokes_nothing(alice):
+    # Django re-hashes a password stored with fewer iterations at the next log-in.
+    User.objects.filter(username=alice.user_name).update(password=weak_hash("secret-pw"))
+    assert Api(alice.url).ok("/login", user_name=alice.user_name, password="secret-pw")["token"]
+    assert User.objects.get(username=alice.user_name).password != weak_hash("secret-pw")  # re-hashed...
+    assert alice.ok("/characters/list")["list"]  # ...and the old token still works
+
+
+def test_an_api_key_works_as_a_bearer_token_and_does_not_expire(alice):
+    out = io.StringIO()
+    call_command("createapikey", alice.user_name, "--label", "tests", stdout=out)
+    key = out.getvalue().strip()
+    token = ApiToken.objects.get(digest=token_digest(key))
+    assert token.kind == ApiToken.API_KEY and token.name == "tests"
+    ApiToken.objects.filter(pk=token.pk).update(last_used=timezone.now() - timedelta(days=3650))
+    answer = alice.http.post("/characters/list", headers={"authorization": f"Bearer {key}"})
+    assert answer.json()["code"] == 200
