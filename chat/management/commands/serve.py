@@ -29,10 +29,12 @@ class Command(BaseCommand):
         from inference.checkpoint import CheckpointError
         from inference.runtime import load_engine
         from locks import services as locks
+        from rpserver.orphans import start_sweeping
         from rpserver.server import Server
 
         call_command("migrate", interactive=False, verbosity=0)
         locks.instance()  # registers this process, freeing the locks of a dead predecessor at once
+        start_sweeping()  # files a crash left unreferenced: 5 minutes after start, then hourly
         try:
             engine = load_engine(model=model, strategy=strategy, jit_on=bool(jit_on), cuda_on=bool(cuda_on))
         except (CheckpointError, ValueError) as exc:
