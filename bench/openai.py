@@ -1,0 +1,237 @@
+"""OpenAI-compatible API benchmark: a client re-sending its whole conversation every turn.
+
+OpenAI clients (SillyTavern, Open WebUI, the `openai` libraries) send the
+whole history with every request. rpserver's state cache keeps the RNN state
+at the end of each reply, keyed by the exact tokens, so each turn should read
+only its new tokens and time to first token should stay flat however long
+the history grows.
+
+1. Growing conversation, cache on: one client talks for max(--turns) turns
+   (a user message of ~--user-tokens tokens, a reply of up to
+   --reply-tokens: ~40 tokens per turn), streaming; time to first token
+   (the first chunk with text) and the prompt/cached token counts are
+   recorded per turn.
+2. The same histories without the cache (RPSERVER_STATE_CACHE_MB=0 and
+   RPSERVER_STATE_CACHE_DISK_MB=0, a fresh server): the request of turn T
+   for each T in --turns, i.e. what a server without the cache pays: the
+   whole history re-read.
+3. N concurrent clients (--clients), each re-sending its own growing
+   conversation for --throughput-turns turns, cache on: aggregate completion
+   tokens per second and time to first token.
+
+Each server is fresh (`manage.py serve`, its own temp data dir, anonymous
+/v1 access) on a random-weight RWKV-7 shaped like the 0.1B model (12 layers,
+768 wide).
+
+    .venv/bin/python bench/openai.py                      # full run (~5 min on 2 cores)
+    .venv/bin/python bench/openai.py --quick              # smoke run (tiny model, 10/20 turns)
+    .venv/bin/python bench/openai.py --strategy "cpu int8" --turns 10,50,200 --clients 1,4,8
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    BenchError, CpuMeter, Server, ensure_model, filler_text, fmt, install_sigterm_handler, machine_note, median,
+    run_script, table, wait_for_quiet,
+)
+
+SYSTEM = ("You are Bob, a cheerful lighthouse keeper on a windy island. You love the sea, old maps, strong tea "
+          "and long stories about ships, and you answer kindly and with curiosity.")
+
+
+class Turn:
+    def __init__(self, ttft, total, prompt_tokens, cached_tokens, completion_tokens, text):
+        self.ttft = ttft
+        self.total = total
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.completion_tokens = completion_tokens
+        self.text = text
+
+
+async def complete(http, messages, max_tokens, seed):
+    """One streamed chat completion: a Turn (time to the first text, usage, the reply)."""
+    body = {"model": "rwkv", "messages": messages, "max_tokens": max_tokens, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    ttft, parts, usage = None, [], None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
+        if answer.status_code != 200:
+            raise BenchError(f"/v1/chat/completions answered {answer.status_code}: {(await answer.aread())[:300]!r}")
+        async for line in answer.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                text = choice["delta"].get("content")
+                if text:
+                    ttft = ttft or time.perf_counter() - started
+                    parts.append(text)
+    total = time.perf_counter() - started
+    if usage is None:
+        raise BenchError("the stream carried no usage chunk")
+    return Turn(ttft or total, total, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"],
+                usage["completion_tokens"], "".join(parts))
+
+
+def user_message(turn, words):
+    return f"Turn {turn}: {filler_text(words, offset=turn * 7)}?"
+
+
+async def conversation(base_url, turns, user_words, reply_tokens, client_id=0, on_turn=None):
+    """One client's growing conversation; returns ([Turn], the message list of every request)."""
+    messages = [{"role": "system", "content": f"{SYSTEM} (client {client_id})"}]
+    results, requests = [], []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+        for turn in range(1, turns + 1):
+            messages.append({"role": "user", "content": user_message(turn, user_words)})
+            requests.append(list(messages))
+            result = await complete(http, messages, reply_tokens, seed=client_id * 1000 + turn)
+            results.append(result)
+            if on_turn:
+                on_turn(turn, result)
+            messages.append({"role": "assistant", "content": result.text})
+    return results, requests
+
+
+def server_env(cache):
+    env = {"RPSERVER_OPENAI_ANONYMOUS": "1"}  # anonymous: no per-user limits
+    if not cache:
+        env.update({"RPSERVER_STATE_CACHE_MB": "0", "RPSERVER_STATE_CACHE_DISK_MB": "0"})
+    return env
+
+
+async def warm_up(base_url):
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+        await complete(http, [{"role": "user", "content": "Hello."}], 4, seed=0)
+
+
+def around(results, turn, width=3):
+    """The median time to first token over the `width` turns ending at `turn` (1-based)."""
+    window = results[max(0, turn - width):turn]
+    return median([r.ttft for r in window])
+
+
+def growing_phase(model, data_root, args, checkpoints):
+    last = max(checkpoints)
+    print(f"\n[1] one client, {last} turns re-sent whole each turn, cache on", flush=True)
+    with Server(model, Path(data_root) / "cache", args.strategy, server_env(cache=True)) as server:
+        asyncio.run(warm_up(server.url))
+        meter = CpuMeter([server.proc.pid])
+
+        def progress(turn, result):
+            if turn in checkpoints:
+                print(f"  turn {turn}: history {result.prompt_tokens} tokens, {result.cached_tokens} cached, "
+                      f"first token {1000 * result.ttft:.0f} ms", flush=True)
+
+        results, requests = asyncio.run(conversation(server.url, last, args.user_words, args.reply_tokens,
+                                                     on_turn=progress))
+        others_cached = meter.others()
+
+    print("[2] the same requests without the cache (fresh server)", flush=True)
+    uncached = {}
+    with Server(model, Path(data_root) / "nocache", args.strategy, server_env(cache=False)) as server:
+        asyncio.run(warm_up(server.url))
+        meter = CpuMeter([server.proc.pid])
+
+        async def replay():
+            async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+                for turn in checkpoints:
+                    runs = []
+                    for repeat in range(args.nocache_runs):
+                        runs.append(await complete(http, requests[turn - 1], args.reply_tokens, seed=turn))
+                    uncached[turn] = runs
+                    print(f"  turn {turn}: history {runs[0].prompt_tokens} tokens, first token "
+                          f"{1000 * median([r.ttft for r in runs]):.0f} ms", flush=True)
+
+        asyncio.run(replay())
+        others_uncached = meter.others()
+    return results, uncached, max(others_cached, others_uncached)
+
+
+def throughput_phase(model, data_root, args, clients):
+    print(f"\n[3] {clients} concurrent clients, {args.throughput_turns} turns each, cache on", flush=True)
+    with Server(model, Path(data_root) / f"clients{clients}", args.strategy, server_env(cache=True)) as server:
+        asyncio.run(warm_up(server.url))
+        meter = CpuMeter([server.proc.pid])
+
+        async def run_all():
+            started = time.perf_counter()
+            done = await asyncio.gather(*(conversation(server.url, args.throughput_turns, args.user_words,
+                                                       args.reply_tokens, client_id=i + 1)
+                                          for i in range(clients)))
+            return [turn for results, _ in done for turn in results], time.perf_counter() - started
+
+        turns, wall = asyncio.run(run_all())
+        others = meter.others()
+    generated = sum(t.completion_tokens for t in turns)
+    read = sum(t.prompt_tokens - t.cached_tokens for t in turns)
+    sent = sum(t.prompt_tokens for t in turns)
+    return {"clients": clients, "generated": generated, "wall": wall, "agg": generated / wall,
+            "ttft_p50": median([t.ttft for t in turns]), "read_share": read / sent, "others": others}
+
+
+def main():
+    install_sigterm_handler()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", default="10,50,200", help="turns at which to report (default 10,50,200)")
+    parser.add_argument("--clients", default="1,4,8", help="concurrent clients for the throughput phase")
+    parser.add_argument("--throughput-turns", type=int, default=10)
+    parser.add_argument("--user-words", type=int, default=14,
+                        help="words per user message (with the names and the reply: ~40 tokens per turn)")
+    parser.add_argument("--reply-tokens", type=int, default=16, help="max_tokens per reply")
+    parser.add_argument("--nocache-runs", type=int, default=2, help="repeats of each uncached request")
+    parser.add_argument("--strategy", default="cpu fp32")
+    parser.add_argument("--model", help="checkpoint to serve (default: a cached random 0.1B-shaped RWKV-7)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--embd", type=int, default=768)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 10/20 turns, 1 and 2 clients")
+    parser.add_argument("--quiet-wait", type=int, default=60, help="seconds to wait for idle CPUs first")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.embd, args.turns, args.clients, args.throughput_turns = 2, 128, "10,20", "1,2", 4
+    checkpoints = sorted({int(t) for t in args.turns.split(",")})
+    model = Path(args.model) if args.model else ensure_model(args.layers, args.embd)
+    wait_for_quiet(args.quiet_wait)
+    print(machine_note())
+    print(f"model: {model.name}, strategy {args.strategy}; user messages ~{args.user_words} words, "
+          f"replies up to {args.reply_tokens} tokens", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rpbench-openai-") as data_root:
+        results, uncached, others = growing_phase(model, data_root, args, checkpoints)
+        rates = [throughput_phase(model, data_root, args, int(n)) for n in args.clients.split(",")]
+
+    rows = []
+    for turn in checkpoints:
+        result = results[turn - 1]
+        without = median([r.ttft for r in uncached[turn]])
+        rows.append([turn, result.prompt_tokens, result.prompt_tokens - result.cached_tokens,
+                     f"{1000 * around(results, turn):.0f}", f"{1000 * without:.0f}",
+                     fmt(without / around(results, turn), 1) + "x"])
+    print("\nTime to first token as the re-sent history grows (cache: median of the 3 turns ending there)")
+    print(table(["turn", "history tokens", "read (cache)", "first token, cache (ms)", "without cache (ms)",
+                 "speed-up"], rows))
+    first = [r.ttft for r in results[:10]]
+    tail = [r.ttft for r in results[-10:]]
+    print(f"first-token median, turns 1-10: {1000 * median(first):.0f} ms; last 10 turns: {1000 * median(tail):.0f} ms")
+    print(f"CPU used by other processes meanwhile: {100 * others:.0f}%")
+    print("\nConcurrent clients, each re-sending its own growing conversation (cache on)")
+    print(table(["clients", "completion tokens", "wall (s)", "tok/s", "first token p50 (ms)",
+                 "prompt tokens read", "others' CPU"],
+                [[r["clients"], r["generated"], fmt(r["wall"]), fmt(r["agg"]), f"{1000 * r['ttft_p50']:.0f}",
+                  f"{100 * r['read_share']:.0f}%", f"{100 * r['others']:.0f}%"] for r in rates]))
+
+
+if __name__ == "__main__":
+    run_script(main)
