@@ -95,28 +95,114 @@ def decode_base64(value):
 
 
 def refuse_polyglot(image, pillow_format):
-    """Refuse a file that carries markup, or bytes after the end its format defines."""
-    if MARKUP.search(image):
+    """Refuse a file that carries markup outside its pixels, or bytes after the end its format defines.
+
+    Only the parts of the file that are not compressed pixel data are
+    searched (headers, metadata chunks, comments, anything after the end):
+    compressed pixels hold any short byte string now and then by chance, and
+    a browser never reads them as text anyway.
+    """
+    regions, end = outside_pixels(image, pillow_format)
+    trailing = image[end:] if end is not None else b""
+    if any(MARKUP.search(region) for region in regions + [trailing]):
         raise ApiError("avatar is refused: the image file contains HTML or script markup")
-    end = image_end(image, pillow_format)
-    if end is not None and image[end:].strip(b"\x00") != b"":
+    # JPEG may carry a trailer (a phone's motion photo appends a video): only PNG and WebP must end where they say.
+    if pillow_format in ("PNG", "WEBP") and trailing.strip(b"\x00"):
         raise ApiError("avatar is refused: the file goes on after the end of its image (it is also another kind of file)")
 
 
-def image_end(image, pillow_format):
-    """Where the image ends by its own structure (PNG: after IEND; WebP: the RIFF size), or None."""
-    if pillow_format == "WEBP":
-        (riff_size,) = struct.unpack("<I", image[4:8])
-        return 8 + riff_size + (riff_size & 1)
-    if pillow_format == "PNG":
-        position = 8
-        while position + 8 <= len(image):
-            length, chunk_type = struct.unpack(">I4s", image[position:position + 8])
-            position += 12 + length
-            if chunk_type == b"IEND":
-                return position
-        return None  # no IEND: the decoder refuses the file as truncated
-    return None  # JPEG and GIF: the markup scan is the check (their ends are not reliably found)
+PIXEL_CHUNKS = {"PNG": {b"IDAT", b"fdAT"}, "WEBP": {b"VP8 ", b"VP8L", b"ALPH", b"ANMF"}}
+
+
+def outside_pixels(image, pillow_format):
+    """([the parts of `image` that are not compressed pixels], where its structure ends or None).
+
+    A file whose structure cannot be followed is searched whole from where
+    following it failed (the decoder refuses such a file in any case).
+    """
+    walk = {"PNG": png_regions, "WEBP": webp_regions, "JPEG": jpeg_regions, "GIF": gif_regions}[pillow_format]
+    regions = []
+    try:
+        position, end = walk(image, regions)
+    except (IndexError, struct.error):  # ran off the end of a damaged file: search all of it
+        return [image], None
+    if end is None:
+        regions.append(image[position:])
+    return regions, end
+
+
+def png_regions(image, regions):
+    position = 8
+    while position + 8 <= len(image):
+        length, chunk_type = struct.unpack(">I4s", image[position:position + 8])
+        if chunk_type not in PIXEL_CHUNKS["PNG"]:
+            regions.append(image[position + 8:position + 8 + length])
+        position += 12 + length
+        if chunk_type == b"IEND":
+            return position, position
+    return position, None
+
+
+def webp_regions(image, regions):
+    (riff_size,) = struct.unpack("<I", image[4:8])
+    end = 8 + riff_size + (riff_size & 1)
+    position = 12
+    while position + 8 <= min(end, len(image)):
+        fourcc, size = struct.unpack("<4sI", image[position:position + 8])
+        if fourcc not in PIXEL_CHUNKS["WEBP"]:
+            regions.append(image[position + 8:position + 8 + size])
+        position += 8 + size + (size & 1)
+    return position, end if end <= len(image) else None
+
+
+def jpeg_regions(image, regions):
+    """Segments before the first scan (APPn, COM, tables); the end is the EOI after the scan data."""
+    position = 2
+    while position + 4 <= len(image):
+        if image[position] != 0xFF:
+            return position, None
+        marker = image[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            position += 2
+            continue
+        (length,) = struct.unpack(">H", image[position + 2:position + 4])
+        if marker == 0xDA:  # start of scan: entropy-coded pixels follow, where 0xFF is always escaped
+            eoi = image.find(b"\xff\xd9", position + 2 + length)
+            return position, (eoi + 2 if eoi >= 0 else None)
+        regions.append(image[position + 4:position + 2 + length])
+        position += 2 + length
+    return position, None
+
+
+def gif_regions(image, regions):
+    """Extension blocks (comments, application data, plain text); image data blocks are skipped."""
+    flags = image[10]
+    position = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    while True:
+        block = image[position]
+        if block == 0x3B:  # trailer
+            return position + 1, position + 1
+        if block == 0x21:  # extension: label, then data sub-blocks
+            position = gif_sub_blocks(image, position + 2, regions)
+        elif block == 0x2C:  # image descriptor, local colour table, LZW code size, pixel sub-blocks
+            local = image[position + 9]
+            position += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
+            position = gif_sub_blocks(image, position, None)
+        else:
+            return position, None
+
+
+def gif_sub_blocks(image, position, regions):
+    while True:
+        size = image[position]
+        if size == 0:
+            return position + 1
+        if regions is not None:
+            regions.append(image[position + 1:position + 1 + size])
+        position += 1 + size
 
 
 def reencode(image, pillow_format):

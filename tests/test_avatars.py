@@ -3,6 +3,8 @@ and what is stored (and served back) is a clean re-encoded image."""
 
 import base64
 import io
+import struct
+import zlib
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -145,15 +147,44 @@ def jpeg_with_html_comment():
     return encoded(picture(), "JPEG", comment=b"<!DOCTYPE html><title>hi</title>")
 
 
+def gif_with_script_comment():
+    return encoded(Image.new("P", (4, 4), 1), "GIF", comment=b"<script src=//evil.example/x.js></script>")
+
+
 @pytest.mark.parametrize("data,mime", [
     (png_then_html(), "image/png"),
     (png_with_script_in_a_chunk(), "image/png"),
     (jpeg_with_html_comment(), "image/jpeg"),
+    (gif_with_script_comment(), "image/gif"),
 ])
 def test_it_refuses_an_image_that_carries_markup(guest, data, mime):
     body = save_avatar(guest, data, mime)
     assert body["code"] == 400
     assert body["message"] == "avatar is refused: the image file contains HTML or script markup"
+
+
+def raw_png(grey):
+    """A PNG of a greyscale image whose pixel bytes appear in the file as they are (no filter, no compression)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    width, height = grey.size
+    rows = b"".join(b"\x00" + grey.tobytes()[y * width:(y + 1) * width] for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_pixels_that_spell_markup_are_only_pixels(guest):
+    """Only what is not pixel data is searched: bytes of an image's pixels are never a page."""
+    row = b"<html><script>alert(1)</script>"
+    source = Image.frombytes("L", (len(row), 2), row * 2)
+    data = raw_png(source)
+    assert row in data
+    assert save_avatar(guest, data)["code"] == 200
+    served, _, _ = stored_avatar(guest)
+    with Image.open(io.BytesIO(served)) as image:
+        assert image.tobytes() == source.tobytes()
 
 
 @pytest.mark.parametrize("data", [
