@@ -39,9 +39,9 @@ SIGNATURES = [
 ]
 WEBP = ("image/webp", "webp", "WEBP")
 
-# Markup a browser would run or render if it sniffed the file as a page.
-# Compressed pixel data holds one of these by chance with a negligible
-# probability; XMP metadata (<x:xmpmeta>, <rdf:...>) is not among them.
+# Markup a browser would run or render if it sniffed the file as a page,
+# searched for outside the compressed pixels (refuse_polyglot). XMP metadata
+# (<x:xmpmeta>, <rdf:...>) is not among them.
 MARKUP = re.compile(
     rb"<(?:!doctype\s+html|html|head|body|script|iframe|object|embed|svg|meta|a\s+href|img\s)|<\?php",
     re.IGNORECASE,
