@@ -124,13 +124,9 @@ class Completion:
         # States to keep, as positions in the job's tokens: message ends, and the state before the last token.
         self._keep_at = keep_at
         self._pre_reply = len(tokens) - 1 - cached
-        engine = get_engine()
-        extra = {"stop": options.stop} if options.stop else {}
-        if options.logit_bias:
-            extra["logit_bias"] = options.logit_bias
-        self.generation = engine.generate(
+        self.generation = get_engine().generate(
             state, tokens[cached:], options.sampling, options.max_tokens, seed=options.seed,
-            snapshot_at=set(keep_at) | {self._pre_reply}, **extra)
+            snapshot_at=set(keep_at) | {self._pre_reply}, stop=options.stop, logit_bias=options.logit_bias or None)
 
     async def deltas(self):
         """The reply's new text, piece by piece, as the engine streams it."""
@@ -172,9 +168,17 @@ class Completion:
         cache.put(self.tokens + canonical, after)
 
 
+def check_length(tokens, param):
+    limit = settings.RPSERVER["OPENAI_MAX_PROMPT_TOKENS"]
+    if len(tokens) > limit:
+        raise OpenAIError(f"the prompt is {len(tokens)} tokens long; this server reads at most {limit} "
+                          "(RPSERVER_OPENAI_MAX_PROMPT_TOKENS)", param=param)
+
+
 async def start_chat(request):
     """Begin the reply to a chat request (serializers.ChatRequest); returns a Completion."""
     tokens, ends = chat_prompt(request.turns, request.reply_speaker)
+    check_length(tokens, "messages")
     cached, state = await state_cache().longest(tokens, ends + [len(tokens) - 1])
     keep_at = [end - cached for end in spaced(ends, cached) if end < len(tokens) - 1]
     return Completion("chat", request.options, tokens, cached, state, keep_at, canonical=True)
@@ -183,6 +187,7 @@ async def start_chat(request):
 async def start_completion(request):
     """Begin a raw text completion (serializers.CompletionRequest); returns a Completion."""
     tokens = completion_prompt(request)
+    check_length(tokens, "prompt")
     cached, state = await state_cache().longest(tokens, [len(tokens) - 1])
     return Completion("text", request.options, tokens, cached, state, [], canonical=False)
 

@@ -244,6 +244,7 @@ RPSERVER = {
     "STATE_CACHE_DISK_MB": env_int("RPSERVER_STATE_CACHE_DISK_MB", 4096, minimum=0),
     "OPENAI_ANONYMOUS": env_bool("RPSERVER_OPENAI_ANONYMOUS", False),
     "OPENAI_MODEL_NAME": env_str("RPSERVER_OPENAI_MODEL_NAME"),
+    "OPENAI_MAX_PROMPT_TOKENS": env_int("RPSERVER_OPENAI_MAX_PROMPT_TOKENS", 65536, minimum=1),
 }
 
 # The API's body limit is the pipeline's (rpserver/pipeline.py); Django's own, for the admin's forms, is the same.

@@ -17,7 +17,8 @@ from inference import prompt as prompt_format
 @pytest.fixture(scope="module")
 def oa_server():
     """A server whose replies may be long (a random model rarely ends its turn)."""
-    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000", "RPSERVER_REPLIES_PER_MINUTE": "1000"},
+    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000", "RPSERVER_REPLIES_PER_MINUTE": "1000",
+                          "RPSERVER_OPENAI_MAX_PROMPT_TOKENS": "2000"},
                      name="openai-server").start()
     yield running
     running.stop()
@@ -155,6 +156,7 @@ def test_a_wrong_key_gets_401_in_openai_shape(oa_server):
     ({"messages": []}, "messages", "messages must be a non-empty list"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "role must be one of"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "only text"),
+    ({"messages": [{"role": "user", "content": "many words " * 1500}]}, "messages", "this server reads at most 2000"),
 ])
 def test_a_bad_field_gets_400_naming_it(client, fields, param, words):
     request = {"model": "rwkv", "messages": [{"role": "user", "content": "hi"}], **fields}
