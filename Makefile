@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8888
 HOST ?= 127.0.0.1
 MODEL ?=
-STRATEGY ?= cpu fp32
+STRATEGY ?= auto
 # The browser tests drive this Chromium (scripts/ensure-chromium installs Debian's).
 CHROMIUM ?= /usr/bin/chromium
 export CHROMIUM

@@ -255,14 +255,37 @@ class Rwkv7Backend(Backend):
         return super().state_from_tensors([t.unsqueeze(0) for t in tensors])
 
 
+def int8_supported():
+    """Whether fbgemm's int8 kernels run here (an x86 CPU with AVX2 or better)."""
+    engines = torch.backends.quantized.supported_engines
+    return ("fbgemm" in engines or "x86" in engines) and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+def resolve_strategy(strategy, version=7):
+    """The strategy to load: "auto" (the default) becomes the fastest one whose
+    accuracy bound holds here (rwkv7.PRECISION_TOLERANCE): `cuda fp16` with a
+    GPU, else `cpu int8` where the CPU has int8 kernels, else `cpu fp32`.
+    RWKV-4/5/6 go through the rwkv package: `cuda fp16` or `cpu fp32`.
+    Any other strategy is returned as given.
+    """
+    if strategy.strip().lower() != "auto":
+        return strategy
+    if torch.cuda.is_available():
+        return "cuda fp16"
+    return "cpu int8" if version == 7 and int8_supported() else "cpu fp32"
+
+
 def parse_strategy(strategy):
     """(device, precision) from a strategy like "cpu fp32", "cpu int8", "cuda fp16i8 *10 -> cuda fp16".
 
     The first segment decides; "int8", or "i8" after a precision, means int8 weights.
+    "auto" is what resolve_strategy picks here.
     """
+    strategy = resolve_strategy(strategy)
     first = strategy.split("->")[0].split()
     if len(first) < 2 or first[0].split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported strategy {strategy!r}: use e.g. 'cpu fp32', 'cpu bf16', 'cuda fp16'")
+        raise ValueError(f"unsupported strategy {strategy!r}: use e.g. 'auto', 'cpu int8', 'cpu fp32', "
+                         "'cpu bf16', 'cuda fp16'")
     device, precision = first[0], first[1]
     if precision == "int8" or (precision.endswith("i8") and device == "cpu"):
         return device, "int8"
@@ -276,8 +299,9 @@ def parse_strategy(strategy):
 BACKENDS = ("auto", "rwkv")
 
 
-def load_backend(path, strategy="cpu fp32", jit_on=True, cuda_on=False, backend="auto"):
-    """Load a checkpoint with the best backend for its version.
+def load_backend(path, strategy="auto", jit_on=True, cuda_on=False, backend="auto"):
+    """Load a checkpoint with the best backend for its version (and strategy,
+    see resolve_strategy).
 
     "auto": RWKV-7 through our batched forward, RWKV-4/5/6 through the rwkv
     package; "rwkv": the rwkv package for every version (the original
@@ -286,6 +310,7 @@ def load_backend(path, strategy="cpu fp32", jit_on=True, cuda_on=False, backend=
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     version = detect_version(load_weights(path).keys())
+    strategy = resolve_strategy(strategy, version if backend == "auto" else 0)
     logger.info("loading RWKV-%s checkpoint %s (%s)", version, Path(path), strategy)
     if version == 7 and backend == "auto":
         return Rwkv7Backend(path, strategy, jit_on=jit_on)

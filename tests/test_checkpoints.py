@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from django.conf import settings
 from django.core.management import call_command
 
 from conftest import CHARACTER, DATA_DIR, Api, Server
-from inference.backends import load_backend, parse_strategy
+from inference.backends import int8_supported, load_backend, parse_strategy, resolve_strategy
 from inference.checkpoint import CheckpointError, _lora_size, detect_version, load_weights, resolve_path
+from inference.runtime import get_engine
 
 RWKV7_LAYER_SHAPES = {
     "att.x_r": (1, 1, 128), "att.w0": (1, 1, 128), "att.w1": (128, 32), "att.w2": (32, 128),
@@ -62,6 +64,16 @@ def test_strategies_of_the_original_server_are_understood():
     assert parse_strategy("cuda fp16i8 *10 -> cuda fp16") == ("cuda", "fp16")
     with pytest.raises(ValueError, match="unsupported strategy"):
         parse_strategy("tpu fp32")
+
+
+def test_the_default_strategy_is_the_fastest_within_its_accuracy_bound():
+    engine = get_engine()
+    expected = "cuda fp16" if torch.cuda.is_available() else "cpu int8" if int8_supported() else "cpu fp32"
+    assert settings.RPSERVER["STRATEGY"] == "auto" and resolve_strategy("auto") == expected
+    assert parse_strategy("auto") == parse_strategy(expected)
+    assert engine.backend.model.precision == parse_strategy(expected)[1]
+    assert resolve_strategy("cpu fp32") == "cpu fp32"  # any other strategy is taken as given
+    assert resolve_strategy("auto", version=5) in ("cuda fp16", "cpu fp32")  # the rwkv package: no int8 here
 
 
 def test_a_missing_checkpoint_is_a_clear_error():

@@ -196,6 +196,34 @@ def test_each_lower_precision_stays_within_its_documented_relative_error(weights
     assert max(errors) > 0  # it really ran in another precision
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_each_row_of_a_mixed_batch_stays_within_the_documented_relative_error(weights, model, precision):
+    # int8 quantises a pass's activations together: a row's error must not grow with its batch-mates.
+    lower = RWKV7Model(weights, precision=precision)
+    prompts = [[(p * (i + 3)) % 65000 + 1 for p in PROMPT] * (1 + i % 3) for i in range(8)]
+    ref_state, low_state = model.zero_state(8), lower.zero_state(8)
+    errors = []
+    for step in [prompts, *([[token]] * 8 for token in (11, 22, 33))]:
+        expected, got = model.forward(step, ref_state), lower.forward(step, low_state)
+        errors += ((got - expected).norm(dim=1) / expected.norm(dim=1)).tolist()
+    assert max(errors) < PRECISION_TOLERANCE[precision], errors
+
+
+def test_an_int8_row_reads_the_same_alone_as_in_a_batch_or_in_other_chunks(weights):
+    # Activations are quantised per row: batch-mates and chunking change nothing.
+    int8 = RWKV7Model(weights, precision="int8")
+    prompts = [[(p * (i + 3)) % 65000 + 1 for p in PROMPT] * (1 + i % 3) for i in range(4)]
+    batch_state = int8.zero_state(4)
+    together = int8.forward(prompts, batch_state)
+    for row, prompt in enumerate(prompts):
+        state = int8.zero_state(1)
+        int8.forward([prompt[:5]], state)
+        alone = int8.forward([prompt[5:]], state)
+        torch.testing.assert_close(alone[0], together[row], **TIGHT)
+        for a, b in zip(state, batch_state):
+            torch.testing.assert_close(a[0], b[row], **TIGHT)
+
+
 def test_fp16_on_the_cpu_is_refused_with_a_clear_error(weights):
     with pytest.raises(ValueError, match="fp16.*CUDA"):
         RWKV7Model(weights, precision="fp16")
