@@ -139,8 +139,10 @@ def test_a_damaged_spilled_state_is_forgotten_not_used(backend):
 
 @pytest.fixture(scope="module")
 def spilling_server():
-    """A server that keeps no state in RAM: every cached state goes to the store."""
-    running = Server(env={"RPSERVER_STATE_CACHE_MB": "0"}, name="spilling-server").start()
+    """A server that keeps no state in RAM: every cached state goes to the store.
+    (It also lets /v1 requests in without a key, as on a private host.)"""
+    running = Server(env={"RPSERVER_STATE_CACHE_MB": "0", "RPSERVER_OPENAI_ANONYMOUS": "1"},
+                     name="spilling-server").start()
     yield running
     running.stop()
 
@@ -189,3 +191,12 @@ def test_eight_guests_opening_the_same_default_character_read_its_header_once(sp
     assert len(round_zero) + 8 * head <= read <= len(round_zero) + 8 * (head + 4)
     assert len(round_zero) > 8 * 4
     assert SpilledState.objects.filter(digest=tokens_digest(round_zero)).count() == 1
+
+
+def test_a_private_host_may_allow_requests_without_a_key(spilling_server):
+    body = {"model": "rwkv", "max_tokens": 3, "messages": [{"role": "user", "content": "Anyone there?"}]}
+    answer = httpx.post(f"{spilling_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+    wrong = httpx.post(f"{spilling_server.url}/v1/chat/completions", json=body, timeout=60,
+                       headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 401  # a key that is sent must still be right
