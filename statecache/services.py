@@ -163,26 +163,28 @@ class StateCache:
     async def state_after(self, tokens, read):
         """The state after exactly `tokens`: cached, or read once (`await read(tokens)`)
         and kept in the store. Concurrent callers for the same tokens share one
-        read (many guests opening the same default character at once)."""
-        state = await self.get(tokens)
-        if state is not None:
-            return state
+        read (many guests opening the same default character at once); if that
+        read fails or its caller goes away, the others read for themselves."""
         key = (self.backend.model_id, tokens_digest(tokens))
-        if key in self._reading:
+        while True:
+            state = await self.get(tokens)
+            if state is not None:
+                return state
+            if key not in self._reading:
+                break
             self.counters["shared_reads"] += 1
-            return await asyncio.shield(self._reading[key])
+            state = await asyncio.shield(self._reading[key])
+            if state is not None:
+                return state
         reading = asyncio.get_running_loop().create_future()
-        reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved either way
         self._reading[key] = reading
+        state = None
         try:
             state = await read(tokens)
-            reading.set_result(state)
-        except BaseException as exc:
-            reading.set_exception(exc)
-            raise
         finally:
             del self._reading[key]
-        await asyncio.shield(self.keep(tokens, state))
+            reading.set_result(state)  # None: the read failed, the waiters read for themselves
+        await asyncio.shield(self.keep(tokens, state))  # put() first: no later caller misses it
         return state
 
     def _insert(self, key, entry):

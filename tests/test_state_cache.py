@@ -200,3 +200,24 @@ def test_a_private_host_may_allow_requests_without_a_key(spilling_server):
     wrong = httpx.post(f"{spilling_server.url}/v1/chat/completions", json=body, timeout=60,
                        headers={"Authorization": "Bearer wrong"})
     assert wrong.status_code == 401  # a key that is sent must still be right
+
+
+def test_concurrent_callers_share_one_read_and_a_failed_read_is_retried(backend):
+    cache = StateCache(backend, ram_bytes=10**9, disk_bytes=0)
+    sequence = tokens(8)
+    calls = []
+
+    async def read(prefix):
+        calls.append(len(prefix))
+        await asyncio.sleep(0.05)
+        if len(calls) == 1:
+            raise RuntimeError("the first reader fails")
+        return state_like(backend, 4)
+
+    async def go():
+        return await asyncio.gather(*(cache.state_after(sequence, read) for _ in range(5)), return_exceptions=True)
+
+    results = run(go())
+    assert isinstance(results[0], RuntimeError)
+    assert all(same(state, state_like(backend, 4)) for state in results[1:])
+    assert calls == [8, 8]  # the failed read, then one read for the four that waited
