@@ -32,8 +32,10 @@ test: install
 	scripts/ensure-chromium
 	$(PY) -m pytest
 
-# The same suite on a private PostgreSQL server the run starts itself (tests/postgres.py).
+# The suite on a private PostgreSQL server the run starts itself (tests/postgres.py);
+# the files whose outcome does not depend on the database are reported as deselected.
 test-postgres: install
+	scripts/ensure-chromium
 	RPSERVER_TEST_DATABASE=postgres $(PY) -m pytest
 
 bench: install
