@@ -114,8 +114,10 @@ def server_env(cache):
 
 
 async def warm_up(base_url):
+    """A short and a long prompt first: the compiled forward specialises on its first shapes."""
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
         await complete(http, [{"role": "user", "content": "Hello."}], 4, seed=0)
+        await complete(http, [{"role": "user", "content": filler_text(600)}], 4, seed=0)
 
 
 def around(results, turn, width=3):
@@ -192,7 +194,7 @@ def main():
     parser.add_argument("--user-words", type=int, default=14,
                         help="words per user message (with the names and the reply: ~40 tokens per turn)")
     parser.add_argument("--reply-tokens", type=int, default=16, help="max_tokens per reply")
-    parser.add_argument("--nocache-runs", type=int, default=2, help="repeats of each uncached request")
+    parser.add_argument("--nocache-runs", type=int, default=3, help="repeats of each uncached request")
     parser.add_argument("--strategy", default="cpu fp32")
     parser.add_argument("--model", help="checkpoint to serve (default: a cached random 0.1B-shaped RWKV-7)")
     parser.add_argument("--layers", type=int, default=12)

@@ -1,14 +1,11 @@
-"""OpenAI's error shape: {"error": {"message", "type", "param", "code"}} with a real HTTP status."""
+"""OpenAI's error shape: {"error": {"message", "type", "param", "code"}} with a real HTTP status.
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_exceeded",
-    500: "server_error",
-}
+The shape itself is rpserver.envelope's (the pipeline answers its own errors
+under /v1/ with it too); an OpenAIError adds the field it is about (`param`)
+and OpenAI's `code` where one applies (e.g. "invalid_api_key").
+"""
+
+from rpserver.envelope import openai_error
 
 
 class OpenAIError(Exception):
@@ -22,5 +19,4 @@ class OpenAIError(Exception):
         self.code = code
 
     def body(self):
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return openai_error(self.message, self.status, self.param, self.code)
