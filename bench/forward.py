@@ -12,6 +12,8 @@ yet, then prints medians of several repeats:
 * each figure's ratio to the matching baseline figure.
 
 Threads: torch's default (all cores) unless --threads is given.
+`--device cuda --precisions fp16,bf16` measures ours on a GPU (the package
+baseline stays on the CPU, as the original server ran it).
 """
 
 import argparse
@@ -72,13 +74,20 @@ def wait_for_quiet(max_wait, threshold=0.25):
         print(f"  ** CPUs still {100 * busy:.0f}% busy: figures will be low and noisy **", flush=True)
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_rate(run, count, repeats):
     """Median of `count / seconds(run())` over `repeats` runs (after one warm-up)."""
     run()
     rates = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         run()
+        synchronize()
         rates.append(count / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -108,13 +117,13 @@ def bench_package(path, prompt, repeats):
     return one, prefill
 
 
-def bench_ours(weights, precision, prompt, repeats):
-    model = RWKV7Model(weights, precision=precision)
+def bench_ours(weights, precision, prompt, repeats, device="cpu", batches=BATCHES):
+    model = RWKV7Model(weights, device=device, precision=precision)
     results = {}
     guess = 40.0
-    for batch in BATCHES:
+    for batch in batches:
         state = model.zero_state(batch)
-        tokens = torch.arange(batch, dtype=torch.long) + 100
+        tokens = torch.arange(batch, dtype=torch.long, device=device) + 100
         model.forward_seq(torch.tensor([prompt[:8]] * batch), state)
         steps = steps_for(guess, batch)
 
@@ -138,18 +147,21 @@ def main():
     parser.add_argument("--prompt", type=int, default=1000, help="prompt length for prefill")
     parser.add_argument("--precisions", default="fp32,bf16,int8")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--wait-quiet", type=float, default=120,
                         help="wait up to this many seconds for other processes to leave the CPUs")
     parser.add_argument("--no-package", action="store_true", help="skip the rwkv package baseline")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    batches = tuple(int(b) for b in args.batches.split(","))
 
     path = model_path(args.layers, args.embd)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 65536, (args.prompt,), generator=gen).tolist()
-    print(f"model {path.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} repeats", flush=True)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"model {path.name}, torch {torch.__version__}, {where}, median of {args.repeats} repeats", flush=True)
 
     wait_for_quiet(args.wait_quiet)
     base_one = base_prefill = float("nan")
@@ -159,18 +171,18 @@ def main():
     rows = []
     for precision in args.precisions.split(","):
         print(f"  measuring ours {precision} ...", flush=True)
-        rows.append((precision, bench_ours(weights, precision, prompt, args.repeats)))
+        rows.append((precision, bench_ours(weights, precision, prompt, args.repeats, args.device, batches)))
 
-    cols = [f"B={b}" for b in BATCHES] + [f"prefill {args.prompt}"]
+    cols = [f"B={b}" for b in batches] + [f"prefill {args.prompt}"]
     head = f"{'':18}" + "".join(f"{c:>14}" for c in cols)
     print()
     print("tokens/s (aggregate over the batch)       ratio vs package: decode vs its single stream, prefill vs its prefill")
     print(head)
-    print(f"{'rwkv package fp32':18}{base_one:14.1f}{'':42}{base_prefill:14.1f}")
+    print(f"{'rwkv package fp32':18}{base_one:14.1f}{'':{14 * (len(batches) - 1)}}{base_prefill:14.1f}")
     for precision, res in rows:
-        print(f"{'ours ' + precision:18}" + "".join(f"{res[k]:14.1f}" for k in (*BATCHES, "prefill")))
+        print(f"{'ours ' + precision:18}" + "".join(f"{res[k]:14.1f}" for k in (*batches, "prefill")))
     for precision, res in rows:
-        ratios = [res[b] / base_one for b in BATCHES] + [res["prefill"] / base_prefill]
+        ratios = [res[b] / base_one for b in batches] + [res["prefill"] / base_prefill]
         print(f"{'  ratio ' + precision:18}" + "".join(f"{r:13.2f}x" for r in ratios))
 
 

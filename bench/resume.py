@@ -167,7 +167,7 @@ def main():
     parser.add_argument("--back-round-tokens", type=int, default=120, help="prompt tokens per back round")
     parser.add_argument("--old-round", type=int, default=15,
                         help="the old round to go back to (snapshot pruned; default 15, rebuilt from 8)")
-    parser.add_argument("--strategy", default="cpu fp32")
+    parser.add_argument("--strategy", default="auto", help="default: auto, what the server picks by default")
     parser.add_argument("--model", help="checkpoint to serve (default: a cached random 0.1B-shaped RWKV-7)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--embd", type=int, default=768)

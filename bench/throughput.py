@@ -190,7 +190,7 @@ def main():
     parser.add_argument("--runs", type=int, default=1,
                         help="runs per user count, each on a fresh server; the table shows the run with the median "
                              "aggregate rate (default 1)")
-    parser.add_argument("--strategy", default="cpu fp32")
+    parser.add_argument("--strategy", default="auto", help="default: auto, what the server picks by default")
     parser.add_argument("--model", help="checkpoint to serve (default: a cached random 0.1B-shaped RWKV-7)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--embd", type=int, default=768)
