@@ -106,8 +106,10 @@ async def conversation(base_url, turns, user_words, reply_tokens, client_id=0, o
     return results, requests
 
 
-def server_env(cache):
+def server_env(cache, prefill_threads=0):
     env = {"RPSERVER_OPENAI_ANONYMOUS": "1"}  # anonymous: no per-user limits
+    if prefill_threads:
+        env["RPSERVER_PREFILL_THREADS"] = str(prefill_threads)
     if not cache:
         env.update({"RPSERVER_STATE_CACHE_MB": "0", "RPSERVER_STATE_CACHE_DISK_MB": "0"})
     return env
@@ -129,7 +131,7 @@ def around(results, turn, width=3):
 def growing_phase(model, data_root, args, checkpoints):
     last = max(checkpoints)
     print(f"\n[1] one client, {last} turns re-sent whole each turn, cache on", flush=True)
-    with Server(model, Path(data_root) / "cache", args.strategy, server_env(cache=True)) as server:
+    with Server(model, Path(data_root) / "cache", args.strategy, server_env(True, args.prefill_threads)) as server:
         asyncio.run(warm_up(server.url))
         meter = CpuMeter([server.proc.pid])
 
@@ -144,7 +146,7 @@ def growing_phase(model, data_root, args, checkpoints):
 
     print("[2] the same requests without the cache (fresh server)", flush=True)
     uncached = {}
-    with Server(model, Path(data_root) / "nocache", args.strategy, server_env(cache=False)) as server:
+    with Server(model, Path(data_root) / "nocache", args.strategy, server_env(False, args.prefill_threads)) as server:
         asyncio.run(warm_up(server.url))
         meter = CpuMeter([server.proc.pid])
 
@@ -165,7 +167,8 @@ def growing_phase(model, data_root, args, checkpoints):
 
 def throughput_phase(model, data_root, args, clients):
     print(f"\n[3] {clients} concurrent clients, {args.throughput_turns} turns each, cache on", flush=True)
-    with Server(model, Path(data_root) / f"clients{clients}", args.strategy, server_env(cache=True)) as server:
+    env = server_env(True, args.prefill_threads)
+    with Server(model, Path(data_root) / f"clients{clients}", args.strategy, env) as server:
         asyncio.run(warm_up(server.url))
         meter = CpuMeter([server.proc.pid])
 
@@ -196,6 +199,9 @@ def main():
     parser.add_argument("--reply-tokens", type=int, default=16, help="max_tokens per reply")
     parser.add_argument("--nocache-runs", type=int, default=3, help="repeats of each uncached request")
     parser.add_argument("--strategy", default="cpu fp32")
+    parser.add_argument("--prefill-threads", type=int, default=0,
+                        help="RPSERVER_PREFILL_THREADS for both servers (default: the server's own); 1 on a machine "
+                             "whose cores others are using: 2-thread prompt reads then stall on each other")
     parser.add_argument("--model", help="checkpoint to serve (default: a cached random 0.1B-shaped RWKV-7)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--embd", type=int, default=768)
