@@ -313,6 +313,7 @@ def test_a_chat_streams_two_rounds_and_survives_a_reload(open_page, web):
     shown = rounds_on_page(page)
     assert [text for role, text in shown if role == "bot"] == [as_shown(bot) for _, bot in server_chat]
     expect(page.locator("#prompt")).to_have_value("")
+    expect(page.locator("#messages .message.bot").last).to_be_in_viewport()  # the newest stays in view
     shot(page, "chat-1280")
 
     page.reload()
@@ -386,6 +387,27 @@ def test_stop_regenerate_edit_rewind_and_reset(open_page, web):
     confirm(page)
     expect(page.locator("#messages .message")).to_have_count(1)
     assert api.chat("Mira") == [[None, "*looks up from the logbook* Hi friend! I'm Mira."]]
+
+
+def test_a_busy_character_gets_a_clear_message(open_page, web):
+    guest = Api(web.url).ok("/login/tmp")
+    api = Api(web.url, guest["user_name"], guest["token"])
+    api.ok("/characters/save", **CHARACTER)
+    api.chat("Mira")
+    page = open_page()
+    log_in_as(page, api)
+    page.goto(web.url + "/#/chat/Mira")
+    expect(page.locator("#messages .message.bot")).to_have_count(1)
+    # Another tab of the same person is in the middle of a reply.
+    with api.http.stream("POST", "/chat/reply", data={**api.auth(), "character_name": "Mira",
+                                                      "prompt": "Talk for a while."}) as other:
+        assert other.headers["content-type"].startswith("text/event-stream")
+        page.fill("#prompt", "Me too!")
+        page.press("#prompt", "Enter")
+        expect(page.locator(".toast.error")).to_contain_text("still answering")
+        wait_idle(page)
+    expect(page.locator("#prompt")).to_have_value("Me too!")  # the words are given back
+    expect(page.locator("#messages .message.user")).to_have_count(0)
 
 
 def test_sampling_settings_are_kept_per_character_and_sent(open_page, web):
