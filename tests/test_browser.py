@@ -147,6 +147,26 @@ def shot(page, name):
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
 
+# ---------------------------------------------------------------- the page itself
+
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+
+
+def test_every_label_is_in_english_and_chinese():
+    strings = (WEB / "static/web/i18n.js").read_text()
+    english = set(re.findall(r'^ +"([\w.]+)":', strings[strings.index("  en: {"):strings.index("  zh: {")], re.M))
+    chinese = set(re.findall(r'^ +"([\w.]+)":', strings[strings.index("  zh: {"):], re.M))
+    assert english == chinese, english ^ chinese
+    used = set(re.findall(r'data-i18n(?:-placeholder|-label)?="([\w.]+)"',
+                          (WEB / "templates/web/index.html").read_text()))
+    for script in (WEB / "static/web").glob("*.js"):
+        used |= set(re.findall(r'\bt\("([\w.]+)"', script.read_text()))
+    fields = re.findall(r'\{ name: "(\w+)"', (WEB / "static/web/settings.js").read_text())
+    used |= {f"settings.{name}" for name in fields}
+    assert len(used) > 60 and used <= english, used - english
+
+
 # ---------------------------------------------------------------- coming in
 
 
