@@ -8,7 +8,7 @@ the second wall behind that.
 """
 
 from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from rpserver.envelope import envelope, json_response
 
@@ -36,12 +36,12 @@ def secure(response):
     return response
 
 
-@require_GET
+@require_safe
 def index(request):
     return secure(render(request, "web/index.html"))
 
 
-@require_GET
+@require_safe
 def config(request):
     """Server facts for the client, in the legacy envelope: {"data": {...}, "code": 200}."""
     return secure(json_response(envelope(services.client_config())))
