@@ -33,6 +33,7 @@ The forward passes update the state tensors IN PLACE (the list and its
 tensors stay the same objects) and return only the logits.
 """
 
+import dataclasses
 import math
 import warnings
 from typing import List, NamedTuple
@@ -131,20 +132,24 @@ def _make_linear(weight, precision, device):
 
 
 # --------------------------------------------------------------------------
-# State helpers.
+# The model's shape.
 
 
-def state_split(state):
-    """A batched state -> list of B states of batch 1 (independent copies)."""
-    batch = state[0].shape[0]
-    return [[t[b : b + 1].clone() for t in state] for b in range(batch)]
+@dataclasses.dataclass(frozen=True)
+class RWKV7Config:
+    n_layer: int
+    n_embd: int  # C
+    n_head: int  # H
+    head_size: int  # N; n_head * head_size == n_embd
+    vocab_size: int
 
-
-def state_stack(states):
-    """A list of states (any batch sizes) -> one batched state (new tensors)."""
-    if not states:
-        raise ValueError("state_stack needs at least one state")
-    return [torch.cat(parts, dim=0) for parts in zip(*states)]
+    @classmethod
+    def from_weights(cls, weights):
+        """The shape of a checkpoint's dict of tensors (official key names)."""
+        n_head, head_size = weights["blocks.0.att.r_k"].shape
+        vocab_size, n_embd = weights["emb.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+        return cls(n_layer=n_layer, n_embd=n_embd, n_head=n_head, head_size=head_size, vocab_size=vocab_size)
 
 
 # --------------------------------------------------------------------------
@@ -285,7 +290,7 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
 class _Block(nn.Module):
     """Layer i's weights, prepared once, and its forward over a Layout."""
 
-    def __init__(self, weights, i, precision, device, n_head, head_size):
+    def __init__(self, weights, i, precision, device, config: RWKV7Config):
         super().__init__()
         b, a, f = f"blocks.{i}.", f"blocks.{i}.att.", f"blocks.{i}.ffn."
 
@@ -298,7 +303,7 @@ class _Block(nn.Module):
         def linear(key):
             return _make_linear(weights[key + ".weight"], precision, device)
 
-        self.H, self.N = n_head, head_size
+        self.H, self.N = config.n_head, config.head_size
         self.ln_eps, self.gn_eps, self.decay_scale = _LAYER_NORM_EPS, _GROUP_NORM_EPS, _DECAY_SCALE
         self.ln1_w, self.ln1_b = vec(b + "ln1.weight"), vec(b + "ln1.bias")
         self.ln2_w, self.ln2_b = vec(b + "ln2.weight"), vec(b + "ln2.bias")
@@ -351,13 +356,14 @@ class _Block(nn.Module):
 class _Network(nn.Module):
     """Embedding, blocks and head: what gets compiled."""
 
-    def __init__(self, weights, precision, device, n_layer, n_embd, n_head, head_size):
+    def __init__(self, weights, precision, device, config: RWKV7Config):
         super().__init__()
+        n_embd = config.n_embd
         # ln0 folded into the embedding (the table is only ever looked up).
         emb = F.layer_norm(weights["emb.weight"].float(), (n_embd,), weights["blocks.0.ln0.weight"].float(),
                            weights["blocks.0.ln0.bias"].float(), eps=_LAYER_NORM_EPS)
         self.emb = emb.to(device=device, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
-        self.blocks = nn.ModuleList(_Block(weights, i, precision, device, n_head, head_size) for i in range(n_layer))
+        self.blocks = nn.ModuleList(_Block(weights, i, precision, device, config) for i in range(config.n_layer))
         self.ln_out_w = weights["ln_out.weight"].to(device=device, dtype=torch.float32).contiguous()
         self.ln_out_b = weights["ln_out.bias"].to(device=device, dtype=torch.float32).contiguous()
         self.head_linear = _make_linear(weights["head.weight"], precision, device)
@@ -402,12 +408,12 @@ class RWKV7Model:
             raise ValueError("precision 'int8' runs on the CPU only (fbgemm); use 'fp16' or 'bf16' on CUDA")
         self.device = device
         self.precision = precision
-        self.n_head, self.head_size = weights["blocks.0.att.r_k"].shape
-        self.vocab_size, self.n_embd = weights["emb.weight"].shape
-        self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+        self.config = RWKV7Config.from_weights(weights)
+        self.n_layer, self.n_embd, self.n_head, self.head_size, self.vocab_size = (
+            self.config.n_layer, self.config.n_embd, self.config.n_head, self.config.head_size,
+            self.config.vocab_size)
         with torch.inference_mode():
-            network = _Network(weights, precision, device, self.n_layer, self.n_embd, self.n_head,
-                               self.head_size).eval()
+            network = _Network(weights, precision, device, self.config).eval()
         self._network = torch.jit.script(network) if jit else network
         if jit:
             # TorchScript profiles the first call and optimises at the second
@@ -449,12 +455,11 @@ class RWKV7Model:
         with torch.inference_mode():
             return self._network.logits(tokens, state, layout([1] * tokens.shape[0], self.device))
 
-    def forward_seq(self, tokens, state, full_output=False, chunk=DEFAULT_SEQ_CHUNK):
+    def forward_seq(self, tokens, state, chunk=DEFAULT_SEQ_CHUNK):
         """Read T tokens for B sequences: tokens LongTensor [B, T] (or [T] for B=1).
 
-        Returns float32 logits [B, vocab] after the last token, or [B, T, vocab]
-        for every token with full_output=True. `state` is updated in place.
-        Long inputs are processed `chunk` tokens at a time.
+        Returns float32 logits [B, vocab] after the last token. `state` is
+        updated in place. Long inputs are processed `chunk` tokens at a time.
         """
         tokens = torch.as_tensor(tokens).to(self.device)
         if tokens.dim() == 1:
@@ -462,17 +467,8 @@ class RWKV7Model:
         B, T = tokens.shape
         if T == 0:
             raise ValueError("forward_seq needs at least one token")
-        outputs = []
         with torch.inference_mode():
             for start in range(0, T, chunk):
                 part = tokens[:, start : start + chunk]
-                length = part.shape[1]
-                rows = layout([length] * B, self.device)
-                if full_output:
-                    x = self._network(part.reshape(-1), state, rows)
-                    outputs.append(self._network.head(x).view(B, length, -1))
-                else:
-                    logits = self._network.logits(part.reshape(-1), state, rows)
-        if full_output:
-            return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+                logits = self._network.logits(part.reshape(-1), state, layout([part.shape[1]] * B, self.device))
         return logits

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
-from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Model, state_split, state_stack  # noqa: E402
+from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Config, RWKV7Model  # noqa: E402
 
 PROMPT = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261, 0, 65535]
 TIGHT = dict(rtol=1e-4, atol=1e-4)
@@ -43,6 +43,16 @@ def model(weights):
     return RWKV7Model(weights, precision="fp32")
 
 
+def state_split(state):
+    """A batched state -> list of B states of batch 1 (independent copies)."""
+    return [[t[b : b + 1].clone() for t in state] for b in range(state[0].shape[0])]
+
+
+def state_stack(states):
+    """A list of states of batch 1 -> one batched state (new tensors)."""
+    return [torch.cat(parts, dim=0) for parts in zip(*states)]
+
+
 def read_alone(model, tokens):
     state = model.zero_state(1)
     model.forward_seq(torch.tensor([tokens]), state)
@@ -50,6 +60,7 @@ def read_alone(model, tokens):
 
 
 def test_the_model_reports_its_shape(model):
+    assert model.config == RWKV7Config(n_layer=2, n_embd=128, n_head=2, head_size=64, vocab_size=65536)
     assert (model.n_layer, model.n_embd, model.n_head, model.head_size, model.vocab_size) == (2, 128, 2, 64, 65536)
     state = model.zero_state(3)
     assert len(state) == 6
@@ -112,12 +123,12 @@ def test_reading_a_prompt_matches_the_package_logits_and_state(model, reference)
 
 @pytest.mark.parametrize("chunk", [256, 5, 1])
 def test_reading_a_prompt_equals_stepping_one_token_at_a_time(model, chunk):
-    whole, stepped = model.zero_state(1), model.zero_state(1)
-    everything = model.forward_seq(torch.tensor([PROMPT]), whole, full_output=True, chunk=chunk)
-    assert everything.shape == (1, len(PROMPT), 65536)
+    stepped = model.zero_state(1)
     for t, token in enumerate(PROMPT):
         logits = model.forward_one(torch.tensor([token]), stepped)
-        torch.testing.assert_close(everything[0, t], logits[0], **TIGHT)
+        whole = model.zero_state(1)
+        read = model.forward_seq(torch.tensor([PROMPT[:t + 1]]), whole, chunk=chunk)
+        torch.testing.assert_close(read[0], logits[0], **TIGHT)
     for a, b in zip(whole, stepped):
         torch.testing.assert_close(a, b, **TIGHT)
 
@@ -164,20 +175,6 @@ def test_the_compiled_and_the_eager_forward_agree(weights, model):
 def test_a_pass_with_an_empty_sequence_is_refused(model):
     with pytest.raises(ValueError, match="at least one token"):
         model.forward([[1, 2], []], model.zero_state(2))
-
-
-def test_states_split_and_stack_back_unchanged_and_independent(model):
-    state = model.zero_state(3)
-    model.forward_seq(torch.tensor([[1, 2], [3, 4], [5, 6]]), state)
-    parts = state_split(state)
-    assert len(parts) == 3
-    assert all(tuple(p[1].shape) == (1, model.n_head, 64, 64) for p in parts)
-    assert not torch.equal(parts[0][1], parts[1][1])
-    for a, b in zip(state_stack(parts), state):
-        assert torch.equal(a, b)
-    before = [t.clone() for t in parts[0]]
-    model.forward_one(torch.tensor([9, 9, 9]), state)  # the batch moves on, the split copies do not
-    assert all(torch.equal(a, b) for a, b in zip(parts[0], before))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
