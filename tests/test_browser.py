@@ -526,6 +526,7 @@ def test_a_demo_server_says_so_and_a_private_one_offers_no_sign_up(open_page, de
     expect(page.locator("#demo-note")).to_be_visible()
     expect(page.locator("#demo-note")).to_contain_text("random weights")
     expect(page.locator("#tab-signup")).to_be_hidden()
+    shot(page, "demo-note-1280")
     page.click("#auth [data-action=guest]")
     expect(page.locator("#app")).to_be_visible()
     other = open_page(server=demo_server)

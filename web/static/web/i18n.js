@@ -3,8 +3,8 @@
 
 const STRINGS = {
   en: {
-    "demo.title": "Demo model",
-    "demo.text": "This server runs a tiny model with random weights, so its replies are noise. That is expected: start the server with --model and a real RWKV checkpoint for real replies.",
+    "demo.title": "Demo model:",
+    "demo.text": "This server runs a tiny model with random weights, so its replies are noise. That is expected: serve a real RWKV checkpoint for real replies (make run MODEL=…).",
     "auth.tagline": "Role-play with RWKV characters. Your chats are kept on the server, so you can come back to them any time.",
     "auth.login": "Log in",
     "auth.signup": "Sign up",
@@ -89,8 +89,8 @@ const STRINGS = {
     "error.server": "The server had a problem: {message}",
   },
   zh: {
-    "demo.title": "演示模型",
-    "demo.text": "本服务器运行的是一个随机权重的小模型，所以回复是乱码，这是正常的。用 --model 指定真正的 RWKV 模型启动服务器，才会得到真实的回复。",
+    "demo.title": "演示模型：",
+    "demo.text": "本服务器运行的是随机权重的小模型，回复是乱码，这是正常的。要得到真实的回复，请用真正的 RWKV 模型启动服务器（make run MODEL=…）。",
     "auth.tagline": "和 RWKV 角色聊天。聊天记录保存在服务器上，随时可以回来继续。",
     "auth.login": "登录",
     "auth.signup": "注册",
