@@ -77,6 +77,7 @@ function setAuthMode(mode) {
   state.authMode = mode;
   for (const tab of document.querySelectorAll(".tab")) tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
   $("#tab-signup").hidden = !state.config.allow_signup;
+  $("#auth .tabs").hidden = !state.config.allow_signup; // one tab alone is no choice
   const submit = $("#auth-submit");
   submit.dataset.i18n = mode === "signup" ? "auth.create" : "auth.login";
   submit.textContent = t(submit.dataset.i18n);
