@@ -38,19 +38,12 @@ import queue
 import threading
 from typing import Any
 
-import torch
-
 from .sampling import Sampler, banned_tokens, sample_batch
+from .threads import ThreadPolicy
 
 logger = logging.getLogger(__name__)
 
 TURN_END = b"\n\n"
-
-# A pass reading at least this many prompt tokens is compute-bound: it gets the
-# engine's prefill_threads (on 2 cores, all cores read prompts about 1.5x
-# faster, while decode steps are faster on one core, leaving the other to the
-# event loop).
-WIDE_PASS_TOKENS = 64
 
 # Every prompt being read gets at least this many tokens per turn (see Engine._read_sizes).
 READ_FLOOR = 8
@@ -81,48 +74,74 @@ class Reply:
     finish_reason: FinishReason
 
 
+class JobStatus(enum.IntEnum):
+    """Where a job is. The finished states come last: `status.finished`."""
+
+    WAITING = 0  # queued, or waiting for a row in the batch
+    READING = 1  # reading its tokens (a prompt; for a read job, everything it was given)
+    GENERATING = 2  # a reply: each step reads its last sampled token and samples the next
+    CLOSING = 3  # a reply that ended: reading its last token (cut, see Reply) and the closing "\n\n"
+    FINISHED = 4  # its result was sent
+    ABORTED = 5  # its request went away (or the event loop did); nothing was sent
+    FAILED = 6  # its pass failed; the error was sent
+
+    @property
+    def finished(self):
+        return self >= JobStatus.FINISHED
+
+
 @dataclasses.dataclass
 class Job:
     id: int
     tokens: list  # to read, in order
-    state: Any  # where the job starts (None: the zero state); once it has left the batch, where it ended
+    state: Any  # where the job starts (None: the zero state); once finished, where it ended
     snapshot_at: frozenset
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     sampler: Sampler | None = None  # None: read only
     max_tokens: int = 0
     stop: tuple = ()  # stop strings, as UTF-8 bytes
-    read: int = 0
+    status: JobStatus = JobStatus.WAITING
+    read: int = 0  # of `tokens`
     snapshots: dict = dataclasses.field(default_factory=dict)
-    generated: list = dataclasses.field(default_factory=list)
+    generated: list = dataclasses.field(default_factory=list)  # the reply's tokens so far (the last one unread)
     decoder: Any = None
     finish_reason: FinishReason | None = None
-    text_end: int = -1  # once finished: where the shown text ends in decoder.raw (-1: at the end)
-    closing: list = dataclasses.field(default_factory=list)  # once finished: the tokens it reads last
-    cancelled: bool = False
+    text_end: int = -1  # once it ended with STOP: where the shown text ends in decoder.raw
+    closing: list = dataclasses.field(default_factory=list)  # once it ended: the tokens read after `generated`
+    unread: list = dataclasses.field(default_factory=list)  # CLOSING: what it still reads before it leaves
 
-    @property
-    def reading(self):
-        return self.read < len(self.tokens)
+
+@dataclasses.dataclass(frozen=True)
+class Abort:
+    """An inbox message: drop this job (its request went away)."""
+
+    job_id: int
 
 
 class Engine:
-    """Owns a backend (the loaded model) and runs its jobs on one thread."""
+    """Owns a backend (the loaded model) and runs its jobs on one thread.
 
-    def __init__(self, backend, tokenizer, prefill_chunk=64, max_batch=32, threads=0, prefill_threads=0):
+    One step of the engine loop is three calls: schedule (what each job in
+    the batch reads in this pass), execute (one forward pass), update
+    (advance each job, sample the replies' next tokens, emit text, finish).
+    New jobs and aborts come through one inbox and are applied between steps.
+    """
+
+    def __init__(self, backend, tokenizer, prefill_chunk=64, max_batch=32, threads=0, prefill_threads=0,
+                 thread_policy=None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
-        self.threads = threads  # CPU threads for decode steps (0: leave torch's setting alone)
-        self.prefill_threads = prefill_threads or threads  # for passes reading >= WIDE_PASS_TOKENS prompt tokens
+        self.thread_policy = thread_policy or ThreadPolicy(decode=threads, wide=prefill_threads or threads)
         self.turn_end_tokens = tokenizer.encode("\n\n")
         self._banned = banned_tokens(tokenizer, backend.vocab_size)
-        self._inbox = queue.Queue()
+        self._inbox = queue.Queue()  # Job, Abort or None (wake up)
         self._ids = itertools.count(1)
         self._thread = None
         self._stopping = False
-        self._outbox = {}  # event loop -> [(job, event)], flushed once per engine turn
+        self._outbox = {}  # event loop -> [(job, event)], flushed once per engine step
         # Counters for stats(), written by the engine thread only.
         self.tokens_read = 0  # prompt tokens read, all jobs together
         self.tokens_generated = 0
@@ -221,8 +240,8 @@ class Engine:
         return job
 
     def cancel(self, job):
-        job.cancelled = True
-        self._inbox.put(None)  # wake the loop if it is idle
+        """Drop a job (its request went away); the engine frees its row between steps."""
+        self._inbox.put(Abort(job.id))
 
     # ---- the engine thread ------------------------------------------------
 
@@ -231,67 +250,102 @@ class Engine:
         members = {}  # job id -> job: the jobs whose state is in the batch, oldest first
         waiting = collections.deque()  # admitted jobs waiting for room in the batch
         while not self._stopping:
-            self._admit(waiting, block=not members and not waiting)
-            for job in [j for j in members.values() if j.cancelled]:
-                del members[job.id]
-                batch.discard(job.id)
+            self._take_inbox(batch, members, waiting, block=not members and not waiting)
             while waiting and len(members) < self.max_batch:
                 job = waiting.popleft()
-                if not job.cancelled:
-                    batch.add(job.id, job.state)
-                    members[job.id] = job
+                batch.add(job.id, job.state)
+                job.status = JobStatus.READING
+                members[job.id] = job
             self._running, self._waiting = len(members), len(waiting)
             if members:
                 try:
-                    self._turn(batch, members)
+                    self._step(batch, members)
                 except Exception as exc:  # noqa: BLE001 - reported to the waiting requests
                     # The pass was shared: every job in it fails (and its batch
                     # goes), never the engine, which serves the next jobs.
                     logger.exception("engine step failed")
                     for job in members.values():
+                        job.status = JobStatus.FAILED
                         self._emit(job, "error", exc)
                     members.clear()
                     batch = self.backend.new_batch()
             self._running, self._waiting = len(members), len(waiting)
             self._flush()
 
-    def _admit(self, waiting, block):
+    def _take_inbox(self, batch, members, waiting, block):
+        """New jobs join the queue for a row; aborted ones leave wherever they are."""
         try:
             item = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, Job):
                     waiting.append(item)
+                elif isinstance(item, Abort):
+                    self._abort(item.job_id, batch, members, waiting)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
-    def _turn(self, batch, members):
-        """One forward pass for every job in the batch: the next token of each
-        reply, the next chunk of each prompt (see _read_sizes), the closing
-        tokens of replies that ended."""
-        sizes = self._read_sizes([job for job in members.values() if job.reading])
+    @staticmethod
+    def _abort(job_id, batch, members, waiting):
+        job = members.pop(job_id, None)
+        if job is not None:
+            batch.discard(job_id)
+        else:
+            job = next((j for j in waiting if j.id == job_id), None)
+            if job is None:
+                return  # already finished
+            waiting.remove(job)
+        job.status = JobStatus.ABORTED
+
+    def _step(self, batch, members):
+        feed, prompt_tokens = self._schedule(batch, members)
+        logits = self._execute(batch, feed, prompt_tokens)
+        self._update(batch, members, feed, logits)
+
+    def _schedule(self, batch, members):
+        """What each job reads in this pass, in the batch's row order: the next
+        chunk of a prompt (see _read_sizes), a reply's last sampled token, an
+        ended reply's last tokens. Returns ({key: tokens}, prompt tokens in it)."""
+        sizes = self._read_sizes([job for job in members.values() if job.status is JobStatus.READING])
         feed = {}
         for key in batch.keys():
             job = members[key]
-            feed[key] = job.tokens[job.read:job.read + sizes[key]] if job.reading else job.generated[-1:]
-        self._set_threads(sum(sizes.values()))
+            if job.status is JobStatus.READING:
+                feed[key] = job.tokens[job.read:job.read + sizes[key]]
+            elif job.status is JobStatus.GENERATING:
+                feed[key] = job.generated[-1:]
+            else:  # CLOSING
+                feed[key] = job.unread
+        return feed, sum(sizes.values())
+
+    def _execute(self, batch, feed, prompt_tokens):
+        """One forward pass: logits [rows, vocab] after each job's tokens."""
+        self.thread_policy.apply(prompt_tokens)
         logits = batch.step(feed)
         self.steps += 1
         self.last_batch_size = len(feed)
+        return logits
+
+    def _update(self, batch, members, feed, logits):
+        """Advance every job by what it read: snapshots, the next token of
+        each reply (sampled together), and the jobs that are done leave."""
         sampling, rows, leaving = [], [], []
         for row, (key, tokens) in enumerate(feed.items()):
             job = members[key]
-            if job.reading:
+            if job.status is JobStatus.READING:
                 job.read += len(tokens)
-                if job.finish_reason is None:  # a prompt, not a reply's last tokens
-                    self.tokens_read += len(tokens)
+                self.tokens_read += len(tokens)
                 if job.read in job.snapshot_at:
                     job.snapshots[job.read] = batch.state(key)
-                if job.reading:
+                if job.read < len(job.tokens):
                     continue
-                if job.sampler is None or job.finish_reason is not None:  # all read, nothing to sample
+                if job.sampler is None:
                     leaving.append(job)
                     continue
+                job.status = JobStatus.GENERATING
+            elif job.status is JobStatus.CLOSING:
+                leaving.append(job)
+                continue
             sampling.append(job)
             rows.append(row)
         if sampling:
@@ -302,18 +356,11 @@ class Engine:
         for job in leaving:
             del members[job.id]
             job.state = batch.remove(job.id)
+            job.status = JobStatus.FINISHED
             self._finish(job)
 
-    def _set_threads(self, prompt_tokens):
-        """Decode steps run on `threads` CPU threads, passes that read many
-        prompt tokens (compute-bound, and the streams are mostly waiting on
-        them) on `prefill_threads`."""
-        wanted = self.prefill_threads if prompt_tokens >= WIDE_PASS_TOKENS else self.threads
-        if wanted and wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-
     def _read_sizes(self, readers):
-        """How many tokens each reading job (oldest first) reads this turn.
+        """How many tokens each reading job (oldest first) reads this step.
 
         The prompts share one chunk (prefill_chunk tokens): each gets a few
         (READ_FLOOR, less when that would exceed the chunk) so that none
@@ -345,7 +392,7 @@ class Engine:
         see Reply), and "\n\n" when it did not end with one, so that the
         next round starts cleanly; then it leaves the batch.
         """
-        read = len(job.generated)  # every earlier sampled token has been read; this one is read next turn
+        read = len(job.generated)  # every earlier sampled token has been read; this one is read next step
         job.generated.append(token)
         job.decoder.push(token)
         self.tokens_generated += 1
@@ -363,7 +410,8 @@ class Engine:
             job.closing = self.turn_end_tokens
         self._emit(job, "text", self._shown_text(job))
         if job.finish_reason is not None:
-            job.tokens, job.read, job.snapshot_at = job.generated[read:] + job.closing, 0, frozenset()
+            job.status = JobStatus.CLOSING
+            job.unread = job.generated[read:] + job.closing
 
     def _find_end(self, job):
         """(text end, kept bytes, closing tokens) once the reply's bytes hold
@@ -412,7 +460,8 @@ class Engine:
                 loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the requests' event loop is gone
                 for job, _ in items:
-                    job.cancelled = True
+                    if not job.status.finished:
+                        self._inbox.put(Abort(job.id))
 
 
 def deliver(items):

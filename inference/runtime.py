@@ -1,7 +1,6 @@
 """The process's one engine: loaded once, from the settings or the `serve` flags."""
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from django.conf import settings
 from .backends import load_backend, parse_strategy
 from .checkpoint import CheckpointError, write_demo_model
 from .engine import Engine
+from .threads import ThreadPolicy
 from .tokenizer import world_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,8 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
     with _lock:
         if _engine is not None:
             return _engine
-        # Decode steps leave one core free for the event loop (streams, database,
-        # JSON): with every core in PyTorch's pool, its worker threads and the
-        # loop preempt each other and each step waits milliseconds (measured on
-        # 2 cores: 1 thread decodes one stream about 1.7x faster than 2). Long
-        # prompt reads are compute-bound and take every core.
-        cores = os.cpu_count() or 2
-        threads = config["THREADS"] or max(1, cores - 1)
-        torch.set_num_threads(threads)
+        threads = ThreadPolicy.for_machine(decode=config["THREADS"], wide=config["PREFILL_THREADS"])
+        torch.set_num_threads(threads.decode)
         # A bad value's message names where it came from: the serve flag or the variable.
         model_source = "--model" if model else "RPSERVER_MODEL" if config["MODEL"] else "the demo model"
         strategy_source = "--strategy" if strategy else "RPSERVER_STRATEGY"
@@ -70,7 +64,7 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
         _engine = Engine(
             backend, world_tokenizer(),
             prefill_chunk=config["PREFILL_CHUNK"], max_batch=config["MAX_BATCH"],
-            threads=threads, prefill_threads=config["PREFILL_THREADS"] or cores,
+            thread_policy=threads,
         )
         _engine.start()
         return _engine

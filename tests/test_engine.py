@@ -7,7 +7,7 @@ import torch
 from django.conf import settings
 
 from inference.backends import Rwkv7Backend
-from inference.engine import Engine, FinishReason, Job, hold_back
+from inference.engine import Engine, FinishReason, Job, JobStatus, hold_back
 from inference.runtime import demo_model_path
 from inference.sampling import SamplingSettings
 from inference.tokenizer import world_tokenizer
@@ -269,3 +269,24 @@ def test_stats_count_steps_tokens_and_jobs_waiting_for_a_row(engine):
     assert after["running"] == 0 and after["waiting"] == 0 and after["last_batch_size"] == 1
     assert after["tokens_generated"] >= 2 and after["tokens_read"] == 2 * len(engine.tokenizer.encode(PROMPT))
     assert after["steps"] >= after["tokens_generated"]
+
+
+def test_a_reply_cancelled_while_it_waits_for_a_row_never_runs(engine):
+    single = Engine(engine.backend, engine.tokenizer, max_batch=1)
+
+    async def one_running_one_cancelled():
+        first = single.generate(None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=8, seed=1)
+        second = single.generate(None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=8, seed=2)
+        second.cancel()
+        await collect(first)
+        return first._job, second._job
+
+    try:
+        first, second = run(one_running_one_cancelled())
+        stats = single.stats()
+    finally:
+        single.stop()
+    assert first.status is JobStatus.FINISHED and second.status is JobStatus.ABORTED
+    assert second.generated == [] and second.read == 0
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["tokens_read"] == len(engine.tokenizer.encode(PROMPT))
