@@ -37,11 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    Client, run_script, CpuMeter, Server, baseline_subprocess, ensure_model, fmt, gather_strict,
-    install_sigterm_handler, machine_note, median, percentile, table, text_of_tokens, user_turn_tokens,
-    wait_for_quiet,
-)
+from baseline import baseline_subprocess  # noqa: E402
+from client import Client, gather_strict  # noqa: E402
+from machine import CpuMeter, machine_note, wait_for_quiet  # noqa: E402
+from script import install_sigterm_handler, run_script  # noqa: E402
+from server import Server, ensure_model  # noqa: E402
+from stats import fmt, median, percentile, table  # noqa: E402
+from text import text_of_tokens, user_turn_tokens  # noqa: E402
 
 USER = "Ann"
 BOT = "Bob"
