@@ -240,6 +240,15 @@ def test_an_expired_token_goes_back_to_the_login(open_page, web):
     assert page.evaluate("localStorage.getItem('rpserver.session')") is None
 
 
+def test_a_broken_address_shows_the_gallery(open_page, web):
+    guest = Api(web.url).ok("/login/tmp")
+    page = open_page()
+    log_in_as(page, Api(web.url, guest["user_name"], guest["token"]))
+    page.goto(web.url + "/#/chat/%E0%A4%A")
+    page.reload()
+    expect(page.locator("#view-gallery")).to_be_visible()
+
+
 # ---------------------------------------------------------------- characters
 
 

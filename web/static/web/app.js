@@ -213,7 +213,12 @@ async function route() {
   }
   const hash = location.hash.replace(/^#/, "") || "/";
   const [, kind, ...rest] = hash.split("/");
-  const name = rest.length ? decodeURIComponent(rest.join("/")) : null;
+  let name = null;
+  try {
+    name = rest.length ? decodeURIComponent(rest.join("/")) : null;
+  } catch {
+    // A hand-typed address with a broken %-escape: show the gallery.
+  }
   if (kind !== "chat" || name !== state.chatName) stopReply();
   if (kind === "chat" && name) await openChat(name);
   else if (kind === "new") openEditor(null);
