@@ -53,9 +53,9 @@ def test_the_numbers_move_during_a_reply(metered):
     api = Api(metered.url)
     data = api.ok("/login/tmp")
     guest = Api(metered.url, data["user_name"], data["token"])
+    before = scrape(metered.url)
     guest.ok("/characters/save", **CHARACTER)
     guest.chat("Mira")
-    before = scrape(metered.url)
     assert value(before, "rpserver_locks_held") == 0
     assert value(before, "process_resident_memory_bytes") > 50 * 2**20
 
@@ -91,3 +91,15 @@ def test_the_numbers_move_during_a_reply(metered):
     assert value(after, "rpserver_requests_total", route="/chat/tamper", status="400") == 1
     assert value(after, "rpserver_request_errors_total", route="/chat/tamper") == 1
     assert value(after, "rpserver_requests_total", route="/login/tmp", status="200") >= 1
+
+    # The state cache: Mira's prompt was read once (a miss) and kept ...
+    assert value(after, "rpserver_state_cache_misses_total") > value(before, "rpserver_state_cache_misses_total")
+    assert value(after, "rpserver_state_cache_stored_total") > value(before, "rpserver_state_cache_stored_total")
+    assert value(after, "rpserver_state_cache_bytes") > value(before, "rpserver_state_cache_bytes")
+    # ... and the conversation started over finds it in RAM.
+    guest.ok("/chat/reset", character_name="Mira")
+    with guest.http.stream("POST", "/chat/reply", data=fields) as answer:
+        next(answer.iter_raw())
+        again = scrape(metered.url)
+    assert (value(again, "rpserver_state_cache_hits_total", tier="ram")
+            > value(after, "rpserver_state_cache_hits_total", tier="ram"))

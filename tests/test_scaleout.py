@@ -235,11 +235,10 @@ def crash_during_a_reply(doomed, survivor):
 
 
 def served_after_the_crash(idle, busy, chats, killed_at, bound, known_dead_at_once):
+    """Seconds from the kill until the interrupted conversation takes a change (at most `bound`)."""
     idle_chat, busy_chat = chats
-    # The idle user is served at once, with everything the dead process stored.
+    # Everything the dead process stored is there; the interrupted reply left nothing half-applied.
     assert idle.chat("Mira") == idle_chat
-    idle.reply("Mira", "after the crash")
-    # The interrupted reply left nothing half-applied, and its lock frees within the bound.
     assert busy.chat("Mira") == busy_chat
     if not known_dead_at_once:  # the lock is still held until the heartbeat is missed
         assert busy.call("/chat/tamper", character_name="Mira", message="too soon")["message"] == BUSY
@@ -247,6 +246,9 @@ def served_after_the_crash(idle, busy, chats, killed_at, bound, known_dead_at_on
     assert busy.chat("Mira") == busy_chat[:-1] + [[busy_chat[-1][0], "after the crash"]]
     busy.reply("Mira", "and on")
     assert len(busy.chat("Mira")) == len(busy_chat) + 1
+    # The idle user's conversation was never locked.
+    idle.reply("Mira", "after the crash")
+    assert len(idle.chat("Mira")) == len(idle_chat) + 1
     return elapsed
 
 
