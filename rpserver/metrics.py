@@ -43,6 +43,9 @@ ERRORS = Counter("rpserver_request_errors", "Requests answered with an error (st
                  ["route"], registry=REGISTRY)
 FIRST_TOKEN = Histogram("rpserver_first_token_seconds", "From a streaming request's arrival to its first frame.",
                         buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60), registry=REGISTRY)
+DURATION = Histogram("rpserver_request_seconds", "From a request's arrival to the end of its answer, by route.",
+                     ["route"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+                     registry=REGISTRY)
 REPLY = Histogram("rpserver_reply_seconds", "From a streaming request's arrival to its last frame.",
                   buckets=(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120, 300), registry=REGISTRY)
 
@@ -51,9 +54,10 @@ def enabled():
     return bool(settings.RPSERVER.get("METRICS_TOKEN"))
 
 
-def observe_request(route, status, seconds=None):
-    """Count one answered request (`seconds` is accepted for callers that time it)."""
+def observe_request(route, status, seconds):
+    """Count one answered request and how long it took."""
     REQUESTS.labels(route, str(status)).inc()
+    DURATION.labels(route).observe(seconds)
     if int(status) >= 400:
         ERRORS.labels(route).inc()
 

@@ -91,6 +91,8 @@ def test_the_numbers_move_during_a_reply(metered):
     assert value(after, "rpserver_requests_total", route="/chat/tamper", status="400") == 1
     assert value(after, "rpserver_request_errors_total", route="/chat/tamper") == 1
     assert value(after, "rpserver_requests_total", route="/login/tmp", status="200") >= 1
+    assert value(after, "rpserver_request_seconds_count", route="/chat/reply") == 1
+    assert value(after, "rpserver_request_seconds_sum", route="/chat/reply") > 0.5
 
     # The state cache: Mira's prompt was read once (a miss) and kept ...
     assert value(after, "rpserver_state_cache_misses_total") > value(before, "rpserver_state_cache_misses_total")
