@@ -5,21 +5,22 @@ reply, sampling settings) and get events back through an asyncio queue, so
 the event loop never waits on the model.
 
 Every job in progress has a row in one batch (up to max_batch jobs; later
-ones wait for a row), and every turn of the engine loop is one forward pass
-over the whole batch, whatever each job is doing:
+ones wait for a row), and every step of the engine loop is one forward pass
+over the whole batch, whatever each job is doing (its JobStatus):
 
 * a reply being generated feeds its last sampled token and samples the next;
 * a prompt being read feeds its next chunk: the waiting prompts share one
-  chunk's worth of tokens per turn (RPSERVER_PREFILL_CHUNK), oldest first
+  chunk's worth of tokens per step (RPSERVER_PREFILL_CHUNK), oldest first
   with a few tokens for each, so a long prompt never stalls the replies being
   streamed nor the other prompts, and a new reply reads its prompt alongside
   the others' decoding instead of taking turns with them;
-* a reply that just ended feeds its closing tokens, then leaves the batch
-  with its final state.
+* a reply that just ended feeds its last token (cut at the blank line or
+  stop string that ended it) and the closing "\n\n" it still needs, then
+  leaves the batch with its final state.
 
-The weights are read once per turn for all of it (decoding a small model is
+The weights are read once per step for all of it (decoding a small model is
 bound by memory bandwidth, so one pass for many rows costs little more than
-for one). Sampling settings stay per reply; sampling is batched per turn.
+for one). Sampling settings stay per reply; sampling is batched per step.
 
 A job can ask for snapshots: copies of its state after a given number of
 its tokens were read (a reply keeps the state just before the last prompt
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 TURN_END = b"\n\n"
 
-# Every prompt being read gets at least this many tokens per turn (see Engine._read_sizes).
+# Every prompt being read gets at least this many tokens per step (see Engine._read_sizes).
 READ_FLOOR = 8
 
 
@@ -449,11 +450,11 @@ class Engine:
         self._emit(job, "done", reply)
 
     def _emit(self, job, kind, payload):
-        """Queue an event for a job's request; sent with the others at the end of the turn."""
+        """Queue an event for a job's request; sent with the others at the end of the step."""
         self._outbox.setdefault(job.loop, []).append((job, (kind, payload)))
 
     def _flush(self):
-        """Hand the turn's events to their event loops: one wake-up per loop, not per token."""
+        """Hand the step's events to their event loops: one wake-up per loop, not per token."""
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
             try:
