@@ -94,9 +94,12 @@ def test_the_numbers_move_during_a_reply(metered):
     assert value(after, "rpserver_request_seconds_count", route="/chat/reply") == 1
     assert value(after, "rpserver_request_seconds_sum", route="/chat/reply") > 0.5
 
-    # The state cache: Mira's prompt was read once (a miss) and kept ...
-    assert value(after, "rpserver_state_cache_misses_total") > value(before, "rpserver_state_cache_misses_total")
-    assert value(after, "rpserver_state_cache_stored_total") > value(before, "rpserver_state_cache_stored_total")
+    # The state cache: Mira's prompt was looked up (a miss, read and kept; or,
+    # when an earlier test's server spilled the same prompt's state to the
+    # shared store, a hit there) and is in RAM now ...
+    looked_up = ("rpserver_state_cache_misses_total", {}), ("rpserver_state_cache_hits_total", {"tier": "store"})
+    assert (sum(value(after, name, **labels) for name, labels in looked_up)
+            == sum(value(before, name, **labels) for name, labels in looked_up) + 1)
     assert value(after, "rpserver_state_cache_bytes") > value(before, "rpserver_state_cache_bytes")
     # ... and the conversation started over finds it in RAM.
     guest.ok("/chat/reset", character_name="Mira")
