@@ -116,6 +116,11 @@ class StateCache:
         self.counters["misses"] += 1
         return 0, None
 
+    def _held(self, key):
+        """The state of `key` if it is in RAM or on its way to the store (no waiting)."""
+        entry = self._ram.get(key) or self._spilling.get(key)
+        return entry.state if entry is not None else None
+
     async def get(self, tokens):
         """The state after exactly `tokens`, or None."""
         n, state = await self.longest(tokens, [len(tokens)])
@@ -168,6 +173,8 @@ class StateCache:
         key = (self.backend.model_id, tokens_digest(tokens))
         while True:
             state = await self.get(tokens)
+            if state is None:  # a read may have ended while get() waited on the store
+                state = self._held(key)
             if state is not None:
                 return state
             if key not in self._reading:

@@ -83,14 +83,14 @@ def test_ram_keeps_the_most_recently_used_states_within_its_budget(backend):
 
 def test_an_evicted_state_is_spilled_to_the_store_and_found_by_another_process(backend):
     one = state_bytes(backend.zero_state())
-    cache = StateCache(backend, ram_bytes=one, disk_bytes=100 * one)
+    cache = StateCache(backend, ram_bytes=one, disk_bytes=10**12)
     first, second = tokens(6), tokens(6)
 
     async def go():
         cache.put(first, state_like(backend, 7))
         cache.put(second, state_like(backend, 8))  # pushes `first` out of RAM
         await cache.drain()
-        elsewhere = StateCache(backend, ram_bytes=10 * one, disk_bytes=100 * one)  # as in a second process
+        elsewhere = StateCache(backend, ram_bytes=10 * one, disk_bytes=10**12)  # as in a second process
         return await elsewhere.longest(first + [5, 6], [3, 6, 7]), elsewhere
 
     (n, state), elsewhere = run(go())
@@ -103,26 +103,41 @@ def test_an_evicted_state_is_spilled_to_the_store_and_found_by_another_process(b
 
 
 def test_spilled_states_past_their_budget_go_least_recently_used_first(backend):
-    SpilledState.objects.all().delete()
+    from datetime import timedelta
+
+    from django.utils import timezone
+
     one = state_bytes(backend.zero_state())
-    cache = StateCache(backend, ram_bytes=0, disk_bytes=2 * one)  # everything goes straight to the store
+    # Other tests' spilled states share the table (and the budget): for this test they count as
+    # the most recently used, so that only this test's states can be the least recently used.
+    others = dict(SpilledState.objects.values_list("pk", "last_used"))
+    SpilledState.objects.filter(pk__in=others).update(last_used=timezone.now() + timedelta(days=1))
+    existing = sum(SpilledState.objects.values_list("nbytes", flat=True))
+    cache = StateCache(backend, ram_bytes=0, disk_bytes=existing + 2 * one)  # straight to the store
     sequences = [tokens(3) for _ in range(3)]
+    digests = [prefix_digests(s, [3])[3] for s in sequences]
 
-    async def go():
-        for i, sequence in enumerate(sequences):
-            cache.put(sequence, state_like(backend, i))
-            await cache.drain()
+    async def spill(sequence, value):
+        cache.put(sequence, state_like(backend, value))
+        await cache.drain()
 
-    run(go())
-    rows = SpilledState.objects.order_by("last_used")
-    assert [r.digest for r in rows] == [prefix_digests(s, [3])[3] for s in sequences[1:]]
-    assert sum(r.nbytes for r in rows) <= 2 * one
-    assert len(default_storage.listdir("states/cache")[1]) == 2  # the oldest blob went with its row
+    try:
+        run(spill(sequences[0], 0))
+        oldest_blob = SpilledState.objects.get(digest=digests[0]).state.name
+        run(spill(sequences[1], 1))
+        run(spill(sequences[2], 2))
+        kept = set(SpilledState.objects.filter(digest__in=digests).values_list("digest", flat=True))
+        assert kept == set(digests[1:])
+        assert set(SpilledState.objects.values_list("pk", flat=True)) >= set(others)
+        assert not default_storage.exists(oldest_blob)  # the blob went with its row
+    finally:
+        for pk, last_used in others.items():
+            SpilledState.objects.filter(pk=pk).update(last_used=last_used)
 
 
 def test_a_damaged_spilled_state_is_forgotten_not_used(backend):
     one = state_bytes(backend.zero_state())
-    cache = StateCache(backend, ram_bytes=0, disk_bytes=100 * one)
+    cache = StateCache(backend, ram_bytes=0, disk_bytes=10**12)
     sequence = tokens(5)
 
     async def spill():
