@@ -40,10 +40,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    BenchError, CpuMeter, Server, ensure_model, filler_text, fmt, install_sigterm_handler, machine_note, median,
-    run_script, table, wait_for_quiet,
-)
+from machine import CpuMeter, machine_note, wait_for_quiet  # noqa: E402
+from script import BenchError, install_sigterm_handler, run_script  # noqa: E402
+from server import Server, ensure_model  # noqa: E402
+from stats import fmt, median, table  # noqa: E402
+from text import filler_text  # noqa: E402
 
 SYSTEM = ("You are Bob, a cheerful lighthouse keeper on a windy island. You love the sea, old maps, strong tea "
           "and long stories about ships, and you answer kindly and with curiosity.")
@@ -198,7 +199,7 @@ def main():
                         help="words per user message (with the names and the reply: ~40 tokens per turn)")
     parser.add_argument("--reply-tokens", type=int, default=16, help="max_tokens per reply")
     parser.add_argument("--nocache-runs", type=int, default=3, help="repeats of each uncached request")
-    parser.add_argument("--strategy", default="cpu fp32")
+    parser.add_argument("--strategy", default="auto", help="the server's --strategy (default: its default, auto)")
     parser.add_argument("--prefill-threads", type=int, default=0,
                         help="RPSERVER_PREFILL_THREADS for both servers (default: the server's own); 1 on a machine "
                              "whose cores others are using: 2-thread prompt reads then stall on each other")
