@@ -199,11 +199,4 @@ def models():
 
 
 def debug_stats():
-    return {"engine": engine_stats(), "state_cache": state_cache().stats(), "openai": dict(counters)}
-
-
-def engine_stats():
-    engine = get_engine()
-    if hasattr(engine, "stats"):
-        return engine.stats()
-    return {"tokens_read": engine.tokens_read, "tokens_generated": engine.tokens_generated}
+    return {"engine": get_engine().stats(), "state_cache": state_cache().stats(), "openai": dict(counters)}

@@ -11,7 +11,6 @@ import pytest
 from conftest import Api, Server, make_user
 
 from openai_api.services import chat_prompt
-from inference import prompt as prompt_format
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +176,8 @@ def test_a_body_that_is_not_json_and_an_unknown_route_get_openai_errors(oa_serve
 
 def test_a_client_that_disconnects_frees_the_engine(oa_server, key, client):
     before = stats(oa_server, key)["engine"]["tokens_generated"]
-    body = {"model": "rwkv", "max_tokens": 4000, "stream": True, "messages": [system(), {"role": "user", "content": "Speak at length."}]}
+    body = {"model": "rwkv", "max_tokens": 4000, "stream": True, "logit_bias": never_ending(),
+            "messages": [system(), {"role": "user", "content": "Speak at length."}]}
     with httpx.stream("POST", f"{oa_server.url}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {key}"}, timeout=60) as answer:
         lines = answer.iter_lines()
@@ -252,7 +252,8 @@ def test_two_users_share_only_a_token_for_token_identical_prefix(oa_server, clie
 
 def test_names_name_the_speakers(client):
     messages = [system(), {"role": "user", "name": "Ann", "content": "Hi Mira.\n\n\nHow are you?"},
-                {"role": "assistant", "name": "Mira", "content": "Fine."}, {"role": "user", "name": "Ann", "content": "Good."}]
+                {"role": "assistant", "name": "Mira", "content": "Fine."},
+                {"role": "user", "name": "Ann", "content": "Good."}]
     answer = chat(client, messages)
     tokens, _ = chat_prompt([("System", messages[0]["content"]), ("Ann", "Hi Mira.\nHow are you?"),
                              ("Mira", "Fine."), ("Ann", "Good.")], "Mira")
@@ -297,4 +298,5 @@ def test_one_user_gets_at_most_their_share_of_the_engine(oa_server, client):
             third = httpx.post(f"{oa_server.url}/v1/chat/completions", json={**body, "stream": False},
                                headers=headers, timeout=60)
     assert third.status_code == 429
-    assert third.json()["error"]["type"] == "rate_limit_error" and "replies being generated" in third.json()["error"]["message"]
+    error = third.json()["error"]
+    assert error["type"] == "rate_limit_error" and "replies being generated" in error["message"]
