@@ -1,4 +1,5 @@
-"""The reply sampler of the legacy API: presence penalty, min_p, temperature, Mirostat.
+"""The reply sampler: presence penalty, min_p, temperature, Mirostat (the legacy API's),
+plus frequency penalty and top_p (the OpenAI-compatible API's).
 
 For one step, on the logits of the next token:
 0. a reply's logit bias (token id -> value, as in OpenAI's API) is added;
@@ -6,14 +7,18 @@ For one step, on the logits of the next token:
    get probability 0;
 2. presence penalty: every token already used in this reply has its logit
    divided by (1 + presence_penalty) if positive, multiplied if negative;
+   frequency penalty: frequency_penalty x (times used) is subtracted from it;
 3. softmax;
 4. min_p: tokens whose probability is below min_p x the top probability are dropped;
 5. temperature: the kept probabilities are raised to 1/temperature and renormalised;
+   top_p: only the most likely of them whose probabilities first add up to
+   top_p stay (renormalised);
 6. Mirostat (v2): tokens whose surprise -log2(p) exceeds mu are dropped (the
    most likely token always stays), one token is drawn from the rest, and mu
    moves by rate x (tau - observed surprise). mu starts at 2 x tau.
 """
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -28,6 +33,9 @@ class SamplingSettings:
     min_p: float = 0.05
     temperature: float = 1.2
     presence_penalty: float = 0.2
+    # The OpenAI-compatible API's extras (the legacy API leaves them neutral):
+    frequency_penalty: float = 0.0  # subtracted from a token's logit once per use in this reply
+    top_p: float = 1.0  # nucleus: the most likely tokens whose probabilities add up to top_p
 
 
 FLOAT_MIN = torch.finfo(torch.float32).min
@@ -64,7 +72,7 @@ class Sampler:
         self.logit_bias = dict(logit_bias or {})  # token id -> added to its logit
         self.random = numpy.random.default_rng(seed)
         self.mu = 2.0 * settings.tau
-        self.used = set()
+        self.used = collections.Counter()  # token -> times used in this reply
 
     def candidates(self, logits):
         """(token ids, probabilities) tensors left after steps 1-5, before Mirostat."""
@@ -91,7 +99,7 @@ class Sampler:
         observed = -math.log2(probs[choice] / cumulative[-1])
         self.mu -= self.settings.rate * (observed - self.settings.tau)
         token = int(ids[choice])
-        self.used.add(token)
+        self.used[token] += 1
         return token
 
 
@@ -124,6 +132,11 @@ def candidates_batch(samplers, logits):
         factor = torch.tensor(factors)
         picked = logits[rows, cols]
         logits[rows, cols] = torch.where(picked > 0, picked / factor, picked * factor)
+    for row, sampler in enumerate(samplers):
+        if sampler.used and sampler.settings.frequency_penalty:
+            ids = torch.tensor(list(sampler.used), dtype=torch.long)
+            counts = torch.tensor(list(sampler.used.values()), dtype=torch.float32)
+            logits[row, ids] -= sampler.settings.frequency_penalty * counts
     min_p = torch.tensor([s.settings.min_p for s in samplers]).unsqueeze(1)
     # With min_p 0 every finite logit survives; banned ones (-inf) never do.
     threshold = (logits.amax(dim=1, keepdim=True) + torch.log(min_p)).clamp(min=FLOAT_MIN)
@@ -134,8 +147,18 @@ def candidates_batch(samplers, logits):
     result = []
     for sampler, row_ids, row_kept in zip(samplers, numpy.split(ids, splits), numpy.split(kept, splits)):
         scaled = numpy.exp((row_kept - row_kept.max()) / sampler.settings.temperature)
-        result.append((row_ids, scaled / scaled.sum()))
+        probs = scaled / scaled.sum()
+        if sampler.settings.top_p < 1.0:
+            row_ids, probs = nucleus(row_ids, probs, sampler.settings.top_p)
+        result.append((row_ids, probs))
     return result
+
+
+def nucleus(ids, probs, top_p):
+    """The most likely tokens whose probabilities first reach top_p (at least one), renormalised."""
+    order = numpy.argsort(-probs, kind="stable")
+    keep = order[:int(numpy.searchsorted(numpy.cumsum(probs[order]), top_p)) + 1]
+    return ids[keep], probs[keep] / probs[keep].sum()
 
 
 def sample_batch(samplers, logits):

@@ -9,8 +9,10 @@ onto rpserver's sampler (inference/sampling.py) with Mirostat off:
 * presence_penalty 0-2: a token already used in the reply has its logit
   divided by (1 + presence_penalty) (rpserver's penalty, not OpenAI's
   subtraction; negative values are refused);
-* top_p and frequency_penalty are accepted at their neutral values (1 and 0)
-  only: rpserver's sampler has neither yet.
+* frequency_penalty -2 to 2: OpenAI's, frequency_penalty x (times used in
+  the reply) subtracted from a token's logit;
+* top_p (0, 1]: the most likely tokens whose probabilities first add up to
+  top_p, after min_p and temperature.
 """
 
 import dataclasses
@@ -93,19 +95,16 @@ def text_field(data, name, default=""):
 def sampling_settings(data):
     temperature = number(data, "temperature", 0.0, 2.0, 1.0)
     min_p = number(data, "min_p", 0.0, 1.0, DEFAULT_MIN_P)
-    if number(data, "top_p", 0.0, 1.0, 1.0, low_inclusive=False) != 1.0:
-        raise OpenAIError("top_p below 1 is not supported by rpserver's sampler; use min_p (0-1) instead",
-                          param="top_p")
-    if number(data, "frequency_penalty", -2.0, 2.0, 0.0) != 0.0:
-        raise OpenAIError("frequency_penalty is not supported by rpserver's sampler; use presence_penalty (0-2)",
-                          param="frequency_penalty")
+    top_p = number(data, "top_p", 0.0, 1.0, 1.0, low_inclusive=False)
+    frequency = number(data, "frequency_penalty", -2.0, 2.0, 0.0)
     presence = number(data, "presence_penalty", -2.0, 2.0, 0.0)
     if presence < 0:
         raise OpenAIError("presence_penalty must be in [0, 2] on rpserver (negative values are not supported)",
                           param="presence_penalty")
     if temperature == 0:  # greedy: only the most likely token survives min_p 1
         temperature, min_p = 1.0, 1.0
-    return SamplingSettings(min_p=min_p, temperature=temperature, presence_penalty=presence, **NO_MIROSTAT)
+    return SamplingSettings(min_p=min_p, temperature=temperature, presence_penalty=presence,
+                            frequency_penalty=frequency, top_p=top_p, **NO_MIROSTAT)
 
 
 def stop_strings(data):

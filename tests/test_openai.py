@@ -150,7 +150,8 @@ def test_a_wrong_key_gets_401_in_openai_shape(oa_server):
     ({"temperature": 5}, "temperature", "temperature must be in [0, 2]"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens must be in [1"),
     ({"n": 2}, "n", "n must be 1"),
-    ({"top_p": 0.5}, "top_p", "use min_p"),
+    ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+    ({"frequency_penalty": 3}, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
     ({"stop": [1, 2]}, "stop", "stop must be a string or a list of strings"),
     ({"messages": []}, "messages", "messages must be a non-empty list"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "role must be one of"),
@@ -300,3 +301,13 @@ def test_one_user_gets_at_most_their_share_of_the_engine(oa_server, client):
     assert third.status_code == 429
     error = third.json()["error"]
     assert error["type"] == "rate_limit_error" and "replies being generated" in error["message"]
+
+
+def test_top_p_and_frequency_penalty_are_used(client):
+    # SillyTavern's and most clients' presets send both.
+    request = {"model": "rwkv", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "seed": 3}
+    nucleus = client.chat.completions.create(**request, top_p=0.01)
+    greedy = client.chat.completions.create(**request, temperature=0)
+    assert nucleus.choices[0].message.content == greedy.choices[0].message.content  # only the top token
+    penalised = client.chat.completions.create(**request, top_p=0.9, frequency_penalty=1.5)
+    assert penalised.choices[0].finish_reason in ("stop", "length")  # (the arithmetic: test_sampling.py)

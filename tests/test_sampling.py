@@ -1,5 +1,6 @@
 """The sampler of API.md on fixed logits."""
 
+import collections
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def test_temperature_reshapes_the_kept_probabilities():
 def test_presence_penalty_divides_positive_and_multiplies_negative_logits():
     sampler = Sampler(SamplingSettings(min_p=0.0, temperature=1.0, presence_penalty=1.0), BANNED)
     logits = torch.tensor([50.0, 2.0, -1.0, 1.0])
-    sampler.used = {1, 2}
+    sampler.used = collections.Counter({1: 1, 2: 1})
     _, probs = sampler.candidates(logits)
     expected = torch.softmax(torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64), dim=0)
     torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-6)
@@ -76,7 +77,7 @@ def test_the_most_likely_token_survives_a_tiny_mu():
 def test_used_tokens_are_remembered_for_the_penalty():
     sampler = Sampler(SamplingSettings(), BANNED, seed=1)
     token = sampler.sample(logits_for([1, 0.9, 0.1]))
-    assert sampler.used == {token}
+    assert sampler.used == {token: 1}
 
 
 @pytest.mark.parametrize("name,value,message", [
@@ -88,3 +89,26 @@ def test_used_tokens_are_remembered_for_the_penalty():
 def test_settings_out_of_range_name_the_field(name, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         check_setting(name, value)
+
+
+def test_frequency_penalty_subtracts_per_use():
+    sampler = Sampler(SamplingSettings(min_p=0.0, temperature=1.0, presence_penalty=0.0, frequency_penalty=1.5),
+                      torch.tensor([0]))
+    sampler.used = collections.Counter({1: 2, 2: 1})
+    logits = torch.tensor([0.0, 5.0, 5.0, 5.0])
+    ids, probs = sampler.candidates(logits)
+    odds = dict(zip(ids.tolist(), probs.tolist()))
+    assert odds[1] / odds[3] == pytest.approx(math.exp(-3.0), rel=1e-5)
+    assert odds[2] / odds[3] == pytest.approx(math.exp(-1.5), rel=1e-5)
+
+
+def test_top_p_keeps_the_most_likely_tokens_that_reach_it():
+    logits = torch.log(torch.tensor([1e-9, 0.5, 0.3, 0.15, 0.05]))
+    sampler = Sampler(SamplingSettings(min_p=0.0, temperature=1.0, presence_penalty=0.0, top_p=0.75),
+                      torch.tensor([0]))
+    ids, probs = sampler.candidates(logits)
+    assert sorted(ids.tolist()) == [1, 2]
+    assert probs.sum().item() == pytest.approx(1.0)
+    sampler = Sampler(SamplingSettings(min_p=0.0, temperature=1.0, presence_penalty=0.0, top_p=0.1),
+                      torch.tensor([0]))
+    assert sampler.candidates(logits)[0].tolist() == [1]  # at least the top one
