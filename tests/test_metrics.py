@@ -14,7 +14,9 @@ TOKEN = "metrics-test-token"
 @pytest.fixture(scope="module")
 def metered():
     """A server with metrics on and long replies (a random model rarely ends its turn)."""
-    running = Server(env={"RPSERVER_METRICS_TOKEN": TOKEN, "RPSERVER_MAX_REPLY_TOKENS": "4000"},
+    # fp32: the demo model's int8 replies end their turn far sooner, sometimes before a scrape.
+    running = Server(env={"RPSERVER_METRICS_TOKEN": TOKEN, "RPSERVER_MAX_REPLY_TOKENS": "4000",
+                          "RPSERVER_STRATEGY": "cpu fp32"},
                      name="metrics-server").start()
     yield running
     running.stop()
@@ -63,10 +65,10 @@ def test_the_numbers_move_during_a_reply(metered):
     with guest.http.stream("POST", "/chat/reply", data=fields) as answer:
         frames = answer.iter_raw()
         next(frames)  # the first token has come
+        refused = guest.call("/chat/tamper", character_name="Mira", message="not now")
         during = scrape(metered.url)
         time.sleep(0.5)
         later = scrape(metered.url)
-        refused = guest.call("/chat/tamper", character_name="Mira", message="not now")
     assert refused["code"] == 400  # the reply holds the conversation's lock
 
     assert value(during, "rpserver_engine_replies_running") >= 1

@@ -85,6 +85,7 @@ def cluster():
         "RPSERVER_MEDIA_ROOT": os.path.join(shared, "media"),
         "RPSERVER_SECRET_KEY": "scale-out-test-secret-key-shared-by-every-process",
         "RPSERVER_MAX_REPLY_TOKENS": "100",
+        "RPSERVER_STRATEGY": "cpu fp32",  # the demo model's int8 replies end their turn far sooner
     }
     servers = []
     try:
