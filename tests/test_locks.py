@@ -11,7 +11,9 @@ from chat.services import BUSY
 from conftest import CHARACTER, Api, Server
 from locks.models import Lock, ServerInstance
 
-LONG = {"RPSERVER_MAX_REPLY_TOKENS": "100000"}  # a random model rarely ends its turn: replies run until stopped
+# Replies that run until stopped: the random model in fp32 rarely ends its turn (in int8, the
+# default strategy, it does so much sooner).
+LONG = {"RPSERVER_MAX_REPLY_TOKENS": "100000", "RPSERVER_STRATEGY": "cpu fp32"}
 
 
 def new_guest(server):
