@@ -193,7 +193,8 @@ def test_everything_survives_a_restart(server, mira):
 @pytest.fixture(scope="module")
 def long_server():
     """A server whose replies are long (a random model rarely ends its turn)."""
-    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000", "RPSERVER_STRATEGY": "cpu fp32"}, name="long-server").start()
+    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000", "RPSERVER_STRATEGY": "cpu fp32"},
+                     name="long-server").start()
     yield running
     running.stop()
 
