@@ -52,10 +52,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    BenchError, Client, Server, ensure_model, filler_text, fmt, install_sigterm_handler, machine_note,
-    percentile, run_script, table, wait_for_quiet,
-)
+from client import Client  # noqa: E402
+from machine import machine_note, wait_for_quiet  # noqa: E402
+from script import BenchError, install_sigterm_handler, run_script  # noqa: E402
+from server import Server, ensure_model  # noqa: E402
+from stats import fmt, percentile, table  # noqa: E402
+from text import filler_text  # noqa: E402
 
 USER = "Ann"
 GREETING = "Hello Ann, it is good to see you again. What shall we talk about today?"

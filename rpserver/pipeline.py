@@ -235,11 +235,6 @@ def client_address(request):
     return request.META.get("REMOTE_ADDR") or "unknown"
 
 
-def scope_address(scope):
-    client = scope.get("client")
-    return client[0] if client else "unknown"
-
-
 # ---- the middleware ----------------------------------------------------------------
 
 

@@ -4,7 +4,6 @@ the same headers (CORS, nosniff) on every route; the body limit before buffering
 import json
 import socket
 
-import httpx
 import pytest
 
 from conftest import CHARACTER
