@@ -102,6 +102,15 @@ def test_serve_names_a_bad_model_setting(variable, value, phrase):
     assert "Traceback" not in output, output
 
 
+def test_serve_names_an_unreachable_database():
+    # Port 9 on the loopback: nothing listens there.
+    code, output = manage("serve", "--port", "0",
+                          env={"RPSERVER_DATABASE_URL": "postgres://rp:pw@127.0.0.1:9/rpserver"})
+    assert code == 1, output
+    assert "the database cannot be reached (RPSERVER_DATABASE_URL)" in output, output
+    assert "Traceback" not in output, output
+
+
 # Loading the settings is what reads or generates the key (as every command and the server do).
 PRINT_KEY = "import django.conf; print(django.conf.settings.SECRET_KEY)"
 

@@ -5,6 +5,7 @@ import sys
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db.utils import OperationalError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ class Command(BaseCommand):
         from rpserver.orphans import start_sweeping
         from rpserver.server import Server
 
-        call_command("migrate", interactive=False, verbosity=0)
+        try:
+            call_command("migrate", interactive=False, verbosity=0)
+        except OperationalError as exc:
+            raise CommandError(f"the database cannot be reached (RPSERVER_DATABASE_URL): {exc}".strip())
         locks.instance()  # registers this process, freeing the locks of a dead predecessor at once
         start_sweeping()  # files a crash left unreferenced: 5 minutes after start, then hourly
         try:
