@@ -146,29 +146,46 @@ def test_a_dead_process_lock_frees_within_the_bound_and_a_live_one_never():
     first = Server(env={**env, "RPSERVER_INSTANCE_HOST": "machine-a"}, name="machine-a").start()
     second = Server(env={**env, "RPSERVER_INSTANCE_HOST": "machine-b"}, name="machine-b").start()
     try:
-        guest = new_guest(first)
-        other = same_user(guest, second)
-        with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
-                                                            "prompt": "tell me everything"}) as answer:
-            _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
-            deadline = time.monotonic() + 10  # twice the dead-after time: the heartbeat keeps it
-            while time.monotonic() < deadline:
-                body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
-                assert body == {"data": None, "message": BUSY, "code": 400}
-                time.sleep(0.5)
-            assert Lock.objects.filter(holder__pid=first.process.pid).exists()  # still replying
-            first.process.kill()
-            first.process.wait()
-            killed = time.monotonic()
-        first.process = None
-        while True:
-            body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
-            if isinstance(body, list):
+        for attempt in range(3):
+            guest = new_guest(first)
+            other = same_user(guest, second)
+            if holds_through_and_frees_after_a_kill(first, guest, other):
                 break
-            assert body["message"] == BUSY
-            assert time.monotonic() - killed < 5 + 1.25 + 3, "the dead process's lock was not freed in time"
-            time.sleep(0.2)
+        else:
+            raise AssertionError("the random model ended its turn early three times: nothing was shown")
         assert [user_text for user_text, _ in other.chat("Mira")] == [None, "from b"]
     finally:
         first.stop()
         second.stop()
+
+
+def holds_through_and_frees_after_a_kill(first, guest, other):
+    """A long reply on `first` holds the lock against `other` (on the second process) for twice the
+    dead-after time; then `first` is killed and `other` gets the lock within the bound.
+    False if the reply ended by itself meanwhile (its round stored: the lock was released, not taken)."""
+    with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                        "prompt": "tell me everything"}) as answer:
+        _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
+        deadline = time.monotonic() + 10  # twice the dead-after time: the heartbeat keeps it
+        while time.monotonic() < deadline:
+            body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
+            if isinstance(body, list):
+                ended = [user_text for user_text, _ in guest.chat("Mira")][1] == "tell me everything"
+                assert ended, "a live process's lock was taken"
+                other.ok("/chat/reset", character_name="Mira")
+                return False
+            assert body == {"data": None, "message": BUSY, "code": 400}
+            time.sleep(0.5)
+        if not Lock.objects.filter(holder__pid=first.process.pid).exists():
+            return False  # it ended just now
+        first.process.kill()
+        first.process.wait()
+        killed = time.monotonic()
+    first.process = None
+    while True:
+        body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
+        if isinstance(body, list):
+            return True
+        assert body["message"] == BUSY
+        assert time.monotonic() - killed < 5 + 1.25 + 3, "the dead process's lock was not freed in time"
+        time.sleep(0.2)

@@ -173,7 +173,10 @@ def test_a_stream_through_nginx_arrives_frame_by_frame(nginx):
 def test_the_control_with_buffering_forced_on_bunches_the_frames(backends):
     buffered = Nginx([b.url for b in backends], buffered=True).start()
     try:
-        per_read, frames, _, encoding = reads_of_a_reply(buffered.url)
+        for _ in range(3):  # the random model sometimes ends its turn early: take a long reply
+            per_read, frames, _, encoding = reads_of_a_reply(buffered.url)
+            if len(frames) >= 40:
+                break
     finally:
         buffered.stop()
     assert encoding == "gzip"
