@@ -436,7 +436,8 @@ class ReplyStream:
             if not finished:
                 self.generation.cancel()
             limits.engine_share.give_back(self.lease.conversation.owner_id)
-            await db(release)(self.lease)
+            if not self.lease.released:  # (the commit released it: no third trip)
+                await db(release)(self.lease)
 
 
 async def run_locked(owner, name, work):
@@ -445,7 +446,8 @@ async def run_locked(owner, name, work):
     try:
         return await work(lease)
     finally:
-        await db(release)(lease)
+        if not lease.released:
+            await db(release)(lease)
 
 
 async def start_stream(lease, make_stream):
