@@ -120,7 +120,11 @@ def test_sigterm_during_a_stream_exits_cleanly_and_frees_every_lock():
     log = server.log()
     assert "terminate called" not in log and "Traceback" not in log
     assert "rpserver stopped" in log
-    assert Round.objects.filter(conversation__owner__username=guest.user_name).count() == 1  # nothing half
+    # Nothing half: the reply was cancelled (nothing stored), or it ended by itself inside the grace
+    # period (the random model sometimes does) and was stored whole.
+    rounds = list(Round.objects.filter(conversation__owner__username=guest.user_name).order_by("index"))
+    assert [r.user_text for r in rounds] in ([None], [None, "tell me everything"])
+    assert all(r.bot_text for r in rounds)
 
 
 def test_sigterm_lets_a_short_reply_finish_within_the_grace_period():

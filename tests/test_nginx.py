@@ -157,7 +157,10 @@ def reads_of_a_reply(url):
 
 
 def test_a_stream_through_nginx_arrives_frame_by_frame(nginx):
-    per_read, frames, guest, encoding = reads_of_a_reply(nginx.url)
+    for _ in range(3):  # the random model sometimes ends its turn early: take a long reply
+        per_read, frames, guest, encoding = reads_of_a_reply(nginx.url)
+        if len(frames) >= 40:
+            break
     assert encoding == "identity"
     assert len(frames) >= 40
     assert per_read[0] == 1  # the first token is not held back waiting for more
