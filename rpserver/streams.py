@@ -16,7 +16,7 @@ import logging
 from channels.generic.http import AsyncHttpConsumer
 
 from .envelope import ApiError, error_response
-from .pipeline import request_fields
+from .pipeline import header, request_fields
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ class ApiConsumer(AsyncHttpConsumer):
         raise NotImplementedError
 
     def header(self, name):
-        for key, value in self.scope.get("headers", []):
-            if key == name:
-                return value.decode("latin-1")
-        return ""
+        return header(self.scope, name)
 
     async def stream(self, frames):
         """Send `frames` (an async iterator of bytes) as an event stream; if the
