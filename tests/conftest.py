@@ -17,10 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(tempfile.mkdtemp(prefix="rpserver-test-"))
 TINY_MODEL = DATA_DIR / "model" / "tiny-rwkv7.pth"
+ENDLESS_MODEL = DATA_DIR / "model" / "endless-rwkv7.pth"
 
 # Settings shared by this process and the servers it starts.
 TEST_ENV = {
@@ -81,9 +83,31 @@ django.setup()
 from django.core.management import call_command  # noqa: E402
 
 from inference.checkpoint import write_demo_model  # noqa: E402
+from inference.tokenizer import world_tokenizer  # noqa: E402
 
 write_demo_model(TINY_MODEL, n_layer=2, n_embd=128)
 call_command("migrate", verbosity=0)
+
+
+def write_endless_model(path):
+    """The tiny model, changed so that it never writes a line break: its replies never end their turn
+    (a blank line) and run to the length limit. For tests that need a reply in progress for seconds.
+
+    One component of the final norm's output is pinned to 100 (weight 0, bias 100), and that column of
+    the head is +1 for every token and -1 for those containing a line break: they score ~200 below every
+    other token (the rest of a logit is a few units), so no sampler setting keeps them.
+    """
+    weights = torch.load(TINY_MODEL)
+    breaks = [token for token, piece in world_tokenizer().pieces.items() if b"\n" in piece]
+    weights["ln_out.weight"][0] = 0
+    weights["ln_out.bias"][0] = 100
+    weights["head.weight"][:, 0] = 1
+    weights["head.weight"][breaks, 0] = -1
+    torch.save(weights, path)
+    return path
+
+
+write_endless_model(ENDLESS_MODEL)
 
 
 def free_port():

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Api, Server
+from conftest import ENDLESS_MODEL, Api, Server
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -418,14 +418,22 @@ def test_stop_regenerate_edit_rewind_and_reset(open_page, web):
     assert api.chat("Mira") == [[None, "*looks up from the logbook* Hi friend! I'm Mira."]]
 
 
-def test_a_busy_character_gets_a_clear_message(open_page, web):
-    guest = Api(web.url).ok("/login/tmp")
-    api = Api(web.url, guest["user_name"], guest["token"])
+@pytest.fixture
+def endless():
+    """A server whose replies run until their reader leaves."""
+    running = Server(model=ENDLESS_MODEL, env={"RPSERVER_MAX_REPLY_TOKENS": "100000"}, name="web-endless").start()
+    yield running
+    running.stop()
+
+
+def test_a_busy_character_gets_a_clear_message(open_page, endless):
+    guest = Api(endless.url).ok("/login/tmp")
+    api = Api(endless.url, guest["user_name"], guest["token"])
     api.ok("/characters/save", **CHARACTER)
     api.chat("Mira")
-    page = open_page()
+    page = open_page(server=endless)
     log_in_as(page, api)
-    page.goto(web.url + "/#/chat/Mira")
+    page.goto(endless.url + "/#/chat/Mira")
     expect(page.locator("#messages .message.bot")).to_have_count(1)
     # Another tab of the same person is in the middle of a reply.
     with api.http.stream("POST", "/chat/reply", data={**api.auth(), "character_name": "Mira",
@@ -436,8 +444,8 @@ def test_a_busy_character_gets_a_clear_message(open_page, web):
         expect(page.locator(".toast.error")).to_contain_text("still answering")
         wait_idle(page)
     expect(page.locator("#prompt")).to_have_value("Me too!")  # the words are given back
-    # (the other tab's reply may have ended and been stored meanwhile; this one was not sent)
     expect(page.locator("#messages .message.user", has_text="Me too!")).to_have_count(0)
+    assert [user_text for user_text, _ in api.chat("Mira")] == [None]  # (the other tab's reply was cut off)
 
 
 def test_sampling_settings_are_kept_per_character_and_sent(open_page, web):

@@ -8,12 +8,15 @@ import httpx
 
 from chat.models import Round
 from chat.services import BUSY
-from conftest import CHARACTER, Api, Server
+from conftest import CHARACTER, ENDLESS_MODEL, Api, Server
 from locks.models import Lock, ServerInstance
 
-# Replies that run until stopped: the random model in fp32 rarely ends its turn (in int8, the
-# default strategy, it does so much sooner).
-LONG = {"RPSERVER_MAX_REPLY_TOKENS": "100000", "RPSERVER_STRATEGY": "cpu fp32"}
+# Replies that run until stopped: the endless model never ends its turn by itself.
+LONG = {"RPSERVER_MAX_REPLY_TOKENS": "100000"}
+
+
+def long_server(name, **env):
+    return Server(model=ENDLESS_MODEL, env={**LONG, **env}, name=name)
 
 
 def new_guest(server):
@@ -49,7 +52,7 @@ def assert_consistent(guest):
 
 
 def test_a_server_killed_during_a_reply_frees_the_conversation_at_restart():
-    server = Server(env=LONG, name="killed-mid-reply").start()
+    server = long_server("killed-mid-reply").start()
     try:
         guest = new_guest(server)
         with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
@@ -59,7 +62,7 @@ def test_a_server_killed_during_a_reply_frees_the_conversation_at_restart():
             server.process.kill()
             server.process.wait()
         server.process = None
-        server.env.pop("RPSERVER_MAX_REPLY_TOKENS")  # short replies from here on
+        server.env["RPSERVER_MAX_REPLY_TOKENS"] = "12"  # short replies from here on
         server.start()
         guest = same_user(guest, server)
         guest.ok("/characters/load", character_name="Mira")
@@ -101,7 +104,7 @@ def test_kills_at_random_moments_of_replies_and_their_storing_lose_nothing():
 
 
 def test_sigterm_during_a_stream_exits_cleanly_and_frees_every_lock():
-    server = Server(env={**LONG, "RPSERVER_SHUTDOWN_GRACE_SECONDS": "1"}, name="sigterm").start()
+    server = long_server("sigterm", RPSERVER_SHUTDOWN_GRACE_SECONDS="1").start()
     guest = new_guest(server)
     pid = server.process.pid
     with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
@@ -120,11 +123,9 @@ def test_sigterm_during_a_stream_exits_cleanly_and_frees_every_lock():
     log = server.log()
     assert "terminate called" not in log and "Traceback" not in log
     assert "rpserver stopped" in log
-    # Nothing half: the reply was cancelled (nothing stored), or it ended by itself inside the grace
-    # period (the random model sometimes does) and was stored whole.
-    rounds = list(Round.objects.filter(conversation__owner__username=guest.user_name).order_by("index"))
-    assert [r.user_text for r in rounds] in ([None], [None, "tell me everything"])
-    assert all(r.bot_text for r in rounds)
+    # Nothing half: the reply was cancelled, nothing of it stored.
+    rounds = Round.objects.filter(conversation__owner__username=guest.user_name)
+    assert [r.user_text for r in rounds] == [None]
 
 
 def test_sigterm_lets_a_short_reply_finish_within_the_grace_period():
@@ -146,50 +147,34 @@ def test_a_dead_process_lock_frees_within_the_bound_and_a_live_one_never():
     # Two processes on one database, as on two machines (different instance
     # hosts, so only the heartbeat tells a dead one). Dead after 3 s here
     # (a heartbeat every 0.75 s); 20 s by default.
-    env = {**LONG, "RPSERVER_LOCK_DEAD_AFTER_SECONDS": "3"}
-    first = Server(env={**env, "RPSERVER_INSTANCE_HOST": "machine-a"}, name="machine-a").start()
-    second = Server(env={**env, "RPSERVER_INSTANCE_HOST": "machine-b"}, name="machine-b").start()
+    first = long_server("machine-a", RPSERVER_LOCK_DEAD_AFTER_SECONDS="3", RPSERVER_INSTANCE_HOST="machine-a")
+    second = long_server("machine-b", RPSERVER_LOCK_DEAD_AFTER_SECONDS="3", RPSERVER_INSTANCE_HOST="machine-b",
+                         RPSERVER_MAX_REPLY_TOKENS="12")  # its replies end
+    first.start()
+    second.start()
     try:
-        for attempt in range(6):
-            guest = new_guest(first)
-            other = same_user(guest, second)
-            if holds_through_and_frees_after_a_kill(first, guest, other):
+        guest = new_guest(first)
+        other = same_user(guest, second)
+        with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
+                                                            "prompt": "tell me everything"}) as answer:
+            _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
+            deadline = time.monotonic() + 6  # twice the dead-after time: the heartbeat keeps the lock
+            while time.monotonic() < deadline:
+                body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
+                assert body == {"data": None, "message": BUSY, "code": 400}, "a live process's lock was taken"
+                time.sleep(0.5)
+            first.process.kill()
+            first.process.wait()
+            killed = time.monotonic()
+        first.process = None
+        while True:
+            body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
+            if isinstance(body, list):
                 break
-        else:
-            raise AssertionError("the random model ended its turn early six times: nothing was shown")
+            assert body["message"] == BUSY
+            assert time.monotonic() - killed < 3 + 0.75 + 3, "the dead process's lock was not freed in time"
+            time.sleep(0.2)
         assert [user_text for user_text, _ in other.chat("Mira")] == [None, "from b"]
     finally:
         first.stop()
         second.stop()
-
-
-def holds_through_and_frees_after_a_kill(first, guest, other):
-    """A long reply on `first` holds the lock against `other` (on the second process) for twice the
-    dead-after time; then `first` is killed and `other` gets the lock within the bound.
-    False if the reply ended by itself meanwhile (its round stored: the lock was released, not taken)."""
-    with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
-                                                        "prompt": "tell me everything"}) as answer:
-        _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
-        deadline = time.monotonic() + 6  # twice the dead-after time: the heartbeat keeps it
-        while time.monotonic() < deadline:
-            body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
-            if isinstance(body, list):
-                ended = [user_text for user_text, _ in guest.chat("Mira")][1] == "tell me everything"
-                assert ended, "a live process's lock was taken"
-                other.ok("/chat/reset", character_name="Mira")
-                return False
-            assert body == {"data": None, "message": BUSY, "code": 400}
-            time.sleep(0.5)
-        if not Lock.objects.filter(holder__pid=first.process.pid).exists():
-            return False  # it ended just now
-        first.process.kill()
-        first.process.wait()
-        killed = time.monotonic()
-    first.process = None
-    while True:
-        body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
-        if isinstance(body, list):
-            return True
-        assert body["message"] == BUSY
-        assert time.monotonic() - killed < 3 + 0.75 + 3, "the dead process's lock was not freed in time"
-        time.sleep(0.2)

@@ -23,7 +23,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CHARACTER, ROOT, Api, Server, free_port
+from conftest import CHARACTER, ENDLESS_MODEL, ROOT, Api, Server, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CONFIG = ROOT / "deploy" / "nginx.conf"
@@ -117,13 +117,12 @@ http {{
 
 @pytest.fixture(scope="module")
 def backends():
-    """Two servers on the run's database and media, with replies of 120 tokens."""
+    """Two servers on the run's database and media, with replies of 120 tokens (the endless model's
+    replies always run to the limit)."""
     started = []
     try:
         for name in ("nginx-a", "nginx-b"):
-            # fp32: the demo model's int8 replies end their turn far sooner (the tests want 40 frames).
-            started.append(Server(env={"RPSERVER_MAX_REPLY_TOKENS": "120", "RPSERVER_STRATEGY": "cpu fp32"},
-                                  name=name).start())
+            started.append(Server(model=ENDLESS_MODEL, env={"RPSERVER_MAX_REPLY_TOKENS": "120"}, name=name).start())
         yield started
     finally:
         for running in started:
@@ -157,10 +156,7 @@ def reads_of_a_reply(url):
 
 
 def test_a_stream_through_nginx_arrives_frame_by_frame(nginx):
-    for _ in range(3):  # the random model sometimes ends its turn early: take a long reply
-        per_read, frames, guest, encoding = reads_of_a_reply(nginx.url)
-        if len(frames) >= 40:
-            break
+    per_read, frames, guest, encoding = reads_of_a_reply(nginx.url)
     assert encoding == "identity"
     assert len(frames) >= 40
     assert per_read[0] == 1  # the first token is not held back waiting for more
@@ -176,10 +172,7 @@ def test_a_stream_through_nginx_arrives_frame_by_frame(nginx):
 def test_the_control_with_buffering_forced_on_bunches_the_frames(backends):
     buffered = Nginx([b.url for b in backends], buffered=True).start()
     try:
-        for _ in range(3):  # the random model sometimes ends its turn early: take a long reply
-            per_read, frames, _, encoding = reads_of_a_reply(buffered.url)
-            if len(frames) >= 40:
-                break
+        per_read, frames, _, encoding = reads_of_a_reply(buffered.url)
     finally:
         buffered.stop()
     assert encoding == "gzip"
