@@ -8,7 +8,7 @@ from safetensors.torch import load as load_safetensors
 
 from chat.models import Round
 from chat.services import BUSY
-from conftest import CHARACTER, Api, Server
+from conftest import CHARACTER, ENDLESS_MODEL, Api, Server
 from statecache.models import SpilledState
 from statecache.services import tokens_digest
 
@@ -57,7 +57,8 @@ def test_each_round_keeps_the_snapshots_it_needs(alice):
     # 2 most recent rounds and every 3rd (RPSERVER_STATE_KEEP_RECENT=2, _CHECKPOINT_EVERY=3);
     # round 0's is in the shared state cache, kept in the store under the digest of its tokens.
     round_zero = rounds(alice.user_name).get(index=0)
-    assert SpilledState.objects.filter(digest=tokens_digest(round_zero.token_list)).count() == 1
+    assert SpilledState.objects.filter(digest=tokens_digest(round_zero.token_list),
+                                       state_model=rounds(alice.user_name).last().state_model).count() == 1
     assert kept == {0: (False, False), 1: (False, False), 2: (False, False), 3: (False, True),
                     4: (False, True), 5: (True, True)}
 
@@ -192,9 +193,8 @@ def test_everything_survives_a_restart(server, mira):
 
 @pytest.fixture(scope="module")
 def long_server():
-    """A server whose replies are long (a random model rarely ends its turn)."""
-    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000", "RPSERVER_STRATEGY": "cpu fp32"},
-                     name="long-server").start()
+    """A server whose replies are long: 1,000 tokens, the endless model never ends its turn sooner."""
+    running = Server(model=ENDLESS_MODEL, env={"RPSERVER_MAX_REPLY_TOKENS": "1000"}, name="long-server").start()
     yield running
     running.stop()
 

@@ -6,17 +6,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CHARACTER, Api, Server
+from conftest import CHARACTER, ENDLESS_MODEL, Api, Server
 
 TOKEN = "metrics-test-token"
 
 
 @pytest.fixture(scope="module")
 def metered():
-    """A server with metrics on and long replies (a random model rarely ends its turn)."""
-    # fp32: the demo model's int8 replies end their turn far sooner, sometimes before a scrape.
-    running = Server(env={"RPSERVER_METRICS_TOKEN": TOKEN, "RPSERVER_MAX_REPLY_TOKENS": "4000",
-                          "RPSERVER_STRATEGY": "cpu fp32"},
+    """A server with metrics on and long replies (the endless model's run to the 4,000-token limit)."""
+    running = Server(model=ENDLESS_MODEL, env={"RPSERVER_METRICS_TOKEN": TOKEN, "RPSERVER_MAX_REPLY_TOKENS": "4000"},
                      name="metrics-server").start()
     yield running
     running.stop()
