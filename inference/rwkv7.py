@@ -115,7 +115,8 @@ class _Int8Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = torch.linalg.vector_norm(x, math.inf, dim=1, keepdim=True).clamp_min_(1e-30)  # (M, 1): max |x|
+        # (M, 1): max |x| (vector_norm(x, inf) gives the same but is not vectorised: 85 us for 32 rows, this 9)
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / scale, 2.0 / 127, 64, self.packed)
         return y.mul_(scale)
 

@@ -208,6 +208,45 @@ class Api:
         return self.ok("/debug/token", character_name=character)
 
 
+# What a client of the local S3 server (the s3_endpoint fixture) authenticates with, as environment.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The URL of an S3 server on a free port: moto's server mode (`python -m moto.server`, PyPI's
+    `moto[server]`), a separate process that speaks S3's REST API over HTTP."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None and time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def s3_bucket(endpoint, name):
+    """A new bucket on the S3 server at `endpoint` (a boto3 Bucket)."""
+    import boto3
+
+    resource = boto3.resource("s3", endpoint_url=endpoint, region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    return resource.create_bucket(Bucket=name)
+
+
 @pytest.fixture(scope="session")
 def server():
     running = Server().start()

@@ -9,20 +9,17 @@ import time
 import uuid
 from pathlib import Path
 
-import boto3
-import httpx
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.management import call_command
 from django.test import override_settings
 
 from characters.models import Character
-from conftest import ROOT, free_port
+from conftest import ROOT, S3_CREDENTIALS, s3_bucket
 from rpserver.orphans import find_orphans, referenced_names, remove_orphans, start_sweeping, sweep
 from test_characters import PNG_URL
 
 HOURS = 3600
-S3_KEYS = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
 
 
 def age(path, seconds):
@@ -121,23 +118,10 @@ def test_it_works_through_the_storage_api_not_the_disk(mira):
     Character.objects.filter(pk=character.pk).update(avatar="", avatar_type="")
 
 
-def test_it_works_on_an_s3_bucket(mira):
+def test_it_works_on_an_s3_bucket(mira, s3_endpoint):
     """The command against a real S3 API (moto's server): listing, dates, sizes and deletes over HTTP."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bucket = s3_bucket(s3_endpoint, "rpserver-orphans")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                assert moto.poll() is None and time.monotonic() < deadline, "moto did not start"
-                time.sleep(0.1)
-        bucket = boto3.resource("s3", endpoint_url=endpoint, region_name="us-east-1", **S3_KEYS).create_bucket(
-            Bucket="rpserver-orphans")
         character = Character.objects.get(owner__username=mira.user_name, name="Mira")
         kept = f"avatars/{character.owner_id}/{uuid.uuid4().hex}.png"
         Character.objects.filter(pk=character.pk).update(avatar=kept, avatar_type="image/png")
@@ -145,9 +129,8 @@ def test_it_works_on_an_s3_bucket(mira):
         for key in (kept, lost, "backups/operator.tar"):
             bucket.put_object(Key=key, Body=b"bytes in a bucket")
 
-        env = {**os.environ, "RPSERVER_S3_BUCKET": "rpserver-orphans", "RPSERVER_S3_ENDPOINT_URL": endpoint,
-               "AWS_ACCESS_KEY_ID": S3_KEYS["aws_access_key_id"],
-               "AWS_SECRET_ACCESS_KEY": S3_KEYS["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+        env = {**os.environ, **S3_CREDENTIALS, "RPSERVER_S3_BUCKET": "rpserver-orphans",
+               "RPSERVER_S3_ENDPOINT_URL": s3_endpoint}
         done = subprocess.run([sys.executable, "manage.py", "remove_orphan_files", "--grace-minutes", "0"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
@@ -155,6 +138,4 @@ def test_it_works_on_an_s3_bucket(mira):
         assert "removed 1 orphan file(s), 17 bytes" in done.stdout
         assert {item.key for item in bucket.objects.all()} == {kept, "backups/operator.tar"}
     finally:
-        moto.terminate()
-        moto.wait()
         Character.objects.filter(owner__username=mira.user_name).update(avatar="", avatar_type="")

@@ -1,8 +1,7 @@
 """The state store in an S3-compatible bucket (django-storages), against a local S3 server.
 
-The S3 server is moto's server mode (`python -m moto.server`, PyPI's
-`moto[server]`): a separate process that speaks S3's REST API over HTTP.
-django-storages talks to it through boto3 exactly as it would to AWS or
+The S3 server is moto's server mode (the s3_endpoint fixture): a separate
+process that speaks S3's REST API over HTTP. django-storages talks to it through boto3 exactly as it would to AWS or
 MinIO (PUT, GET, HEAD, DELETE, ListObjectsV2 on real URLs), so the upload,
 download, naming and deletion paths are the ones production runs. What it
 does not reproduce: AWS's permissions and network latency.
@@ -11,47 +10,21 @@ does not reproduce: AWS's permissions and network latency.
 import base64
 import io
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
-import boto3
-import httpx
 import pytest
 from PIL import Image
 
-from conftest import CHARACTER, ROOT, Api, Server, free_port
+from conftest import CHARACTER, S3_CREDENTIALS, Api, Server, s3_bucket
 
 BUCKET = "rpserver-states"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
-               "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free port; (endpoint URL, boto3 bucket)."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                assert process.poll() is None and time.monotonic() < deadline, "moto did not start"
-                time.sleep(0.1)
-        resource = boto3.resource("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                  aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-        bucket = resource.create_bucket(Bucket=BUCKET)
-        yield endpoint, bucket
-    finally:
-        process.terminate()
-        process.wait()
+def s3(s3_endpoint):
+    """(endpoint URL, the bucket as a boto3 Bucket)."""
+    return s3_endpoint, s3_bucket(s3_endpoint, BUCKET)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +35,7 @@ def local_media():
 @pytest.fixture(scope="module")
 def s3_server(s3, local_media):
     endpoint, _ = s3
-    running = Server(env={**CREDENTIALS, "RPSERVER_S3_BUCKET": BUCKET, "RPSERVER_S3_ENDPOINT_URL": endpoint,
+    running = Server(env={**S3_CREDENTIALS, "RPSERVER_S3_BUCKET": BUCKET, "RPSERVER_S3_ENDPOINT_URL": endpoint,
                           "RPSERVER_MEDIA_ROOT": local_media}, name="s3-server").start()
     yield running
     running.stop()

@@ -136,7 +136,6 @@ def test_spilled_states_past_their_budget_go_least_recently_used_first(backend):
 
 
 def test_a_damaged_spilled_state_is_forgotten_not_used(backend):
-    one = state_bytes(backend.zero_state())
     cache = StateCache(backend, ram_bytes=0, disk_bytes=10**12)
     sequence = tokens(5)
 
