@@ -15,13 +15,19 @@ export CHROMIUM
 
 .PHONY: install run test test-postgres bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.kernels
 
 # torch is installed first and pinned: an unpinned torch pulls gigabytes of CUDA packages.
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+# The compiled CPU kernels (inference/kernels, ~30 s with a C++ compiler). Without
+# one the build fails, says so, and rpserver uses its TorchScript fallback.
+$(VENV)/.kernels: $(VENV)/.installed inference/kernels/wkv7.cpp
+	-$(PY) -m inference.kernels
 	touch $@
 
 run: install

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 # Relative error ||logits - logits_fp32|| / ||logits_fp32|| that each reduced
 # precision is allowed (and tested) to stay within, on one decode step after a
 # short prompt. Measured on random demo models: bf16 about 0.3-0.5 %, int8
@@ -242,6 +244,16 @@ def _step(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
     return o
 
 
+if kernels.available():
+    def _state_step(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """_step in one pass over the state (inference/kernels/wkv7.cpp) on the CPU."""
+        if S.is_cuda:
+            return _step(S, q, u, v, w)
+        return torch.ops.rpserver.wkv7_step(S, q, u, v, w)
+else:
+    _state_step = _step
+
+
 def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor, kk: Tensor, rows: Layout,
                 H: int, N: int) -> Tensor:
     """The time mix's state update over all positions; returns y [M, C] and
@@ -259,10 +271,10 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
     u = torch.cat((b4.neg(), k4), dim=2)  # (M, H, 2, N)
     BH = B * H
     if rows.single:
-        o = _step(S.view(BH, N, N), q.view(BH, 2, N), u.view(BH, 2, N), v4.view(BH, 1, N), w4.view(BH, 1, N))
+        o = _state_step(S.view(BH, N, N), q.view(BH, 2, N), u.view(BH, 2, N), v4.view(BH, 1, N), w4.view(BH, 1, N))
         o = o.view(B, H, 2, N)
     else:
-        o0 = _step(S.view(BH, N, N), q[rows.first].view(BH, 2, N), u[rows.first].view(BH, 2, N),
+        o0 = _state_step(S.view(BH, N, N), q[rows.first].view(BH, 2, N), u[rows.first].view(BH, 2, N),
                    v4[rows.first].view(BH, 1, N), w4[rows.first].view(BH, 1, N))
         RH = rows.readers.shape[0] * H
         SR = S if rows.readers_in_place else S[rows.readers]  # (readers, H, N, N)
@@ -276,7 +288,7 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
             start, end, nH = segment[0], segment[1], segment[2] * H
             Sn = S3[:nH]
             for t in range(start, end):
-                outs.append(_step(Sn, qs[t, :nH], us[t, :nH], vs[t, :nH], ws[t, :nH]))
+                outs.append(_state_step(Sn, qs[t, :nH], us[t, :nH], vs[t, :nH], ws[t, :nH]))
         if not rows.readers_in_place:
             S[rows.readers] = SR
         o = torch.empty(M, H, 2, N, device=o0.device)

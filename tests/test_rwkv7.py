@@ -8,12 +8,17 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import ROOT  # noqa: E402
+from inference import kernels  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
-from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Config, RWKV7Model  # noqa: E402
+from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, _step  # noqa: E402
 
 PROMPT = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261, 0, 65535]
 TIGHT = dict(rtol=1e-4, atol=1e-4)
@@ -229,3 +234,37 @@ def test_fp16_on_the_cpu_is_refused_with_a_clear_error(weights):
 def test_an_unknown_precision_is_refused(weights):
     with pytest.raises(ValueError, match="precision"):
         RWKV7Model(weights, precision="fp8")
+
+
+def test_the_compiled_state_update_equals_the_torch_one():
+    # `make install` builds the kernels wherever there is a C++ compiler; only without one does the
+    # forward pass fall back to TorchScript operations (the next test checks that path).
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler here: the compiled kernels cannot be built, the TorchScript fallback serves")
+    assert kernels.available(), "the compiled kernels are not built: run `make install` (python -m inference.kernels)"
+    generator = torch.Generator().manual_seed(3)
+    for heads in (12, 384):  # one sequence of the 0.1B shape; 32 of them
+        S = torch.randn(heads, 64, 64, generator=generator) * 0.3
+        q, u = torch.randn(heads, 2, 64, generator=generator), torch.randn(heads, 2, 64, generator=generator)
+        v, w = torch.randn(heads, 1, 64, generator=generator), torch.rand(heads, 1, 64, generator=generator)
+        fused, plain = S.clone(), S.clone()
+        torch.testing.assert_close(torch.ops.rpserver.wkv7_step(fused, q, u, v, w), _step(plain, q, u, v, w),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fallback_without_compiled_kernels_gives_the_same_logits(model_path, model):
+    tokens = [PROMPT, PROMPT[:5], [42]]
+    script = (
+        "import sys, torch\n"
+        "from inference import kernels\n"
+        "from inference.checkpoint import load_weights\n"
+        "from inference.rwkv7 import RWKV7Model\n"
+        "assert not kernels.available()\n"
+        f"m = RWKV7Model(load_weights({str(model_path)!r}), precision='fp32')\n"
+        f"torch.save(m.forward({tokens!r}, m.zero_state(3)), sys.argv[1])\n"
+    )
+    out = model_path.with_name("fallback-logits.pt")
+    env = {**os.environ, "RPSERVER_KERNELS": "off"}
+    subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, env=env, check=True, timeout=120)
+    torch.testing.assert_close(torch.load(out), model.forward(tokens, model.zero_state(3)), **TIGHT)

@@ -1,0 +1,82 @@
+"""Compiled CPU kernels for the RWKV-7 forward pass (C++, built once at install time).
+
+`wkv7.cpp` fuses one token's state update (a bmm, a scale and a rank-2
+update: three passes over each head's state) into one pass per head. It is
+built by `python -m inference.kernels` (`make install` runs it) into the
+virtual environment, under a name that carries a digest of the source, so a
+changed source is never served by an old build. Loading never compiles: a
+server starts in seconds whether or not the build is there.
+
+Without a build (no C++ compiler, or RPSERVER_KERNELS=off) the forward pass
+uses the same maths as TorchScript operations (inference/rwkv7.py `_step`):
+results equal up to float rounding, only slower.
+"""
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("wkv7.cpp")
+BUILD_DIR = Path(sys.prefix) / "rpserver-kernels"
+
+
+def library_name():
+    return "rpserver_kernels_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def library_path():
+    return BUILD_DIR / library_name() / f"{library_name()}.so"
+
+
+def compile_flags():
+    """Vector instructions of the machine that builds (the build is not meant to be copied elsewhere)."""
+    flags = ["-O3", "-fopenmp-simd"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def build(verbose=False):
+    """Compile the kernels (about 30 s); returns the library's path."""
+    from torch.utils.cpp_extension import load
+
+    directory = library_path().parent
+    directory.mkdir(parents=True, exist_ok=True)
+    load(name=library_name(), sources=[str(SOURCE)], build_directory=str(directory),
+         extra_cflags=compile_flags(), is_python_module=False, verbose=verbose)
+    return library_path()
+
+
+_loaded = None
+
+
+def available():
+    """Whether the compiled kernels are loaded (loading them on the first call)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = False
+        if os.environ.get("RPSERVER_KERNELS", "on").lower() in ("off", "0", "false", "no"):
+            logger.info("compiled kernels off (RPSERVER_KERNELS): the forward pass uses TorchScript operations")
+        elif not library_path().is_file():
+            logger.warning("compiled kernels not built (run `make install` or `python -m inference.kernels`): "
+                           "the forward pass uses TorchScript operations, slower")
+        else:
+            torch.ops.load_library(str(library_path()))
+            _loaded = True
+    return _loaded
+
+
+def main():
+    try:
+        print(f"built {build()}")
+    except Exception as exc:  # noqa: BLE001 - reported, and the fallback still serves
+        print(f"the compiled kernels were not built ({type(exc).__name__}: {exc}); "
+              "rpserver will use its TorchScript fallback", file=sys.stderr)
+        return 1
+    return 0
