@@ -23,7 +23,7 @@ import time
 import pytest
 
 from chat.services import BUSY
-from conftest import CHARACTER, ROOT, Api, Server, free_port
+from conftest import CHARACTER, ENDLESS_MODEL, ROOT, Api, Server, free_port
 from postgres import PrivatePostgres
 
 # locks.services: a dead process's locks free within DEAD_AFTER_SECONDS (20)
@@ -43,7 +43,7 @@ class ClusterServer(Server):
     """
 
     def __init__(self, env, name, hostname=None):
-        super().__init__(env=env, name=name)
+        super().__init__(model=ENDLESS_MODEL, env=env, name=name)  # every reply runs to its 100 tokens
         self.hostname = hostname
 
     def start(self):
@@ -85,7 +85,6 @@ def cluster():
         "RPSERVER_MEDIA_ROOT": os.path.join(shared, "media"),
         "RPSERVER_SECRET_KEY": "scale-out-test-secret-key-shared-by-every-process",
         "RPSERVER_MAX_REPLY_TOKENS": "100",
-        "RPSERVER_STRATEGY": "cpu fp32",  # the demo model's int8 replies end their turn far sooner
     }
     servers = []
     try:
