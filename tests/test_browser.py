@@ -50,8 +50,9 @@ def png(width, height, rgb):
 
 @pytest.fixture(scope="module")
 def web():
-    """A server whose replies are long enough to watch them grow and to stop them."""
-    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "120"}, name="web").start()
+    """A server whose replies are long enough to watch them grow and to stop them: 120 tokens each (the
+    endless model never ends its turn sooner)."""
+    running = Server(model=ENDLESS_MODEL, env={"RPSERVER_MAX_REPLY_TOKENS": "120"}, name="web").start()
     yield running
     running.stop()
 
