@@ -15,6 +15,8 @@ tests compare against), organised for serving:
   C++ without Python's GIL, so the server's other threads (HTTP, database,
   storage) never hold up a decode step, and each step skips Python's
   per-operation overhead. `jit=False` runs the same modules eagerly.
+* On the CPU, each token's state update is one C++ pass per head
+  (inference/kernels) where it is built; elsewhere, PyTorch operations.
 * Precisions: "fp32"; "bf16" (big matrices stored and multiplied in bfloat16,
   everything else in float32); "fp16" (CUDA only); "int8" (CPU only: big
   matrices as per-output-channel int8 weights run through fbgemm's dynamic
@@ -98,8 +100,9 @@ class _Int8Linear(nn.Module):
     64), multiplied in int8 and scaled back: each row's result is the same
     whatever else is in the pass. fbgemm's static-input linear with float
     output does this in one call, and skips the min/max scan the dynamic one
-    makes (one row, 768x768: 90 -> 59 us; it used to append a +1/-1 row to
-    force the range, with bit-identical results: bench/forward.py).
+    makes (one row, 768x768: 90 -> 59 us, with results bit-identical to the
+    former way, which appended a +1/-1 row to the dynamic linear's input to
+    force its range).
 
     The activations use 7 bits (0..127): fbgemm multiplies uint8 activations
     by int8 weights in pairs summed in int16, which saturates with full 8-bit
@@ -275,7 +278,7 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
         o = o.view(B, H, 2, N)
     else:
         o0 = _state_step(S.view(BH, N, N), q[rows.first].view(BH, 2, N), u[rows.first].view(BH, 2, N),
-                   v4[rows.first].view(BH, 1, N), w4[rows.first].view(BH, 1, N))
+                         v4[rows.first].view(BH, 1, N), w4[rows.first].view(BH, 1, N))
         RH = rows.readers.shape[0] * H
         SR = S if rows.readers_in_place else S[rows.readers]  # (readers, H, N, N)
         S3 = SR.view(RH, N, N)
