@@ -148,6 +148,13 @@ def release(lease):
         lease.released = True
 
 
+async def let_go(lease):
+    """Release the lease's lock, unless the commit that stored its round already did (then without a
+    trip to the database thread)."""
+    if not lease.released:
+        await db(release)(lease)
+
+
 def check_lease(lease):
     """Inside the storing transaction: the lock is still ours."""
     try:
@@ -436,8 +443,7 @@ class ReplyStream:
             if not finished:
                 self.generation.cancel()
             limits.engine_share.give_back(self.lease.conversation.owner_id)
-            if not self.lease.released:  # (the commit released it: no third trip)
-                await db(release)(self.lease)
+            await let_go(self.lease)
 
 
 async def run_locked(owner, name, work):
@@ -446,8 +452,7 @@ async def run_locked(owner, name, work):
     try:
         return await work(lease)
     finally:
-        if not lease.released:
-            await db(release)(lease)
+        await let_go(lease)
 
 
 async def start_stream(lease, make_stream):
@@ -464,7 +469,7 @@ async def start_stream(lease, make_stream):
     except BaseException:
         if shared:
             limits.engine_share.give_back(owner_id)
-        await db(release)(lease)
+        await let_go(lease)
         raise
 
 

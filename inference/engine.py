@@ -129,13 +129,12 @@ class Engine:
     New jobs and aborts come through one inbox and are applied between steps.
     """
 
-    def __init__(self, backend, tokenizer, prefill_chunk=64, max_batch=32, threads=0, prefill_threads=0,
-                 thread_policy=None):
+    def __init__(self, backend, tokenizer, prefill_chunk=64, max_batch=32, thread_policy=None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
-        self.thread_policy = thread_policy or ThreadPolicy(decode=threads, wide=prefill_threads or threads)
+        self.thread_policy = thread_policy or ThreadPolicy()  # default: torch's thread count left alone
         self.turn_end_tokens = tokenizer.encode("\n\n")
         self._banned = banned_tokens(tokenizer, backend.vocab_size)
         self._inbox = queue.Queue()  # Job, Abort or None (wake up)
