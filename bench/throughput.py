@@ -197,7 +197,7 @@ def main():
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--embd", type=int, default=768)
     parser.add_argument("--prefill-tokens", type=int, default=1000, help="prompt length of the prefill test")
-    parser.add_argument("--prefill-runs", type=int, default=3)
+    parser.add_argument("--prefill-runs", type=int, default=3, help="0 skips the prefill test")
     parser.add_argument("--baseline-runs", type=int, default=5)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--wait-idle", type=int, default=0, metavar="S",
@@ -253,10 +253,12 @@ def main():
             if len(runs) > 1:
                 print(f"  N={users}: runs {', '.join(fmt(r['agg']) for r in runs)} tok/s; median "
                       f"{fmt(rows[-1]['agg'])}", flush=True)
-        print(f"prefill: fresh characters, ~{args.prefill_tokens}-token prompt, {args.prefill_runs} runs ...",
-              flush=True)
-        wait_for_quiet(args.wait_idle)
-        prefill = prefill_phase(model, data_root, args)
+        prefill = None
+        if args.prefill_runs:
+            print(f"prefill: fresh characters, ~{args.prefill_tokens}-token prompt, {args.prefill_runs} runs ...",
+                  flush=True)
+            wait_for_quiet(args.wait_idle)
+            prefill = prefill_phase(model, data_root, args)
 
     base_decode = baseline["decode_tok_s"] if baseline else None
     print()
@@ -277,24 +279,25 @@ def main():
           "max VmRSS sampled during the N-user run; VmHWM includes model loading;\n  others CPU % = share of "
           "the machine's CPU time used by processes other than this benchmark and its server (should be ~0).")
 
-    long_runs, short_runs = prefill["long"], prefill["short"]
-    long_ttft = median([x["ttft"] for x in long_runs])
-    long_read = median([x["read"] for x in long_runs])
-    short_ttft = median([x["ttft"] for x in short_runs])
-    short_read = median([x["read"] for x in short_runs])
-    print()
-    print("== Prefill: first token of a fresh character's first reply (medians) ==")
-    prefill_rows = [
-        ["server, long prompt", int(long_read), fmt(long_ttft * 1000, 0), fmt(long_read / long_ttft)],
-        ["server, short prompt", int(short_read), fmt(short_ttft * 1000, 0), fmt(short_read / short_ttft)],
-    ]
-    if baseline:
-        prefill_rows.append(["baseline rwkv forward(list)", baseline["prompt_tokens"],
-                             fmt(baseline["prompt_first_token_s"] * 1000, 0), fmt(baseline["prefill_tok_s"])])
-    print(table(["", "tokens read", "first token ms", "tok/s"], prefill_rows))
-    print(f"  (tokens read = the character's round 0, {median([x['round0'] for x in long_runs]):.0f} tokens, "
-          f"+ the user turn; runs: {', '.join(fmt(x['ttft'] * 1000, 0) for x in long_runs)} ms; "
-          f"others CPU {fmt(100 * prefill['others'], 0)}%)")
+    if prefill:
+        long_runs, short_runs = prefill["long"], prefill["short"]
+        long_ttft = median([x["ttft"] for x in long_runs])
+        long_read = median([x["read"] for x in long_runs])
+        short_ttft = median([x["ttft"] for x in short_runs])
+        short_read = median([x["read"] for x in short_runs])
+        print()
+        print("== Prefill: first token of a fresh character's first reply (medians) ==")
+        prefill_rows = [
+            ["server, long prompt", int(long_read), fmt(long_ttft * 1000, 0), fmt(long_read / long_ttft)],
+            ["server, short prompt", int(short_read), fmt(short_ttft * 1000, 0), fmt(short_read / short_ttft)],
+        ]
+        if baseline:
+            prefill_rows.append(["baseline rwkv forward(list)", baseline["prompt_tokens"],
+                                 fmt(baseline["prompt_first_token_s"] * 1000, 0), fmt(baseline["prefill_tok_s"])])
+        print(table(["", "tokens read", "first token ms", "tok/s"], prefill_rows))
+        print(f"  (tokens read = the character's round 0, {median([x['round0'] for x in long_runs]):.0f} tokens, "
+              f"+ the user turn; runs: {', '.join(fmt(x['ttft'] * 1000, 0) for x in long_runs)} ms; "
+              f"others CPU {fmt(100 * prefill['others'], 0)}%)")
 
     print()
     print("== Ratios ==")
@@ -307,11 +310,12 @@ def main():
         if one:
             print(f"1 user vs baseline: aggregate {fmt(one['agg'] / base_decode, 2)}x, per-stream decode "
                   f"{fmt(one['per_stream'] / base_decode, 2)}x")
-        server_rate = long_read / long_ttft
-        print(f"prefill: server {fmt(server_rate)} tok/s vs baseline {fmt(baseline['prefill_tok_s'])} tok/s = "
-              f"{fmt(server_rate / baseline['prefill_tok_s'], 2)}x; first token after ~{int(long_read)} tokens: "
-              f"{fmt(long_ttft * 1000, 0)} ms vs baseline {fmt(baseline['prompt_first_token_s'] * 1000, 0)} ms "
-              f"for {baseline['prompt_tokens']}")
+        if prefill:
+            server_rate = long_read / long_ttft
+            print(f"prefill: server {fmt(server_rate)} tok/s vs baseline {fmt(baseline['prefill_tok_s'])} tok/s = "
+                  f"{fmt(server_rate / baseline['prefill_tok_s'], 2)}x; first token after ~{int(long_read)} tokens: "
+                  f"{fmt(long_ttft * 1000, 0)} ms vs baseline {fmt(baseline['prompt_first_token_s'] * 1000, 0)} ms "
+                  f"for {baseline['prompt_tokens']}")
     eight = next((r for r in rows if r["users"] == 8), None)
     if eight:
         print(f"first-token p50 at 8 users: {fmt(eight['ttft_p50'] * 1000, 0)} ms "

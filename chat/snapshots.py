@@ -25,6 +25,8 @@ from django.core.files.storage import default_storage
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from inference.threads import serial_thread
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "rpserver-state"
@@ -88,5 +90,7 @@ def delete_states(names):
 # enough to overlap one blob's encoding with another's writing, few enough
 # that a burst of replies ending together does not crowd the engine's core.
 # (Measured at 16 users: 2 threads 310 tok/s, 1 thread 295, asyncio's default pool 292.)
-_blob_threads = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-blobs")
+# Their tensor work runs on one core: only the engine thread's may use more (see inference.threads).
+_blob_threads = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-blobs",
+                                                      initializer=serial_thread)
 blob_io = functools.partial(sync_to_async, thread_sensitive=False, executor=_blob_threads)

@@ -4,13 +4,12 @@ import logging
 import threading
 from pathlib import Path
 
-import torch
 from django.conf import settings
 
 from .backends import load_backend, parse_strategy
 from .checkpoint import CheckpointError, write_demo_model
 from .engine import Engine
-from .threads import ThreadPolicy
+from .threads import ThreadPolicy, serial_thread
 from .tokenizer import world_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
         if _engine is not None:
             return _engine
         threads = ThreadPolicy.for_machine(decode=config["THREADS"], wide=config["PREFILL_THREADS"])
-        torch.set_num_threads(threads.decode)
+        serial_thread()  # only the engine thread runs torch on several cores (see inference.threads)
         # A bad value's message names where it came from: the serve flag or the variable.
         model_source = "--model" if model else "RPSERVER_MODEL" if config["MODEL"] else "the demo model"
         strategy_source = "--strategy" if strategy else "RPSERVER_STRATEGY"

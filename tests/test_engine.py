@@ -1,6 +1,9 @@
 """The engine on the tiny real model: reading, generating, batching, cancelling."""
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -290,3 +293,36 @@ def test_a_reply_cancelled_while_it_waits_for_a_row_never_runs(engine):
     assert second.generated == [] and second.read == 0
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert stats["tokens_read"] == len(engine.tokenizer.encode(PROMPT))
+
+
+SERIAL_HELPER = """
+import os, sys, threading, torch
+sys.path.insert(0, os.getcwd())
+from inference.threads import serial_thread
+torch.set_num_threads(2)
+alive = lambda: len(os.listdir('/proc/self/task'))
+def helper(serial):
+    if serial:
+        serial_thread()
+    before = alive()
+    for _ in range(3):
+        torch.zeros(1 << 20).add_(1)  # far over torch's grain size: parallel when it may be
+    print(torch.get_num_threads(), alive() - before)
+thread = threading.Thread(target=helper, args=(sys.argv[1] == "serial",))
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("serial, expected", [("serial", "1 0"), ("default", "2 1")])
+def test_a_serial_helper_thread_never_starts_workers_of_its_own(serial, expected):
+    """Only the engine thread may run torch on several cores (inference/threads.py): a
+    state-blob thread that did would start an OpenMP worker team, and every process
+    with more OpenMP threads than cores decodes at about half speed. The "default"
+    case shows that the check sees such a team (it needs 2 cores)."""
+    if serial == "default" and (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: torch never starts a worker team here")
+    result = subprocess.run([sys.executable, "-c", SERIAL_HELPER, serial], capture_output=True, text=True,
+                            timeout=60, cwd=settings.BASE_DIR)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
