@@ -15,8 +15,9 @@ tests compare against), organised for serving:
   C++ without Python's GIL, so the server's other threads (HTTP, database,
   storage) never hold up a decode step, and each step skips Python's
   per-operation overhead. `jit=False` runs the same modules eagerly.
-* On the CPU, each token's state update is one C++ pass per head
-  (inference/kernels) where it is built; elsewhere, PyTorch operations.
+* On the CPU, each token's state update is one C++ pass per head, and a
+  prompt's tokens are one call (inference/kernels) where it is built;
+  elsewhere, PyTorch operations.
 * Precisions: "fp32"; "bf16" (big matrices stored and multiplied in bfloat16,
   everything else in float32); "fp16" (CUDA only); "int8" (CPU only: big
   matrices as per-output-channel int8 weights run through fbgemm's dynamic
@@ -247,14 +248,27 @@ def _step(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
     return o
 
 
+def _steps(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
+    """T tokens in a row for the same nH heads: q, u (T, nH, 2, N), v, w
+    (T, nH, 1, N); returns the T outputs (T, nH, 2, N)."""
+    return torch.stack([_step(S, q[t], u[t], v[t], w[t]) for t in range(q.shape[0])])
+
+
 if kernels.available():
     def _state_step(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
         """_step in one pass over the state (inference/kernels/wkv7.cpp) on the CPU."""
         if S.is_cuda:
             return _step(S, q, u, v, w)
         return torch.ops.rpserver.wkv7_step(S, q, u, v, w)
+
+    def _state_steps(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        """_steps with each head's state kept in the L1 cache for all T tokens, on the CPU."""
+        if S.is_cuda:
+            return _steps(S, q, u, v, w)
+        return torch.ops.rpserver.wkv7_steps(S, q, u, v, w)
 else:
     _state_step = _step
+    _state_steps = _steps
 
 
 def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor, kk: Tensor, rows: Layout,
@@ -289,9 +303,8 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
         outs: List[Tensor] = []
         for segment in rows.segments:  # steps [start, end) have the first n readers reading
             start, end, nH = segment[0], segment[1], segment[2] * H
-            Sn = S3[:nH]
-            for t in range(start, end):
-                outs.append(_state_step(Sn, qs[t, :nH], us[t, :nH], vs[t, :nH], ws[t, :nH]))
+            outs.append(_state_steps(S3[:nH], qs[start:end, :nH], us[start:end, :nH], vs[start:end, :nH],
+                                     ws[start:end, :nH]).view(-1, 2, N))
         if not rows.readers_in_place:
             S[rows.readers] = SR
         o = torch.empty(M, H, 2, N, device=o0.device)

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from inference import kernels  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
-from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, _step  # noqa: E402
+from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, _step, _steps  # noqa: E402
 
 PROMPT = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261, 0, 65535]
 TIGHT = dict(rtol=1e-4, atol=1e-4)
@@ -251,6 +251,22 @@ def test_the_compiled_state_update_equals_the_torch_one():
         torch.testing.assert_close(torch.ops.rpserver.wkv7_step(fused, q, u, v, w), _step(plain, q, u, v, w),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    # Several tokens in a row (a prompt), each head's state kept in the cache throughout; the
+    # inputs shaped as the model makes them (unit kk, b = kk * a with a in (0, 1)), so that 40
+    # updates stay bounded as they do in the model.
+    T, heads = 40, 24
+
+    def rand(*shape):
+        return torch.rand(T, heads, *shape, generator=generator)
+
+    kk = torch.nn.functional.normalize(torch.randn(T, heads, 1, 64, generator=generator), dim=-1)
+    w, r, k, v = 0.5 + 0.5 * rand(1, 64), rand(1, 64) - 0.5, rand(1, 64) - 0.5, rand(1, 64) - 0.5
+    q, u = torch.cat((w * r, kk), dim=2), torch.cat((-kk * rand(1, 64), k), dim=2)
+    S = torch.randn(heads, 64, 64, generator=generator) * 0.3
+    fused, plain = S.clone(), S.clone()
+    torch.testing.assert_close(torch.ops.rpserver.wkv7_steps(fused, q, u, v, w), _steps(plain, q, u, v, w),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_the_fallback_without_compiled_kernels_gives_the_same_logits(model_path, model):

@@ -1,0 +1,85 @@
+"""Micro-benchmark: the compiled RWKV-7 state update (inference/kernels) against the PyTorch one it replaces.
+
+    .venv/bin/python bench/kernels.py [--repeats 15]
+
+For the 0.1B shape (64-wide heads), on one thread and on every core, the
+median time of:
+
+* one decode step of 32 sequences (384 heads, one token each): the
+  compiled `wkv7_step` against inference/rwkv7.py's `_step` (a bmm, a scale
+  and a rank-2 update: what the forward pass runs without the build);
+* one sequence reading a 256-token prompt (12 heads, 256 tokens in a row):
+  `wkv7_steps` (one call, each head's state kept in the L1 cache) against
+  256 calls of `wkv7_step` and against `_steps`.
+
+The inputs are shaped as the model makes them (unit kk, decays in (0.5, 1)).
+Needs the kernels built (`make install`).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from inference import kernels  # noqa: E402
+from inference.rwkv7 import _step, _steps  # noqa: E402
+
+HEAD_SIZE = 64
+
+
+def inputs(heads, tokens, generator):
+    def rand(*shape):
+        return torch.rand(tokens, heads, *shape, generator=generator)
+
+    kk = torch.nn.functional.normalize(torch.randn(tokens, heads, 1, HEAD_SIZE, generator=generator), dim=-1)
+    w, r, k, v = (0.5 + 0.5 * rand(1, HEAD_SIZE), rand(1, HEAD_SIZE) - 0.5, rand(1, HEAD_SIZE) - 0.5,
+                  rand(1, HEAD_SIZE) - 0.5)
+    q, u = torch.cat((w * r, kk), dim=2), torch.cat((-kk * rand(1, HEAD_SIZE), k), dim=2)
+    state = torch.randn(heads, HEAD_SIZE, HEAD_SIZE, generator=generator) * 0.3
+    return state, q, u, v, w
+
+
+def median_us(run, repeats):
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    if not kernels.available():
+        sys.exit("the compiled kernels are not built: run `make install` (python -m inference.kernels)")
+    generator = torch.Generator().manual_seed(0)
+    compiled_step, compiled_steps = torch.ops.rpserver.wkv7_step, torch.ops.rpserver.wkv7_steps
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores; "
+          f"medians of {args.repeats}")
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        S, q, u, v, w = inputs(384, 1, generator)
+        plain = median_us(lambda: _step(S, q[0], u[0], v[0], w[0]), args.repeats)
+        fused = median_us(lambda: compiled_step(S, q[0], u[0], v[0], w[0]), args.repeats)
+        print(f"{threads} thread(s), decode step of 32 sequences (384 heads): "
+              f"PyTorch {plain:.0f} us, compiled {fused:.0f} us ({plain / fused:.1f}x)")
+        S, q, u, v, w = inputs(12, 256, generator)
+        plain = median_us(lambda: _steps(S, q, u, v, w), args.repeats) / 256
+        single = median_us(lambda: [compiled_step(S, q[t], u[t], v[t], w[t]) for t in range(256)], args.repeats) / 256
+        fused = median_us(lambda: compiled_steps(S, q, u, v, w), args.repeats) / 256
+        print(f"{threads} thread(s), 256-token prompt of one sequence, per token: PyTorch {plain:.1f} us, "
+              f"compiled one call per token {single:.1f} us, one call for all {fused:.1f} us "
+              f"({plain / fused:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
