@@ -1,15 +1,17 @@
 """Compiled CPU kernels for the RWKV-7 forward pass (C++, built once at install time).
 
 `wkv7.cpp` fuses one token's state update (a bmm, a scale and a rank-2
-update: three passes over each head's state) into one pass per head. It is
-built by `python -m inference.kernels` (`make install` runs it) into the
-virtual environment, under a name that carries a digest of the source, so a
-changed source is never served by an old build. Loading never compiles: a
-server starts in seconds whether or not the build is there.
+update: three passes over each head's state) into one vectorised pass per
+head, and reads a prompt's tokens in one call. It is built by
+`python -m inference.kernels` (`make install` runs it) into the virtual
+environment, under a name that carries a digest of the source and the
+compiler flags, so a changed either is never served by an old build.
+Loading never compiles: a server starts in seconds whether or not the build
+is there.
 
 Without a build (no C++ compiler, or RPSERVER_KERNELS=off) the forward pass
-uses the same maths as TorchScript operations (inference/rwkv7.py `_step`):
-results equal up to float rounding, only slower.
+uses the same maths as TorchScript operations (inference/rwkv7.py `_step`,
+`_steps`): results equal up to float rounding, only slower.
 """
 
 import hashlib
@@ -27,7 +29,9 @@ BUILD_DIR = Path(sys.prefix) / "rpserver-kernels"
 
 
 def library_name():
-    return "rpserver_kernels_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    """Named by a digest of the source and the compiler flags: a changed either is never served by an old build."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(compile_flags()).encode())
+    return "rpserver_kernels_" + digest.hexdigest()[:12]
 
 
 def library_path():
