@@ -9,7 +9,9 @@ yet, then prints medians of several repeats:
   and prompt-reading (prefill) tokens/s: the baseline;
 * ours for each precision: decode at batch sizes 1, 4, 16, 32 (aggregate
   tokens/s: batch * steps / time) and prefill of the same prompt;
-* each figure's ratio to the matching baseline figure.
+* each figure's ratio to the matching baseline figure;
+* each precision's logit error against our cpu fp32 on a short probe
+  (a prompt and a few decode steps), and how often the top token agrees.
 
 Threads: torch's default (all cores) unless --threads is given.
 `--device cuda --precisions fp16,bf16` measures ours on a GPU (the package
@@ -117,9 +119,31 @@ def bench_package(path, prompt, repeats):
     return one, prefill
 
 
-def bench_ours(weights, precision, prompt, repeats, device="cpu", batches=BATCHES):
+# The accuracy probe: a short prompt, then a few decode steps.
+PROBE = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261, 0, 65535] * 3
+PROBE_STEPS = (11, 22, 33, 44, 55, 66)
+
+
+def probe_logits(model):
+    """float32 CPU logits after PROBE and after each of PROBE_STEPS."""
+    state = model.zero_state(1)
+    logits = [model.forward_seq(torch.tensor([PROBE], device=model.device), state)]
+    for token in PROBE_STEPS:
+        logits.append(model.forward_one(torch.tensor([token], device=model.device), state))
+    return [x.float().cpu() for x in logits]
+
+
+def accuracy(logits, reference):
+    """(max relative error ||x - ref|| / ||ref||, steps whose top token agrees)."""
+    errors = [((x - r).norm() / r.norm()).item() for x, r in zip(logits, reference)]
+    return max(errors), sum(int(x.argmax() == r.argmax()) for x, r in zip(logits, reference))
+
+
+def bench_ours(weights, precision, prompt, repeats, device="cpu", batches=BATCHES, reference=None):
     model = RWKV7Model(weights, device=device, precision=precision)
     results = {}
+    if reference is not None:
+        results["error"], results["top1"] = accuracy(probe_logits(model), reference)
     guess = 40.0
     for batch in batches:
         state = model.zero_state(batch)
@@ -168,10 +192,12 @@ def main():
     if not args.no_package:
         base_one, base_prefill = bench_package(path, prompt, args.repeats)
     weights = load_weights(path)
+    reference = probe_logits(RWKV7Model(weights))  # cpu fp32
     rows = []
     for precision in args.precisions.split(","):
         print(f"  measuring ours {precision} ...", flush=True)
-        rows.append((precision, bench_ours(weights, precision, prompt, args.repeats, args.device, batches)))
+        rows.append((precision, bench_ours(weights, precision, prompt, args.repeats, args.device, batches,
+                                           reference)))
 
     cols = [f"B={b}" for b in batches] + [f"prefill {args.prompt}"]
     head = f"{'':18}" + "".join(f"{c:>14}" for c in cols)
@@ -184,6 +210,12 @@ def main():
     for precision, res in rows:
         ratios = [res[b] / base_one for b in batches] + [res["prefill"] / base_prefill]
         print(f"{'  ratio ' + precision:18}" + "".join(f"{r:13.2f}x" for r in ratios))
+    print()
+    print(f"accuracy against cpu fp32 over a {len(PROBE)}-token prompt and {len(PROBE_STEPS)} decode steps "
+          f"(the bound is PRECISION_TOLERANCE in inference/rwkv7.py):")
+    for precision, res in rows:
+        print(f"  {precision:5} max relative logit error {100 * res['error']:.2f} %, top token agrees "
+              f"{res['top1']} of {len(PROBE_STEPS) + 1}")
 
 
 if __name__ == "__main__":
