@@ -88,7 +88,7 @@ def delete_states(names):
 
 # Blob work runs on its own small pool (not the ORM's thread). Two threads:
 # enough to overlap one blob's encoding with another's writing, few enough
-# that a burst of replies ending together does not crowd the engine's core.
+# that a burst of replies ending together does not crowd the engine.
 # (Measured at 16 users: 2 threads 310 tok/s, 1 thread 295, asyncio's default pool 292.)
 # Their tensor work runs on one core: only the engine thread's may use more (see inference.threads).
 _blob_threads = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-blobs",
