@@ -122,7 +122,11 @@ def backends():
     started = []
     try:
         for name in ("nginx-a", "nginx-b"):
-            started.append(Server(model=ENDLESS_MODEL, env={"RPSERVER_MAX_REPLY_TOKENS": "120"}, name=name).start())
+            # One core each, as two processes sharing a machine should be set (see "Deploying beyond one
+            # process"): with every core in each engine, the test's own client, reading frame by frame,
+            # gets too little CPU and finds two frames in one read.
+            env = {"RPSERVER_MAX_REPLY_TOKENS": "120", "RPSERVER_THREADS": "1", "RPSERVER_PREFILL_THREADS": "1"}
+            started.append(Server(model=ENDLESS_MODEL, env=env, name=name).start())
         yield started
     finally:
         for running in started:

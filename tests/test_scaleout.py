@@ -43,7 +43,9 @@ class ClusterServer(Server):
     """
 
     def __init__(self, env, name, hostname=None):
-        super().__init__(model=ENDLESS_MODEL, env=env, name=name)  # every reply runs to its 100 tokens
+        # Every reply runs to its 100 tokens; processes sharing the machine take one core each (README).
+        env = {**env, "RPSERVER_THREADS": "1", "RPSERVER_PREFILL_THREADS": "1"}
+        super().__init__(model=ENDLESS_MODEL, env=env, name=name)
         self.hostname = hostname
 
     def start(self):
