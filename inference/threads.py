@@ -12,8 +12,8 @@ second thread had). So the thread that loads the model and the threads
 that encode and decode states (`serial_thread`) run theirs on one core.
 
 Decode steps get every core by default (on 2 cores, in the live server
-with the benchmark client beside it: 1 user 54 tok/s with 2 threads and
-47 with 1, 32 users 285 and 248). `RPSERVER_THREADS` sets fewer, e.g. to
+with the benchmark client beside it, 256-token replies: 1 user 63.5 tok/s
+with 2 threads and 47.6 with 1, 32 users 259.5 and 235.9). `RPSERVER_THREADS` sets fewer, e.g. to
 keep a core for the event loop on a machine where it is busy. A pass that
 reads many prompt tokens is compute-bound: it gets every core too.
 """
