@@ -86,42 +86,16 @@ void check_state(const at::Tensor& S) {
               "S must be a contiguous float32 CPU tensor (it is updated in place)");
 }
 
-at::Tensor wkv7_step(at::Tensor S, const at::Tensor& q, const at::Tensor& u, const at::Tensor& v,
-                     const at::Tensor& w) {
-  check_state(S);
-  const int64_t n = S.size(0), N = S.size(2);
-  auto qc = q.to(at::kFloat).contiguous(), uc = u.to(at::kFloat).contiguous();
-  auto vc = v.to(at::kFloat).contiguous(), wc = w.to(at::kFloat).contiguous();
-  TORCH_CHECK(qc.numel() == n * 2 * N && uc.numel() == n * 2 * N, "q and u must be (n, 2, N)");
-  TORCH_CHECK(vc.numel() == n * N && wc.numel() == n * N, "v and w must be (n, 1, N)");
-  auto o = at::empty({n, 2, N}, S.options());
-  float* s = S.data_ptr<float>();
-  const float* qp = qc.data_ptr<float>();
-  const float* up = uc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* op = o.data_ptr<float>();
-  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
-      head_step(s + h * N * N, qp + h * 2 * N, qp + h * 2 * N + N, up + h * 2 * N, up + h * 2 * N + N,
-                vp + h * N, wp + h * N, op + h * 2 * N, op + h * 2 * N + N, N);
-    }
-  });
-  return o;
-}
-
 // T tokens in a row for the same n heads: q, u (T, n, 2, N), v, w (T, n, 1, N)
 // -> o (T, n, 2, N). Each head's state stays in the L1 cache for all T
-// tokens, where T calls of wkv7_step would bring it back for each.
-at::Tensor wkv7_steps(at::Tensor S, const at::Tensor& q, const at::Tensor& u, const at::Tensor& v,
-                      const at::Tensor& w) {
+// tokens, where T calls of one token each would bring it back for each.
+at::Tensor run_steps(at::Tensor S, const at::Tensor& q, const at::Tensor& u, const at::Tensor& v,
+                     const at::Tensor& w, int64_t T) {
   check_state(S);
   const int64_t n = S.size(0), N = S.size(2);
-  TORCH_CHECK(q.dim() == 4 && q.size(1) == n && q.size(2) == 2 && q.size(3) == N, "q must be (T, n, 2, N)");
-  const int64_t T = q.size(0);
   auto qc = q.to(at::kFloat).contiguous(), uc = u.to(at::kFloat).contiguous();
   auto vc = v.to(at::kFloat).contiguous(), wc = w.to(at::kFloat).contiguous();
-  TORCH_CHECK(uc.numel() == T * n * 2 * N, "u must be (T, n, 2, N)");
+  TORCH_CHECK(qc.numel() == T * n * 2 * N && uc.numel() == T * n * 2 * N, "q and u must be (T, n, 2, N)");
   TORCH_CHECK(vc.numel() == T * n * N && wc.numel() == T * n * N, "v and w must be (T, n, 1, N)");
   auto o = at::empty({T, n, 2, N}, S.options());
   float* s = S.data_ptr<float>();
@@ -140,6 +114,19 @@ at::Tensor wkv7_steps(at::Tensor S, const at::Tensor& q, const at::Tensor& u, co
     }
   });
   return o;
+}
+
+// One token: q, u (n, 2, N), v, w (n, 1, N) -> o (n, 2, N).
+at::Tensor wkv7_step(at::Tensor S, const at::Tensor& q, const at::Tensor& u, const at::Tensor& v,
+                     const at::Tensor& w) {
+  return run_steps(S, q, u, v, w, 1)[0];
+}
+
+at::Tensor wkv7_steps(at::Tensor S, const at::Tensor& q, const at::Tensor& u, const at::Tensor& v,
+                      const at::Tensor& w) {
+  TORCH_CHECK(q.dim() == 4 && q.size(1) == S.size(0) && q.size(2) == 2 && q.size(3) == S.size(2),
+              "q must be (T, n, 2, N)");
+  return run_steps(S, q, u, v, w, q.size(0));
 }
 
 }  // namespace
