@@ -24,6 +24,9 @@ DATA_DIR = Path(tempfile.mkdtemp(prefix="rpserver-test-"))
 TINY_MODEL = DATA_DIR / "model" / "tiny-rwkv7.pth"
 ENDLESS_MODEL = DATA_DIR / "model" / "endless-rwkv7.pth"
 
+# For each of several servers sharing this machine: one core (README, "Deploying beyond one process").
+ONE_CORE = {"RPSERVER_THREADS": "1", "RPSERVER_PREFILL_THREADS": "1"}
+
 # Settings shared by this process and the servers it starts.
 TEST_ENV = {
     "DJANGO_SETTINGS_MODULE": "rpserver.settings",

@@ -23,7 +23,7 @@ import time
 import httpx
 import pytest
 
-from conftest import CHARACTER, ENDLESS_MODEL, ROOT, Api, Server, free_port
+from conftest import CHARACTER, ENDLESS_MODEL, ONE_CORE, ROOT, Api, Server, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CONFIG = ROOT / "deploy" / "nginx.conf"
@@ -125,7 +125,7 @@ def backends():
             # One core each, as two processes sharing a machine should be set (see "Deploying beyond one
             # process"): with every core in each engine, the test's own client, reading frame by frame,
             # gets too little CPU and finds two frames in one read.
-            env = {"RPSERVER_MAX_REPLY_TOKENS": "120", "RPSERVER_THREADS": "1", "RPSERVER_PREFILL_THREADS": "1"}
+            env = {"RPSERVER_MAX_REPLY_TOKENS": "120", **ONE_CORE}
             started.append(Server(model=ENDLESS_MODEL, env=env, name=name).start())
         yield started
     finally:

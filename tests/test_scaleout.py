@@ -23,7 +23,7 @@ import time
 import pytest
 
 from chat.services import BUSY
-from conftest import CHARACTER, ENDLESS_MODEL, ROOT, Api, Server, free_port
+from conftest import CHARACTER, ENDLESS_MODEL, ONE_CORE, ROOT, Api, Server, free_port
 from postgres import PrivatePostgres
 
 # locks.services: a dead process's locks free within DEAD_AFTER_SECONDS (20)
@@ -44,7 +44,7 @@ class ClusterServer(Server):
 
     def __init__(self, env, name, hostname=None):
         # Every reply runs to its 100 tokens; processes sharing the machine take one core each (README).
-        env = {**env, "RPSERVER_THREADS": "1", "RPSERVER_PREFILL_THREADS": "1"}
+        env = {**env, **ONE_CORE}
         super().__init__(model=ENDLESS_MODEL, env=env, name=name)
         self.hostname = hostname
 
