@@ -3,12 +3,11 @@
 import threading
 
 import pytest
-import torch
 from safetensors.torch import load as load_safetensors
 
 from chat.models import Round
 from chat.services import BUSY
-from conftest import CHARACTER, ENDLESS_MODEL, Api, Server
+from conftest import CHARACTER, ENDLESS_MODEL, Api, Server, assert_same_state, server_precision
 from statecache.models import SpilledState
 from statecache.services import tokens_digest
 
@@ -141,8 +140,9 @@ def test_back_restores_the_exact_context_and_state_of_an_old_round(mira):
     assert mira.context("Mira") == contexts[0]
     rebuilt = load_safetensors(rounds(mira.user_name).get(index=1).post_state.read())
     assert rebuilt.keys() == states[0].keys()
-    for key in rebuilt:
-        torch.testing.assert_close(rebuilt[key], states[0][key], rtol=1e-4, atol=1e-5)
+    assert_same_state(list(rebuilt.values()), [states[0][key] for key in rebuilt], server_precision())
+    with pytest.raises(AssertionError):  # the check tells one round's state from the next
+        assert_same_state(list(rebuilt.values()), [states[1][key] for key in rebuilt], server_precision())
     mira.reply("Mira", "after back")
     assert len(mira.chat("Mira")) == 3
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from django.conf import settings
 
+from conftest import assert_same_state
 from inference.backends import Rwkv7Backend
 from inference.engine import Engine, FinishReason, Job, JobStatus, hold_back
 from inference.runtime import demo_model_path
@@ -30,11 +31,6 @@ def engine():
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
-
-def assert_same_state(a, b):
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-5)
 
 
 async def collect(generation):

@@ -5,12 +5,12 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from django.conf import settings
 
 from chat import services
 from chat.models import Conversation, Round
 from chat.snapshots import decode_state, encode_state
+from conftest import assert_same_state, server_precision
 from inference.runtime import get_engine
 
 
@@ -20,11 +20,6 @@ def conversation_of(guest):
 
 def state_after(conversation, index):
     return asyncio.run(services.state_after(conversation, index))
-
-
-def assert_same_state(a, b):
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_resuming_reads_no_history(mira):
@@ -49,7 +44,7 @@ def test_an_old_round_is_rebuilt_from_the_nearest_checkpoint(mira):
     rounds = {r.index: r for r in conversation.rounds.all()}
     assert engine.tokens_read - before == len(rounds[1].token_list) + len(rounds[2].token_list)
     from_scratch = asyncio.run(engine.read(None, sum((rounds[i].token_list for i in range(3)), [])))[0]
-    assert_same_state(state, from_scratch)
+    assert_same_state(state, from_scratch, server_precision())
 
 
 def test_a_damaged_snapshot_is_ignored_and_rebuilt(mira):
@@ -61,7 +56,7 @@ def test_a_damaged_snapshot_is_ignored_and_rebuilt(mira):
     path = Path(last.post_state.path)
     path.write_bytes(path.read_bytes()[:100])  # as if the writer crashed half-way
     rebuilt = state_after(conversation, 2)
-    assert_same_state(rebuilt, good)
+    assert_same_state(rebuilt, good, server_precision())
     assert Path(Round.objects.get(pk=last.pk).post_state.path) != path  # remembered under a new name
 
 
