@@ -24,13 +24,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("wkv7.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("wkv7.cpp", "int8_linear.cpp")]
 BUILD_DIR = Path(sys.prefix) / "rpserver-kernels"
 
 
 def library_name():
     """Named by a digest of the source and the compiler flags: a changed either is never served by an old build."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(compile_flags()).encode())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(compile_flags()).encode())
     return "rpserver_kernels_" + digest.hexdigest()[:12]
 
 
@@ -53,7 +53,7 @@ def build(verbose=False):
 
     directory = library_path().parent
     directory.mkdir(parents=True, exist_ok=True)
-    load(name=library_name(), sources=[str(SOURCE)], build_directory=str(directory),
+    load(name=library_name(), sources=[str(source) for source in SOURCES], build_directory=str(directory),
          extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
     return library_path()
 
@@ -75,6 +75,11 @@ def available():
             torch.ops.load_library(str(library_path()))
             _loaded = True
     return _loaded
+
+
+def int8_available():
+    """Whether int8_linear.cpp is loaded with its vector rows (AVX2): without them fbgemm is faster."""
+    return available() and "-mavx2" in compile_flags()
 
 
 def main():

@@ -1,0 +1,209 @@
+// x @ W^T for int8 weights, with each row of x quantised on the fly: the
+// matrix products of the `cpu int8` forward pass, from one row (a decode
+// step of one user) to a prompt chunk.
+//
+// The numbers are the ones inference/rwkv7.py's fbgemm path computes: W is
+// int8 with one scale per output channel; each row x_m of x is divided by its
+// own max |x_m|, quantised to 7 bits (q = round(63.5 x / max) in [-64, 64],
+// stored as u = q + 64 in [0, 128]) and multiplied in integers:
+//
+//     y_mn = (sum_k u_mk W_nk - 64 sum_k W_nk) * (max_m / 63.5) * scale_n
+//
+// The integer sums are exact (AVX2's u8 x s8 pair products peak at
+// 2 * 128 * 127 = 32,512, inside int16; then summed in int32), so a row's
+// result is the same whatever other rows share the call.
+//
+// Why not fbgemm for all of it: it packs and requantises per call, so one
+// row through a 768 x 768 matrix takes ~94 us where reading its 590 KB
+// takes ~35, and a decode step of one user has 73 such products. Here the
+// weights are read once per call straight from their int8 rows, four output
+// channels at a time, with two rows of x against each load of the weights;
+// the output channels are spread over torch's threads. bench/kernels.py
+// measures both.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kSteps = 63.5f;  // a row's max |x| maps to 63.5: q in [-64, 64] after rounding
+constexpr int kZero = 64;
+constexpr int64_t kPrefetch = 1024;  // bytes of weights ahead of the ones being multiplied
+
+// x (M, K) float -> u (M, K) uint8 in [0, 128], and each row's dequantising factor max / 63.5.
+// K is a multiple of 32.
+void quantise_rows(const float* x, int64_t M, int64_t K, uint8_t* u, float* row_scale) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xm = x + m * K;
+      uint8_t* um = u + m * K;
+      float top = 0.f;
+      int64_t k = 0;
+#ifdef __AVX2__
+      const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+      __m256 top8 = _mm256_setzero_ps();
+      for (; k < K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(xm + k), no_sign));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, top8);
+      for (float lane : lanes) top = std::max(top, lane);
+#else
+      for (; k < K; ++k) top = std::max(top, std::fabs(xm[k]));
+#endif
+      const float inv = top > 0.f ? kSteps / top : 0.f;
+      row_scale[m] = top / kSteps;
+      k = 0;
+#ifdef __AVX2__
+      const __m256 inv8 = _mm256_set1_ps(inv);
+      const __m256i zero8 = _mm256_set1_epi32(kZero), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      for (; k < K; k += 32) {
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) {
+          const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(xm + k + 8 * i), inv8);
+          q[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT |
+                                                                                 _MM_FROUND_NO_EXC)), zero8);
+        }
+        const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(um + k), _mm256_permutevar8x32_epi32(bytes, order));
+      }
+#endif
+      for (; k < K; ++k) um[k] = static_cast<uint8_t>(std::nearbyint(xm[k] * inv) + kZero);
+    }
+  });
+}
+
+#ifdef __AVX2__
+// Sums of the four accumulators' eight lanes each, as four int32.
+inline __m128i sum4x8(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+inline __m256i dot32(__m256i u, __m256i w, __m256i ones) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), ones);
+}
+
+// Output channels n..n+3 for rows m and m+1 (rows == 2) or row m alone (rows == 1): int32 sums.
+template <int rows>
+inline void block4(const uint8_t* u0, const uint8_t* u1, const int8_t* w, int64_t K, __m128i* out0,
+                   __m128i* out1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00;
+  __m256i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  for (int64_t k = 0; k < K; k += 32, w += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 64), _MM_HINT_T0);
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u0 + k));
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+    const __m256i w2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64));
+    const __m256i w3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 96));
+    a00 = _mm256_add_epi32(a00, dot32(x0, w0, ones));
+    a01 = _mm256_add_epi32(a01, dot32(x0, w1, ones));
+    a02 = _mm256_add_epi32(a02, dot32(x0, w2, ones));
+    a03 = _mm256_add_epi32(a03, dot32(x0, w3, ones));
+    if (rows == 2) {
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u1 + k));
+      a10 = _mm256_add_epi32(a10, dot32(x1, w0, ones));
+      a11 = _mm256_add_epi32(a11, dot32(x1, w1, ones));
+      a12 = _mm256_add_epi32(a12, dot32(x1, w2, ones));
+      a13 = _mm256_add_epi32(a13, dot32(x1, w3, ones));
+    }
+  }
+  *out0 = sum4x8(a00, a01, a02, a03);
+  if (rows == 2) *out1 = sum4x8(a10, a11, a12, a13);
+}
+
+// y_m[n..n+3] from the four int32 sums.
+inline void finish4(__m128i sums, const int32_t* offset, const float* scale, float row_scale, float* y) {
+  const __m128i exact = _mm_sub_epi32(sums, _mm_loadu_si128(reinterpret_cast<const __m128i*>(offset)));
+  const __m128 factor = _mm_mul_ps(_mm_loadu_ps(scale), _mm_set1_ps(row_scale));
+  _mm_storeu_ps(y, _mm_mul_ps(_mm_cvtepi32_ps(exact), factor));
+}
+#endif
+
+// Row m's sum against output channel n (of the packed layout, see int8_linear), one product at a time.
+int32_t dot(const uint8_t* u, const int8_t* w, int64_t K, int64_t n) {
+  const int8_t* block = w + (n / 4) * 4 * K + (n % 4) * 32;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += static_cast<int32_t>(u[k]) * static_cast<int32_t>(block[(k / 32) * 128 + k % 32]);
+  return sum;
+}
+
+// Output channels [begin, end) (multiples of 4) for all M rows.
+void channels(const uint8_t* u, const float* row_scale, int64_t M, const int8_t* w, const float* scale,
+              const int32_t* offset, int64_t K, int64_t N, int64_t begin, int64_t end, float* y) {
+  for (int64_t n = begin; n < end; n += 4) {
+#ifdef __AVX2__
+    const int8_t* wn = w + n * K;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+      __m128i s0, s1;
+      block4<2>(u + m * K, u + (m + 1) * K, wn, K, &s0, &s1);
+      finish4(s0, offset + n, scale + n, row_scale[m], y + m * N + n);
+      finish4(s1, offset + n, scale + n, row_scale[m + 1], y + (m + 1) * N + n);
+    }
+    if (m < M) {
+      __m128i s0, unused;
+      block4<1>(u + m * K, nullptr, wn, K, &s0, &unused);
+      finish4(s0, offset + n, scale + n, row_scale[m], y + m * N + n);
+    }
+#else
+    for (int64_t c = n; c < n + 4; ++c) {
+      for (int64_t m = 0; m < M; ++m) {
+        y[m * N + c] = static_cast<float>(dot(u + m * K, w, K, c) - offset[c]) * row_scale[m] * scale[c];
+      }
+    }
+#endif
+  }
+}
+
+// x (M, K) float32 -> (M, N) float32. weight: the (N, K) int8 matrix packed so
+// that each group of 4 output channels reads as one stream: for channels
+// 4b..4b+3, K / 32 runs of [32 of channel 4b, 32 of 4b+1, 32 of 4b+2, 32 of
+// 4b+3] (`pack` in inference/rwkv7.py _Int8KernelLinear). scale (N) float32
+// per output channel; offset (N) int32 = 64 * sum_k weight_nk.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                       const at::Tensor& offset) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be (M, K) float32 on the CPU");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "weight must be a contiguous (N, K) int8 tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "x and weight disagree on K");
+  TORCH_CHECK(K % 32 == 0 && N % 4 == 0, "K must be a multiple of 32 and N of 4");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
+              "scale must be (N) float32");
+  TORCH_CHECK(offset.scalar_type() == at::kInt && offset.is_contiguous() && offset.numel() == N,
+              "offset must be (N) int32");
+  const auto xc = x.contiguous();
+  auto u = at::empty({M, K}, x.options().dtype(at::kByte));
+  auto row_scale = at::empty({M}, x.options());
+  auto y = at::empty({M, N}, x.options());
+  quantise_rows(xc.data_ptr<float>(), M, K, u.data_ptr<uint8_t>(), row_scale.data_ptr<float>());
+  const uint8_t* up = u.data_ptr<uint8_t>();
+  const float* rs = row_scale.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const int32_t* op = offset.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  // Blocks of 4 output channels, at least ~64 KB of weights per task.
+  const int64_t blocks = N / 4;
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    channels(up, rs, M, wp, sp, op, K, N, begin * 4, end * 4, yp);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rpserver, m) {
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rpserver, CPU, m) {
+  m.impl("int8_linear", int8_linear);
+}
