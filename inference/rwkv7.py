@@ -20,9 +20,11 @@ tests compare against), organised for serving:
   elsewhere, PyTorch operations.
 * Precisions: "fp32"; "bf16" (big matrices stored and multiplied in bfloat16,
   everything else in float32); "fp16" (CUDA only); "int8" (CPU only: big
-  matrices as per-output-channel int8 weights run through fbgemm's dynamic
-  quantised linear, everything else in float32). The recurrent state is
-  float32 in every precision, so states are interchangeable between them.
+  matrices as per-output-channel int8 weights, each row of activations
+  quantised on its own, multiplied by our kernel (inference/kernels
+  int8_linear.cpp) or else fbgemm's; everything else in float32). The
+  recurrent state is float32 in every precision, so states are
+  interchangeable between them.
 
 State layout (a plain list of 3 * n_layer tensors, all float32, on the
 model's device; B = number of sequences in the batch, C = n_embd,
@@ -149,6 +151,30 @@ class _Int8KernelLinear(nn.Module):
         return torch.ops.rpserver.int8_linear(x, self.weight, self.scale, self.offset)
 
 
+class _Fp32KernelLinear(nn.Module):
+    """A float32 product through our kernel (inference/kernels/f32_linear.cpp), for the LoRAs on
+    the CPU: each row summed in one order whatever the number of rows (MKL's sgemm is not), and
+    the weights read as packed streams. Needs the kernels built with AVX2, an input width that
+    is a multiple of 8 and an output width that is one of 4."""
+
+    def __init__(self, weight):
+        super().__init__()
+        N, K = weight.shape
+        # Each 4 output channels as one stream of 8-wide runs (see f32_linear.cpp).
+        self.weight = weight.float().reshape(N // 4, 4, K // 8, 8).transpose(1, 2).contiguous().view(N, K)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.rpserver.f32_linear(x, self.weight)
+
+
+def _make_lora(m, device):
+    """One half of a LoRA, stored (in, out) and used as x @ m: float32 in every precision."""
+    weight = m.to(device=device, dtype=torch.float32).t()
+    if device.type == "cpu" and kernels.vectorised() and weight.shape[1] % 8 == 0 and weight.shape[0] % 4 == 0:
+        return _Fp32KernelLinear(weight)
+    return _Fp32Linear(weight)
+
+
 def _make_linear(weight, precision, device):
     """weight: (out, in) as stored in the checkpoint."""
     if precision == "fp32":
@@ -156,7 +182,7 @@ def _make_linear(weight, precision, device):
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return _HalfLinear(weight.to(device=device, dtype=dtype).contiguous())
-    if kernels.int8_available() and weight.shape[1] % 32 == 0 and weight.shape[0] % 4 == 0:
+    if kernels.vectorised() and weight.shape[1] % 32 == 0 and weight.shape[0] % 4 == 0:
         return _Int8KernelLinear(weight.float().contiguous())
     return _Int8Linear(weight.float().contiguous())
 
@@ -349,8 +375,8 @@ class _Block(nn.Module):
         def vec(key):
             return weights[key].to(device=device, dtype=torch.float32).reshape(-1).contiguous()
 
-        def mat(key):  # small matrices used as x @ m (LoRAs), kept float32
-            return weights[key].to(device=device, dtype=torch.float32).contiguous()
+        def lora(key):
+            return _make_lora(weights[key], device)
 
         def linear(key):
             return _make_linear(weights[key + ".weight"], precision, device)
@@ -362,11 +388,12 @@ class _Block(nn.Module):
         # The six token-shift mixes, stacked so one op makes all six inputs.
         self.maa = torch.stack([vec(a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]).unsqueeze(1)
         self.w0, self.a0, self.k_k, self.k_a, self.r_k = (vec(a + n) for n in ("w0", "a0", "k_k", "k_a", "r_k"))
-        self.w1, self.w2, self.a1, self.a2, self.g1, self.g2 = (mat(a + n) for n in ("w1", "w2", "a1", "a2", "g1", "g2"))
+        self.w1, self.w2, self.a1, self.a2, self.g1, self.g2 = (lora(a + n) for n in ("w1", "w2", "a1", "a2", "g1", "g2"))
         # Layer 0 takes its value as v_first for the others; its v0/v1/v2 are unused.
         self.first_layer = i == 0
-        self.v0, self.v1, self.v2 = (torch.zeros(1, device=device) for _ in range(3)) if i == 0 else (
-            vec(a + "v0"), mat(a + "v1"), mat(a + "v2"))
+        self.v0 = torch.zeros(1, device=device) if i == 0 else vec(a + "v0")
+        self.v1, self.v2 = (_Fp32Linear(torch.zeros(1, 1, device=device)),) * 2 if i == 0 else (
+            lora(a + "v1"), lora(a + "v2"))
         self.lnx_w, self.lnx_b = vec(a + "ln_x.weight"), vec(a + "ln_x.bias")
         self.R, self.K, self.V, self.O = (linear(a + n) for n in ("receptance", "key", "value", "output"))
         self.fx_k = vec(f + "x_k")
@@ -383,15 +410,15 @@ class _Block(nn.Module):
         r = self.R(xr)
         k = self.K(xk)
         v = self.V(xv)
-        w = torch.sigmoid(torch.tanh(xw @ self.w1) @ self.w2 + self.w0).mul_(self.decay_scale).exp_()
-        a = torch.sigmoid(torch.addmm(self.a0, xa @ self.a1, self.a2))
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        w = torch.sigmoid(self.w2(torch.tanh(self.w1(xw))) + self.w0).mul_(self.decay_scale).exp_()
+        a = torch.sigmoid(self.a2(self.a1(xa)) + self.a0)
+        g = self.g2(torch.sigmoid(self.g1(xg)))
         kk = F.normalize((k * self.k_k).view(-1, H, N), dim=-1).view(k.shape)
         k = k * (1 + (a - 1) * self.k_a)
         if self.first_layer:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(self.v0, xv @ self.v1, self.v2)))
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v2(self.v1(xv)) + self.v0))
         y = _recurrence(S, r, k, v, w, a, kk, rows, H, N)
         y = F.group_norm(y, H, self.lnx_w, self.lnx_b, self.gn_eps)
         bonus = (r * k * self.r_k).view(-1, H, N).sum(dim=-1, keepdim=True)

@@ -2,7 +2,11 @@
 
 `wkv7.cpp` fuses one token's state update (a bmm, a scale and a rank-2
 update: three passes over each head's state) into one vectorised pass per
-head, and reads a prompt's tokens in one call. It is built by
+head, and reads a prompt's tokens in one call. `int8_linear.cpp` is the
+`cpu int8` matrix product (rows quantised in the call, int8 weights read
+as packed streams), used in place of fbgemm's where the build has AVX2, and
+`f32_linear.cpp` the float32 one for the LoRAs (each row summed in one
+order whatever the batch, where MKL's sgemm is not). They are built by
 `python -m inference.kernels` (`make install` runs it) into the virtual
 environment, under a name that carries a digest of the source and the
 compiler flags, so a changed either is never served by an old build.
@@ -11,7 +15,8 @@ is there.
 
 Without a build (no C++ compiler, or RPSERVER_KERNELS=off) the forward pass
 uses the same maths as TorchScript operations (inference/rwkv7.py `_step`,
-`_steps`): results equal up to float rounding, only slower.
+`_steps`) and fbgemm's int8 products: results equal up to float rounding
+(int8: within its bound), only slower.
 """
 
 import hashlib
@@ -24,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("wkv7.cpp", "int8_linear.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("wkv7.cpp", "int8_linear.cpp", "f32_linear.cpp")]
 BUILD_DIR = Path(sys.prefix) / "rpserver-kernels"
 
 
@@ -77,8 +82,9 @@ def available():
     return _loaded
 
 
-def int8_available():
-    """Whether int8_linear.cpp is loaded with its vector rows (AVX2): without them fbgemm is faster."""
+def vectorised():
+    """Whether the kernels are loaded with their AVX2 rows: without them the matrix products
+    (int8_linear.cpp, f32_linear.cpp) are slower than fbgemm's and MKL's, and are not used."""
     return available() and "-mavx2" in compile_flags()
 
 
