@@ -14,12 +14,13 @@ median time of:
 
 The inputs are shaped as the model makes them (unit kk, decays in (0.5, 1)).
 
-And the `cpu int8` matrix products: our `int8_linear` (inference/kernels
-int8_linear.cpp) against fbgemm's (rwkv7._Int8Linear, the fallback), for
-the 0.1B model's shapes (768 x 768, 3072 x 768, 768 x 3072 and the
-65,536 x 768 head) at 1 and 32 rows, with the weights coming from memory
-as in the model (enough copies of each matrix cycled to overflow the
-caches), and the bytes of weights read per second.
+And the matrix products, at 1 and 32 rows, with the weights coming from
+memory as in the model (enough copies of each matrix cycled to overflow the
+caches), with the bytes of weights read per second: the `cpu int8` ones,
+our `int8_linear` (inference/kernels/int8_linear.cpp) against fbgemm's
+(rwkv7._Int8Linear, the fallback), for the 0.1B model's 768 x 768,
+3072 x 768, 768 x 3072 and the 65,536 x 768 head; and the float32 LoRA
+halves, our `f32_linear` against MKL's (rwkv7._Fp32Linear).
 
 Needs the kernels built (`make install`).
 """
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from inference import kernels  # noqa: E402
-from inference.rwkv7 import _Int8KernelLinear, _Int8Linear, _step, _steps  # noqa: E402
+from inference.rwkv7 import (_Fp32KernelLinear, _Fp32Linear, _Int8KernelLinear, _Int8Linear, _step,  # noqa: E402
+                              _steps)
 
 HEAD_SIZE = 64
 
@@ -90,19 +92,23 @@ def main():
 
     torch.set_num_threads(os.cpu_count() or 1)
     if not kernels.vectorised():
-        sys.exit("the int8 kernel needs the kernels built with AVX2")
-    print(f"\nint8 products, {torch.get_num_threads()} thread(s), weights from memory (us per product):")
-    for rows, cols in ((768, 768), (3072, 768), (768, 3072), (65536, 768)):
-        copies = max(2, (64 << 20) // (rows * cols))  # 64 MB of each kind: more than the caches hold
+        sys.exit("the matrix-product kernels need the kernels built with AVX2")
+    print(f"\nmatrix products, {torch.get_num_threads()} thread(s), weights from memory (us per product):")
+    products = [("int8", "fbgemm", _Int8Linear, _Int8KernelLinear, shape, 1)
+                for shape in ((768, 768), (3072, 768), (768, 3072), (65536, 768))]
+    products += [("float32 LoRA", "MKL", _Fp32Linear, _Fp32KernelLinear, shape, 4)
+                 for shape in ((64, 768), (768, 64), (128, 768), (768, 128))]
+    for kind, library, theirs_class, ours_class, (rows, cols), width in products:
+        copies = max(2, (64 << 20) // (rows * cols * width))  # 64 MB of each: more than the caches hold
         weights = [torch.randn(rows, cols, generator=generator) for _ in range(copies)]
-        theirs, ours = [_Int8Linear(w) for w in weights], [_Int8KernelLinear(w) for w in weights]
+        theirs, ours = [theirs_class(w) for w in weights], [ours_class(w) for w in weights]
         for batch in (1, 32):
             x = torch.randn(batch, cols, generator=generator)
-            fbgemm = median_us(lambda: [linear(x) for linear in theirs], args.repeats) / copies
-            kernel = median_us(lambda: [linear(x) for linear in ours], args.repeats) / copies
-            print(f"  {rows:>5} x {cols:<4} {batch:2} row(s): fbgemm {fbgemm:7.0f}, ours {kernel:7.0f} "
-                  f"({fbgemm / kernel:.2f}x, {rows * cols / kernel / 1e3:.1f} GB/s of weights)")
-
+            library_us = median_us(lambda: [linear(x) for linear in theirs], args.repeats) / copies
+            ours_us = median_us(lambda: [linear(x) for linear in ours], args.repeats) / copies
+            print(f"  {kind:12} {rows:>5} x {cols:<4} {batch:2} row(s): {library} {library_us:7.1f}, "
+                  f"ours {ours_us:7.1f} ({library_us / ours_us:.2f}x, "
+                  f"{rows * cols * width / ours_us / 1e3:.1f} GB/s of weights)")
 
 if __name__ == "__main__":
     main()

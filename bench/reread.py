@@ -54,7 +54,7 @@ def read(model, token_lists):
 class nudged:
     """Within: every activation entering a lossy matrix product is multiplied by 1 + NUDGE * noise."""
 
-    CLASSES = (rwkv7._Int8Linear, rwkv7._HalfLinear)
+    CLASSES = (rwkv7._Int8Linear, rwkv7._Int8KernelLinear, rwkv7._HalfLinear)
 
     def __enter__(self):
         generator = torch.Generator().manual_seed(1)

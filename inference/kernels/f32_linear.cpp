@@ -56,14 +56,19 @@ inline void block4(const float* x0, const float* x1, const float* w, int64_t K, 
 // Output channels [begin, end) (multiples of 4) for all M rows.
 void channels(const float* x, int64_t M, const float* w, int64_t K, int64_t N, int64_t begin, int64_t end,
               float* y) {
+  // Rows in tiles of ~256 KB (held in the L2 cache while each 4 channels' weights pass over them
+  // from L1); the tiling changes no sum.
+  const int64_t tile = std::max<int64_t>(2, (65536 / K) & ~int64_t(1));
+  for (int64_t m0 = 0; m0 < M; m0 += tile) {
+  const int64_t m1 = std::min(M, m0 + tile);
   for (int64_t n = begin; n < end; n += 4) {
     const float* wn = w + n * K;
 #ifdef __AVX2__
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) block4<2>(x + m * K, x + (m + 1) * K, wn, K, y + m * N + n, y + (m + 1) * N + n);
-    if (m < M) block4<1>(x + m * K, nullptr, wn, K, y + m * N + n, nullptr);
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) block4<2>(x + m * K, x + (m + 1) * K, wn, K, y + m * N + n, y + (m + 1) * N + n);
+    if (m < m1) block4<1>(x + m * K, nullptr, wn, K, y + m * N + n, nullptr);
 #else
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = m0; m < m1; ++m) {
       for (int64_t c = 0; c < 4; ++c) {
         float sum = 0.f;
         for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * wn[(k / 8) * 32 + c * 8 + k % 8];
@@ -71,6 +76,7 @@ void channels(const float* x, int64_t M, const float* w, int64_t K, int64_t N, i
       }
     }
 #endif
+  }
   }
 }
 

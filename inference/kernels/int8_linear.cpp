@@ -136,28 +136,34 @@ int32_t dot(const uint8_t* u, const int8_t* w, int64_t K, int64_t n) {
 // Output channels [begin, end) (multiples of 4) for all M rows.
 void channels(const uint8_t* u, const float* row_scale, int64_t M, const int8_t* w, const float* scale,
               const int32_t* offset, int64_t K, int64_t N, int64_t begin, int64_t end, float* y) {
+  // Rows in tiles of ~256 KB (held in the L2 cache while each 4 channels' weights pass over them
+  // from L1); the tiling changes no sum.
+  const int64_t tile = std::max<int64_t>(2, (262144 / K) & ~int64_t(1));
+  for (int64_t m0 = 0; m0 < M; m0 += tile) {
+  const int64_t m1 = std::min(M, m0 + tile);
   for (int64_t n = begin; n < end; n += 4) {
 #ifdef __AVX2__
     const int8_t* wn = w + n * K;
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) {
       __m128i s0, s1;
       block4<2>(u + m * K, u + (m + 1) * K, wn, K, &s0, &s1);
       finish4(s0, offset + n, scale + n, row_scale[m], y + m * N + n);
       finish4(s1, offset + n, scale + n, row_scale[m + 1], y + (m + 1) * N + n);
     }
-    if (m < M) {
+    if (m < m1) {
       __m128i s0, unused;
       block4<1>(u + m * K, nullptr, wn, K, &s0, &unused);
       finish4(s0, offset + n, scale + n, row_scale[m], y + m * N + n);
     }
 #else
     for (int64_t c = n; c < n + 4; ++c) {
-      for (int64_t m = 0; m < M; ++m) {
+      for (int64_t m = m0; m < m1; ++m) {
         y[m * N + c] = static_cast<float>(dot(u + m * K, w, K, c) - offset[c]) * row_scale[m] * scale[c];
       }
     }
 #endif
+  }
   }
 }
 
