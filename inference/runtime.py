@@ -1,5 +1,6 @@
 """The process's one engine: loaded once, from the settings or the `serve` flags."""
 
+import ctypes
 import logging
 import threading
 from pathlib import Path
@@ -28,6 +29,17 @@ def demo_model_path():
         logger.info("writing the demo model to %s", path)
         write_demo_model(path, n_layer=DEMO_LAYERS, n_embd=DEMO_EMBD)
     return path
+
+
+def release_freed_memory():
+    """Hand the memory freed while loading (the checkpoint's float32 tensors, the quantising
+    temporaries) back to the system: glibc keeps freed heap for reuse, and without this the
+    server's resident memory stayed ~580 MB above what the model holds (12 x 768 int8: 1,057
+    MB resident after loading, 475 after trimming). Elsewhere than glibc: nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
@@ -59,6 +71,7 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
             backend = load_backend(model, strategy, jit_on=jit_on, cuda_on=cuda_on, backend=config["BACKEND"])
         except CheckpointError as exc:
             raise CheckpointError(f"{model_source}: {exc}") from exc
+        release_freed_memory()
         logger.info("model loaded: %s (id %s)", backend.description, backend.model_id)
         _engine = Engine(
             backend, world_tokenizer(),
