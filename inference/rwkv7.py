@@ -131,10 +131,11 @@ class _Int8Linear(nn.Module):
 
 class _Int8KernelLinear(nn.Module):
     """_Int8Linear's numbers through our own kernel (inference/kernels/int8_linear.cpp):
-    the same int8 weights and per-row 7-bit activations, the same exact integer
-    sums, but the weights read straight from their rows where fbgemm packs and
-    requantises per call: one row through 768 x 768 in ~25 us instead of ~94
-    (bench/kernels.py). Needs the kernels built with AVX2, an input width
+    the same int8 weights and per-row 7-bit activations (a value exactly half
+    way between two steps may round the other way), exact integer sums, but
+    the weights read as packed streams where fbgemm packs and requantises per
+    call: one row through 768 x 768, weights from memory, 47 us instead of
+    185 (bench/kernels.py). Needs the kernels built with AVX2, an input width
     that is a multiple of 32 and an output width that is one of 4."""
 
     def __init__(self, weight):
