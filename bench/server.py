@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 from machine import read_status
 from script import BenchError
 
@@ -61,6 +63,10 @@ ABUSE_LIMITS_OFF = {
     "RPSERVER_SIGNUPS_PER_HOUR_PER_ADDRESS": "0",
     "RPSERVER_REPLIES_PER_MINUTE": "0",
 }
+
+
+# The bearer token of /metrics in servers started with it (bench/throughput.py --engine-stats).
+METRICS_TOKEN = "bench-metrics"
 
 
 class Server:
@@ -117,6 +123,18 @@ class Server:
             time.sleep(0.1)
         self.startup_s = time.monotonic() - started
         return self
+
+    def engine_counters(self):
+        """The engine's counters from /metrics (the server needs RPSERVER_METRICS_TOKEN=METRICS_TOKEN):
+        {"steps": ..., "rows": ..., "pass_seconds": ..., "step_seconds": ..., ...}."""
+        answer = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
+        answer.raise_for_status()
+        counters = {}
+        for line in answer.text.splitlines():
+            if line.startswith("rpserver_engine_") and line.split()[0].endswith("_total"):
+                name, value = line.split()
+                counters[name[len("rpserver_engine_"):-len("_total")]] = float(value)
+        return counters
 
     def log_tail(self, lines=30):
         try:

@@ -41,7 +41,7 @@ from baseline import baseline_subprocess  # noqa: E402
 from client import Client, gather_strict  # noqa: E402
 from machine import CpuMeter, machine_note, wait_for_quiet  # noqa: E402
 from script import install_sigterm_handler, run_script  # noqa: E402
-from server import Server, ensure_model  # noqa: E402
+from server import METRICS_TOKEN, Server, ensure_model  # noqa: E402
 from stats import fmt, median, percentile, table  # noqa: E402
 from text import text_of_tokens, user_turn_tokens  # noqa: E402
 
@@ -127,14 +127,30 @@ def mb(kb):
     return kb / 1024.0 if kb else float("nan")
 
 
+def engine_figures(before, after, wall):
+    """What the engine did during a run, from its /metrics counters before and after."""
+    steps = after["steps"] - before["steps"]
+    if not steps:
+        return {}
+    return {"rows_per_pass": (after["rows"] - before["rows"]) / steps,
+            "pass_ms": 1000 * (after["pass_seconds"] - before["pass_seconds"]) / steps,
+            "step_ms": 1000 * (after["step_seconds"] - before["step_seconds"]) / steps,
+            "in_passes": (after["pass_seconds"] - before["pass_seconds"]) / wall,
+            "in_steps": (after["step_seconds"] - before["step_seconds"]) / wall}
+
+
 def phase(model, data_root, args, users):
     env = {"RPSERVER_MAX_REPLY_TOKENS": args.tokens}
+    if args.engine_stats:
+        env["RPSERVER_METRICS_TOKEN"] = METRICS_TOKEN
     with Server(model, Path(data_root) / f"n{users}", args.strategy, env) as server:
         asyncio.run(warm_up(server.url, args.tokens))
         idle_kb = server.status().get("VmRSS", 0)
         server.sample_rss()
         meter = CpuMeter([server.proc.pid])
+        counters = server.engine_counters() if args.engine_stats else None
         stats, wall = asyncio.run(run_users(server.url, users, args.replies, args.tokens))
+        engine = engine_figures(counters, server.engine_counters(), wall) if args.engine_stats else {}
         others = meter.others()
         peak_kb = server.stop_sampling()
         hwm_kb = server.status().get("VmHWM", 0)
@@ -147,7 +163,7 @@ def phase(model, data_root, args, users):
         "agg": generated / wall, "per_stream": median(per_stream),
         "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
         "early": sum(s.early for s in stats), "idle_mb": mb(idle_kb), "peak_mb": mb(peak_kb),
-        "hwm_mb": mb(hwm_kb), "startup": startup, "others": others,
+        "hwm_mb": mb(hwm_kb), "startup": startup, "others": others, "engine": engine,
     }
 
 
@@ -204,6 +220,9 @@ def main():
                         help="before each measurement, wait up to S seconds for other processes to leave "
                              "the CPUs (shared machines; default 0: don't wait)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, N=1,2, short replies")
+    parser.add_argument("--engine-stats", action="store_true",
+                        help="also print what the engine did in each run (from /metrics, which this turns on): "
+                             "rows per forward pass, ms per pass and per whole step, share of the run in them")
     args = parser.parse_args()
     if args.quick:
         args.layers, args.embd = 2, 256
@@ -248,6 +267,11 @@ def main():
                 runs.append(result)
                 print(f"  {result['generated']} tokens in {fmt(result['wall'], 2)} s = {fmt(result['agg'])} tok/s, "
                       f"first token p50 {fmt(result['ttft_p50'] * 1000, 0)} ms", flush=True)
+                if result["engine"]:
+                    e = result["engine"]
+                    print(f"  engine: {fmt(e['rows_per_pass'])} rows per pass, {fmt(e['pass_ms'])} ms per pass, "
+                          f"{fmt(e['step_ms'])} ms per step; {fmt(100 * e['in_passes'], 0)}% of the run in passes, "
+                          f"{fmt(100 * e['in_steps'], 0)}% in steps", flush=True)
             runs.sort(key=lambda r: r["agg"])
             rows.append(runs[(len(runs) - 1) // 2])
             if len(runs) > 1:

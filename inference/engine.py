@@ -37,6 +37,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from .sampling import Sampler, banned_tokens, sample_batch
@@ -146,6 +147,9 @@ class Engine:
         self.tokens_read = 0  # prompt tokens read, all jobs together
         self.tokens_generated = 0
         self.steps = 0  # forward passes
+        self.rows = 0  # rows of all forward passes (/ steps: the average batch)
+        self.pass_seconds = 0.0  # time in forward passes
+        self.step_seconds = 0.0  # time in whole steps: the pass, sampling, emitting, finishing
         self.last_batch_size = 0
         self._running = 0
         self._waiting = 0
@@ -155,12 +159,17 @@ class Engine:
 
         running: jobs in the batch; waiting: jobs waiting for a row (or not
         yet picked up); steps: forward passes so far; last_batch_size: rows
-        of the latest pass; tokens_read / tokens_generated: cumulative.
+        of the latest pass; tokens_read / tokens_generated, rows (of all
+        passes), pass_seconds and step_seconds (time in forward passes, and
+        in whole steps): cumulative.
         """
         return {
             "running": self._running,
             "waiting": self._waiting + self._inbox.qsize(),
             "steps": self.steps,
+            "rows": self.rows,
+            "pass_seconds": self.pass_seconds,
+            "step_seconds": self.step_seconds,
             "last_batch_size": self.last_batch_size,
             "tokens_read": self.tokens_read,
             "tokens_generated": self.tokens_generated,
@@ -257,6 +266,7 @@ class Engine:
                 job.status = JobStatus.READING
                 members[job.id] = job
             self._running, self._waiting = len(members), len(waiting)
+            started, stepped = time.perf_counter(), bool(members)
             if members:
                 try:
                     self._step(batch, members)
@@ -271,6 +281,8 @@ class Engine:
                     batch = self.backend.new_batch()
             self._running, self._waiting = len(members), len(waiting)
             self._flush()
+            if stepped:
+                self.step_seconds += time.perf_counter() - started
 
     def _take_inbox(self, batch, members, waiting, block):
         """New jobs join the queue for a row; aborted ones leave wherever they are."""
@@ -321,8 +333,11 @@ class Engine:
     def _execute(self, batch, feed, prompt_tokens):
         """One forward pass: logits [rows, vocab] after each job's tokens."""
         self.thread_policy.apply(prompt_tokens)
+        started = time.perf_counter()
         logits = batch.step(feed)
+        self.pass_seconds += time.perf_counter() - started
         self.steps += 1
+        self.rows += len(feed)
         self.last_batch_size = len(feed)
         return logits
 

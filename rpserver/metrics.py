@@ -87,6 +87,10 @@ class EngineCollector:
             "steps": ("rpserver_engine_steps", "Forward passes run."),
             "tokens_read": ("rpserver_engine_prompt_tokens", "Prompt tokens read (rate(): prompt tokens/s)."),
             "tokens_generated": ("rpserver_engine_generated_tokens", "Tokens generated (rate(): tokens/s)."),
+            "rows": ("rpserver_engine_rows", "Rows of all forward passes (per step: the average batch)."),
+            "pass_seconds": ("rpserver_engine_pass_seconds", "Time in forward passes (rate(): the share of time)."),
+            "step_seconds": ("rpserver_engine_step_seconds",
+                             "Time in engine steps: the pass, sampling, emitting text, finishing replies."),
         }
         for key, (name, help_text) in gauges.items():
             if key in stats:

@@ -76,6 +76,11 @@ def test_the_numbers_move_during_a_reply(metered):
     assert value(later, "rpserver_engine_generated_tokens_total") > value(during, "rpserver_engine_generated_tokens_total")
     assert value(later, "rpserver_engine_steps_total") > value(during, "rpserver_engine_steps_total")
     assert value(during, "rpserver_engine_prompt_tokens_total") > value(before, "rpserver_engine_prompt_tokens_total")
+    steps = value(later, "rpserver_engine_steps_total") - value(during, "rpserver_engine_steps_total")
+    assert value(later, "rpserver_engine_rows_total") - value(during, "rpserver_engine_rows_total") == steps  # one row each
+    in_passes = value(later, "rpserver_engine_pass_seconds_total") - value(during, "rpserver_engine_pass_seconds_total")
+    in_steps = value(later, "rpserver_engine_step_seconds_total") - value(during, "rpserver_engine_step_seconds_total")
+    assert 0 < in_passes < in_steps < 1.0  # within the 0.5 s between the scrapes (and their own time)
 
     # The client left: the reply is cancelled, its lock freed, its duration and request counted.
     for _ in range(100):
