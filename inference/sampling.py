@@ -121,21 +121,25 @@ def candidates_batch(samplers, logits):
             ids = torch.tensor(list(sampler.logit_bias), dtype=torch.long)
             logits[row, ids] += torch.tensor(list(sampler.logit_bias.values()), dtype=torch.float32)
     logits[:, samplers[0].banned] = -math.inf
+    # The used tokens go to torch through numpy: torch.tensor() of a Python list costs ~1 us per
+    # element, and 32 replies of a few hundred tokens made it ~12 ms of every engine step.
     rows, cols, factors = [], [], []
     for row, sampler in enumerate(samplers):
         if sampler.used and sampler.settings.presence_penalty:
-            rows += [row] * len(sampler.used)
-            cols += sampler.used
-            factors += [1.0 + sampler.settings.presence_penalty] * len(sampler.used)
+            used = len(sampler.used)
+            rows.append(numpy.full(used, row, dtype=numpy.int64))
+            cols.append(numpy.fromiter(sampler.used, dtype=numpy.int64, count=used))
+            factors.append(numpy.full(used, 1.0 + sampler.settings.presence_penalty, dtype=numpy.float32))
     if rows:
-        rows, cols = torch.tensor(rows), torch.tensor(cols)
-        factor = torch.tensor(factors)
+        rows, cols = torch.from_numpy(numpy.concatenate(rows)), torch.from_numpy(numpy.concatenate(cols))
+        factor = torch.from_numpy(numpy.concatenate(factors))
         picked = logits[rows, cols]
         logits[rows, cols] = torch.where(picked > 0, picked / factor, picked * factor)
     for row, sampler in enumerate(samplers):
         if sampler.used and sampler.settings.frequency_penalty:
-            ids = torch.tensor(list(sampler.used), dtype=torch.long)
-            counts = torch.tensor(list(sampler.used.values()), dtype=torch.float32)
+            used = len(sampler.used)
+            ids = torch.from_numpy(numpy.fromiter(sampler.used, dtype=numpy.int64, count=used))
+            counts = torch.from_numpy(numpy.fromiter(sampler.used.values(), dtype=numpy.float32, count=used))
             logits[row, ids] -= sampler.settings.frequency_penalty * counts
     min_p = torch.tensor([s.settings.min_p for s in samplers]).unsqueeze(1)
     # With min_p 0 every finite logit survives; banned ones (-inf) never do.
