@@ -213,10 +213,12 @@ def test_each_row_of_a_mixed_batch_stays_within_the_documented_relative_error(we
 
 
 def test_an_int8_row_reads_the_same_alone_as_in_a_batch_or_in_other_chunks(weights):
-    # Each row's int8 products (exact integer sums) and float32 LoRA products (one summing order)
-    # are computed the same whatever else is in the pass: bit for bit, where the kernels are built
-    # with AVX2. Without them MKL's sgemm can differ in the last bit with the number of rows, and
-    # such a bit can move an activation to the other int8 step: then only within the bound.
+    # Each row's int8 products (exact integer sums) and float32 LoRA products (one summing
+    # order) are computed the same whatever else is in the pass and however its tokens are split
+    # over passes (one per pass, as a reply reads them, or all at once): bit for bit, where the
+    # kernels are built with AVX2. Without them MKL's sgemm can differ in the last bit with the
+    # number of rows, and such a bit can move an activation to the other int8 step: then only
+    # within the bound.
     int8 = RWKV7Model(weights, precision="int8")
     prompts = [[(p * (i + 3)) % 65000 + 1 for p in PROMPT] * (1 + i % 3) for i in range(4)]
     batch_state = int8.zero_state(4)
@@ -228,6 +230,11 @@ def test_an_int8_row_reads_the_same_alone_as_in_a_batch_or_in_other_chunks(weigh
         if kernels.vectorised():
             assert torch.equal(alone[0], together[row])
             assert all(torch.equal(a[0], b[row]) for a, b in zip(state, batch_state))
+            one_by_one = int8.zero_state(1)  # as a reply reads its tokens: one per pass
+            for token in prompt:
+                last = int8.forward([[token]], one_by_one)
+            assert torch.equal(last[0], together[row])
+            assert all(torch.equal(a[0], b[row]) for a, b in zip(one_by_one, batch_state))
         else:
             assert ((alone[0] - together[row]).norm() / together[row].norm()).item() < PRECISION_TOLERANCE["int8"]
             assert_same_state(state, [t[row : row + 1] for t in batch_state], "int8")
