@@ -110,5 +110,6 @@ def main():
                   f"ours {ours_us:7.1f} ({library_us / ours_us:.2f}x, "
                   f"{rows * cols * width / ours_us / 1e3:.1f} GB/s of weights)")
 
+
 if __name__ == "__main__":
     main()

@@ -89,6 +89,11 @@ class _HalfLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight).float()
 
 
+def _channel_scales(weight):
+    """Symmetric int8 scales, one per output channel (row) of weight (out, in): max |w| / 127."""
+    return (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+
+
 class _Int8Linear(nn.Module):
     """Symmetric per-output-channel int8 weights through fbgemm; activations
     quantised with one scale PER ROW (token position).
@@ -115,7 +120,7 @@ class _Int8Linear(nn.Module):
 
     def __init__(self, weight):
         super().__init__()
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+        scales = _channel_scales(weight).double()
         zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # quantized dtypes are deprecated; fbgemm's kernels are still the fastest
             warnings.simplefilter("ignore", UserWarning)
@@ -141,7 +146,7 @@ class _Int8KernelLinear(nn.Module):
     def __init__(self, weight):
         super().__init__()
         N, K = weight.shape
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        scales = _channel_scales(weight)
         quantised = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
         self.offset = (64 * quantised.sum(dim=1, dtype=torch.int32)).to(torch.int32).contiguous()
         self.scale = scales.float().contiguous()

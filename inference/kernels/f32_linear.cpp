@@ -81,7 +81,7 @@ void channels(const float* x, int64_t M, const float* w, int64_t K, int64_t N, i
 }
 
 // x (M, K) float32 -> (M, N) float32. weight: the (N, K) matrix packed four output channels to a
-// stream, K / 8 runs of eight inputs each (`pack` in inference/rwkv7.py _Fp32KernelLinear).
+// stream, K / 8 runs of eight inputs each (packed by inference/rwkv7.py _Fp32KernelLinear).
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be (M, K) float32 on the CPU");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),

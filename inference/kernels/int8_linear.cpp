@@ -14,11 +14,11 @@
 // result is the same whatever other rows share the call.
 //
 // Why not fbgemm for all of it: it packs and requantises per call, so one
-// row through a 768 x 768 matrix takes ~94 us where reading its 590 KB
-// takes ~35, and a decode step of one user has 73 such products. Here the
-// weights are read once per call straight from their int8 rows, four output
-// channels at a time, with two rows of x against each load of the weights;
-// the output channels are spread over torch's threads. bench/kernels.py
+// row through a 768 x 768 matrix (weights coming from memory) takes ~143 us
+// where this takes ~38, and a decode step of one user has 73 such products.
+// Here the weights are stored packed once, four output channels to a stream,
+// and read once per call, with two rows of x against each load of them; the
+// output channels are spread over torch's threads. bench/kernels.py
 // measures both.
 
 #include <torch/extension.h>
@@ -170,7 +170,7 @@ void channels(const uint8_t* u, const float* row_scale, int64_t M, const int8_t*
 // x (M, K) float32 -> (M, N) float32. weight: the (N, K) int8 matrix packed so
 // that each group of 4 output channels reads as one stream: for channels
 // 4b..4b+3, K / 32 runs of [32 of channel 4b, 32 of 4b+1, 32 of 4b+2, 32 of
-// 4b+3] (`pack` in inference/rwkv7.py _Int8KernelLinear). scale (N) float32
+// 4b+3] (packed by inference/rwkv7.py _Int8KernelLinear). scale (N) float32
 // per output channel; offset (N) int32 = 64 * sum_k weight_nk.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                        const at::Tensor& offset) {
