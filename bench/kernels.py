@@ -22,13 +22,23 @@ our `int8_linear` (inference/kernels/int8_linear.cpp) against fbgemm's
 3072 x 768, 768 x 3072 and the 65,536 x 768 head; and the float32 LoRA
 halves, our `f32_linear` against MKL's (rwkv7._Fp32Linear).
 
+Last, the compute ceiling of reading prompts: bench/int8_peak.cpp (compiled
+here with g++) measures the most int8 multiply-adds per second the CPU's
+AVX2 gives on registers alone, on one core and on all; our int8 product
+on a 256-token chunk (weights in the caches) is put against it, and so is
+what a prompt token of the 0.1B model needs (85 M multiply-adds in its
+int8 products): the fastest prompt reading the products alone allow.
+
 Needs the kernels built (`make install`).
 """
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +51,9 @@ from inference.rwkv7 import (_Fp32KernelLinear, _Fp32Linear, _Int8KernelLinear, 
                               _steps)
 
 HEAD_SIZE = 64
+# Multiply-adds of one token in the 0.1B model's int8 products: 12 layers of four 768 x 768 and
+# the 3072 x 768 and 768 x 3072 of the channel mix (the head is read for a prompt's last token only).
+PROMPT_TOKEN_MACS = 12 * (4 * 768 * 768 + 2 * 3072 * 768)
 
 
 def inputs(heads, tokens, generator):
@@ -109,6 +122,39 @@ def main():
             print(f"  {kind:12} {rows:>5} x {cols:<4} {batch:2} row(s): {library} {library_us:7.1f}, "
                   f"ours {ours_us:7.1f} ({library_us / ours_us:.2f}x, "
                   f"{rows * cols * width / ours_us / 1e3:.1f} GB/s of weights)")
+    compute_ceiling(generator, args.repeats)
+
+
+def int8_peak(threads):
+    """G multiply-adds per second of bench/int8_peak.cpp on `threads` threads, or None without g++."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        program = Path(directory) / "int8_peak"
+        subprocess.run([compiler, "-O3", "-mavx2", "-pthread", str(Path(__file__).with_name("int8_peak.cpp")),
+                        "-o", str(program)], check=True)
+        return max(float(subprocess.run([str(program), str(threads)], check=True, capture_output=True,
+                                        text=True).stdout) for _ in range(3))
+
+
+def compute_ceiling(generator, repeats):
+    """Our int8 product on a prompt chunk against the CPU's int8 peak, and the prompt speed it bounds."""
+    cores = os.cpu_count() or 1
+    print("\nthe compute ceiling of reading prompts (int8, 256-row chunks, weights in the caches):")
+    linear = _Int8KernelLinear(torch.randn(768, 768, generator=generator))
+    x = torch.randn(256, 768, generator=generator)
+    for threads in sorted({1, cores}):
+        torch.set_num_threads(threads)
+        ours = 256 * 768 * 768 / median_us(lambda: linear(x), repeats) / 1e3
+        peak = int8_peak(threads)
+        if peak is None:
+            print(f"  {threads} thread(s): ours {ours:.1f} G multiply-adds/s (no g++ here to measure the peak)")
+            continue
+        print(f"  {threads} thread(s): ours {ours:.1f} G multiply-adds/s, the AVX2 peak {peak:.1f} "
+              f"({100 * ours / peak:.0f} %): a 0.1B prompt token's int8 products take "
+              f"{PROMPT_TOKEN_MACS / 1e6:.0f} M, so at the peak, with nothing else in the pass, "
+              f"{peak * 1e9 / PROMPT_TOKEN_MACS:,.0f} tok/s; at ours {ours * 1e9 / PROMPT_TOKEN_MACS:,.0f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     new_batch() -> the sequences being served:
         add(key, state), remove(key) -> state, discard(key), state(key) -> a copy,
         keys() -> the keys in row order,
-        step({key: [tokens]}) -> logits [n, vocab] after each key's tokens, in the dict's order
+        step({key: [tokens]}, {key: n}) -> (logits [n, vocab] after each key's tokens, in the
+            dict's order, {key: a copy of its state after its first n tokens}) (0 < n < its tokens)
     state_tensors(state) / state_from_tensors(tensors)             for storage
 
 A state is whatever the backend keeps per sequence; for storage it becomes a
@@ -53,12 +54,17 @@ class SequentialBatch:
     def state(self, key):
         return self.backend.copy_state(self.states[key])
 
-    def step(self, tokens):
-        rows = []
+    def step(self, tokens, snapshot_after=None):
+        rows, snapshots = [], {}
         for key, token_list in tokens.items():
+            n = (snapshot_after or {}).get(key)
+            if n:
+                _, self.states[key] = self.backend.read(token_list[:n], self.states[key])
+                snapshots[key] = self.states[key]  # read() leaves the state it is given alone
+                token_list = token_list[n:]
             row, self.states[key] = self.backend.read(token_list, self.states[key])
             rows.append(row)
-        return torch.stack(rows)
+        return torch.stack(rows), snapshots
 
 
 class SlotBatch:
@@ -115,13 +121,16 @@ class SlotBatch:
         row = self._keys.index(key)
         return [slot[row:row + 1].clone() for slot in self._slots]
 
-    def step(self, tokens):
+    def step(self, tokens, snapshot_after=None):
         if len(tokens) != len(self._keys) or any(key not in tokens for key in self._keys):
             raise ValueError("a step of a slot batch feeds every sequence in it")
         count = len(self._keys)
-        logits = self.model.forward([tokens[key] for key in self._keys], [slot[:count] for slot in self._slots])
+        after = [(snapshot_after or {}).get(key, 0) for key in self._keys] if snapshot_after else None
+        logits, taken = self.model.forward_snapshots([tokens[key] for key in self._keys],
+                                                     [slot[:count] for slot in self._slots], after)
         order = [self._keys.index(key) for key in tokens]
-        return logits if order == list(range(count)) else logits[order]
+        snapshots = {self._keys[row]: state for row, state in taken.items()}
+        return (logits if order == list(range(count)) else logits[order]), snapshots
 
     def _grow(self, capacity):
         slots = self.model.zero_state(capacity)

@@ -24,7 +24,8 @@ for one). Sampling settings stay per reply; sampling is batched per step.
 
 A job can ask for snapshots: copies of its state after a given number of
 its tokens were read (a reply keeps the state just before the last prompt
-token, from which it can be regenerated later).
+token, from which it can be regenerated later). The forward pass takes
+them as it reads past them, so they cost no pass of their own.
 
 The engine knows nothing of HTTP, Django or users.
 """
@@ -310,44 +311,53 @@ class Engine:
         job.status = JobStatus.ABORTED
 
     def _step(self, batch, members):
-        feed, prompt_tokens = self._schedule(batch, members)
-        logits = self._execute(batch, feed, prompt_tokens)
-        self._update(batch, members, feed, logits)
+        feed, snapshot_after, prompt_tokens = self._schedule(batch, members)
+        logits, snapshots = self._execute(batch, feed, snapshot_after, prompt_tokens)
+        self._update(batch, members, feed, logits, {key: (snapshot_after[key], state)
+                                                    for key, state in snapshots.items()})
 
     def _schedule(self, batch, members):
         """What each job reads in this pass, in the batch's row order: the next
         chunk of a prompt (see _read_sizes), a reply's last sampled token, an
-        ended reply's last tokens. Returns ({key: tokens}, prompt tokens in it)."""
+        ended reply's last tokens. Returns ({key: tokens}, {key: n} for the
+        reads that pass a snapshot point n tokens in, prompt tokens in it)."""
         sizes = self._read_sizes([job for job in members.values() if job.status is JobStatus.READING])
-        feed = {}
+        feed, snapshot_after = {}, {}
         for key in batch.keys():
             job = members[key]
             if job.status is JobStatus.READING:
                 feed[key] = job.tokens[job.read:job.read + sizes[key]]
+                inside = [n for n in job.snapshot_at if job.read < n < job.read + sizes[key]]
+                if inside:
+                    snapshot_after[key] = inside[0] - job.read
             elif job.status is JobStatus.GENERATING:
                 feed[key] = job.generated[-1:]
             else:  # CLOSING
                 feed[key] = job.unread
-        return feed, sum(sizes.values())
+        return feed, snapshot_after, sum(sizes.values())
 
-    def _execute(self, batch, feed, prompt_tokens):
-        """One forward pass: logits [rows, vocab] after each job's tokens."""
+    def _execute(self, batch, feed, snapshot_after, prompt_tokens):
+        """One forward pass: (logits [rows, vocab] after each job's tokens, {key: snapshot state})."""
         self.thread_policy.apply(prompt_tokens)
         started = time.perf_counter()
-        logits = batch.step(feed)
+        logits, snapshots = batch.step(feed, snapshot_after)
         self.pass_seconds += time.perf_counter() - started
         self.steps += 1
         self.rows += len(feed)
         self.last_batch_size = len(feed)
-        return logits
+        return logits, snapshots
 
-    def _update(self, batch, members, feed, logits):
-        """Advance every job by what it read: snapshots, the next token of
-        each reply (sampled together), and the jobs that are done leave."""
+    def _update(self, batch, members, feed, logits, snapshots):
+        """Advance every job by what it read: snapshots (those taken inside the
+        pass, {key: (tokens in, state)}, and one at the end of a read), the next
+        token of each reply (sampled together), and the jobs that are done leave."""
         sampling, rows, leaving = [], [], []
         for row, (key, tokens) in enumerate(feed.items()):
             job = members[key]
             if job.status is JobStatus.READING:
+                if key in snapshots:
+                    offset, state = snapshots[key]
+                    job.snapshots[job.read + offset] = state
                 job.read += len(tokens)
                 self.tokens_read += len(tokens)
                 if job.read in job.snapshot_at:
@@ -382,7 +392,8 @@ class Engine:
         waits behind another's long prompt, and the rest of the chunk goes
         to the oldest first, so that when many users arrive at once they
         get their first tokens one after another instead of all at the end.
-        A read also stops at the job's next snapshot point.
+        A read passes at most one of the job's snapshot points (taken inside
+        the pass) and stops at the next.
         """
         if not readers:
             return {}
@@ -397,8 +408,10 @@ class Engine:
 
     @staticmethod
     def _next_stop(job):
-        """Where a job's reading stops next: its end or its next snapshot point."""
-        return min([n for n in job.snapshot_at if job.read < n < len(job.tokens)] + [len(job.tokens)])
+        """Where a job's reading stops next: its end, or the second snapshot point ahead
+        (a pass takes one snapshot inside a read; one at its end is the state after it)."""
+        ahead = sorted(n for n in job.snapshot_at if job.read < n < len(job.tokens))
+        return ahead[1] if len(ahead) > 1 else len(job.tokens)
 
     def _accept(self, job, token):
         """Record a sampled token, stream the text, and decide whether the reply ends.

@@ -10,7 +10,9 @@ tests compare against), organised for serving:
   are read once per pass (decoding a small model on a CPU is bound by memory
   bandwidth, not arithmetic). Only the small per-head state update loops over
   token positions. `forward_one` (one token each) and `forward_seq` (a
-  B x T block) are the two common shapes.
+  B x T block) are the two common shapes; `forward_snapshots` also hands
+  back states part-way through sequences' tokens, copied out as the pass
+  goes by (a reply keeps its state before its last prompt token).
 * The layers are TorchScript (`jit=True`, the default): a whole pass runs in
   C++ without Python's GIL, so the server's other threads (HTTP, database,
   storage) never hold up a decode step, and each step skips Python's
@@ -226,6 +228,12 @@ class Layout(NamedTuple):
     then the later tokens of the sequences that have more ("readers"),
     longest first, so that at each later step the sequences still reading
     are the first few readers.
+
+    A sequence may also ask for a snapshot: its state after its first n
+    tokens (0 < n < its length), taken inside the pass (so a reply that
+    keeps the state before its last prompt token needs no pass of its own
+    to get there). Snapshot j is of sequence `snap_seq[j]`, after flat
+    position `snap_pos[j]`.
     """
 
     single: bool  # one token per sequence: position b is sequence b (the rest is empty)
@@ -235,27 +243,48 @@ class Layout(NamedTuple):
     readers_in_place: bool  # the readers are exactly sequences 0..B-1 in order (e.g. a uniform chunk)
     later: Tensor  # [T-1, R] position of reader r's t-th token (its last one once it has no more)
     later_flat: Tensor  # positions the later steps produce, in step order
-    segments: List[List[int]]  # runs of later steps [start, end, readers still reading]
+    # Runs of later steps [start, end, readers still reading, reader, snapshot]: after the run,
+    # reader `reader`'s state is snapshot `snapshot` (both -1: none); a run may be empty.
+    segments: List[List[int]]
+    snap_pos: Tensor  # [J] the flat position after which snapshot j is taken
+    snap_seq: Tensor  # [J] the sequence of snapshot j
+    first_snaps: List[List[int]]  # [sequence, snapshot] for snapshots after a sequence's first token
 
 
-def layout(lengths, device):
+def layout(lengths, device, snapshot_after=None):
+    """The Layout of sequences of these lengths; `snapshot_after` (optional,
+    one per sequence): take a snapshot after that many of its tokens
+    (0 or None: none; else 0 < n < its length)."""
     if not lengths or min(lengths) < 1:
         raise ValueError("every sequence needs at least one token")
+    snapshot_after = [n or 0 for n in snapshot_after] if snapshot_after else [0] * len(lengths)
+    if len(snapshot_after) != len(lengths) or any(not 0 <= n < length for n, length in zip(snapshot_after, lengths)):
+        raise ValueError("a snapshot is taken after 0 < n < length of a sequence's tokens")
+    empty = torch.empty(0, dtype=torch.long, device=device)
     if len(lengths) == sum(lengths):
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return Layout(True, empty, empty, empty, False, empty.view(0, 0), empty, [])
+        return Layout(True, empty, empty, empty, False, empty.view(0, 0), empty, [], empty, empty, [])
     starts = [0]
     for n in lengths[:-1]:
         starts.append(starts[-1] + n)
     readers = sorted((b for b, n in enumerate(lengths) if n > 1), key=lambda b: -lengths[b])
     later = range(1, max(lengths))
     active = [sum(1 for b in readers if lengths[b] > t) for t in later]
+    snapping = [b for b, n in enumerate(snapshot_after) if n]
+    # Later step t (0-based) reads token t + 1: a snapshot after n >= 2 tokens follows step n - 2.
+    snaps_after_step = {}
+    for j, b in enumerate(snapping):
+        if snapshot_after[b] >= 2:
+            snaps_after_step.setdefault(snapshot_after[b] - 2, []).append([readers.index(b), j])
     segments = []
     for t, n in enumerate(active):
-        if segments and segments[-1][2] == n:
+        if segments and segments[-1][2] == n and segments[-1][3] < 0:
             segments[-1][1] = t + 1
         else:
-            segments.append([t, t + 1, n])
+            segments.append([t, t + 1, n, -1, -1])
+        for reader, j in snaps_after_step.get(t, []):
+            if segments[-1][3] >= 0:
+                segments.append([t + 1, t + 1, n, -1, -1])
+            segments[-1][3:] = [reader, j]
 
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=device)
@@ -269,6 +298,9 @@ def layout(lengths, device):
         later=tensor([[starts[b] + min(t, lengths[b] - 1) for b in readers] for t in later]),
         later_flat=tensor([starts[b] + t for t, n in zip(later, active) for b in readers[:n]]),
         segments=segments,
+        snap_pos=tensor([starts[b] + snapshot_after[b] - 1 for b in snapping]) if snapping else empty,
+        snap_seq=tensor(snapping) if snapping else empty,
+        first_snaps=[[b, j] for j, b in enumerate(snapping) if snapshot_after[b] == 1],
     )
 
 
@@ -328,9 +360,10 @@ else:
 
 
 def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor, kk: Tensor, rows: Layout,
-                H: int, N: int) -> Tensor:
+                H: int, N: int, snap_S: Tensor) -> Tensor:
     """The time mix's state update over all positions; returns y [M, C] and
-    updates S (B, H, N, N) in place.
+    updates S (B, H, N, N) in place, copying the layout's snapshots into
+    snap_S (J, H, N, N) as the steps pass them.
 
     With b = kk*a, each token does S' = S diag(w) - (S kk) b^T + v k^T and
     y = S' r = S (w*r) - (S kk)(b.r) + v (k.r).
@@ -349,6 +382,8 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
     else:
         o0 = _state_step(S.view(BH, N, N), q[rows.first].view(BH, 2, N), u[rows.first].view(BH, 2, N),
                          v4[rows.first].view(BH, 1, N), w4[rows.first].view(BH, 1, N))
+        for pair in rows.first_snaps:  # [sequence, snapshot]
+            snap_S[pair[1]].copy_(S[pair[0]])
         RH = rows.readers.shape[0] * H
         SR = S if rows.readers_in_place else S[rows.readers]  # (readers, H, N, N)
         S3 = SR.view(RH, N, N)
@@ -359,8 +394,11 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
         outs: List[Tensor] = []
         for segment in rows.segments:  # steps [start, end) have the first n readers reading
             start, end, nH = segment[0], segment[1], segment[2] * H
-            outs.append(_state_steps(S3[:nH], qs[start:end, :nH], us[start:end, :nH], vs[start:end, :nH],
-                                     ws[start:end, :nH]).view(-1, 2, N))
+            if end > start:
+                outs.append(_state_steps(S3[:nH], qs[start:end, :nH], us[start:end, :nH], vs[start:end, :nH],
+                                         ws[start:end, :nH]).view(-1, 2, N))
+            if segment[3] >= 0:  # reader segment[3]'s state is snapshot segment[4]
+                snap_S[segment[4]].copy_(S3[segment[3] * H:(segment[3] + 1) * H])
         if not rows.readers_in_place:
             S[rows.readers] = SR
         o = torch.empty(M, H, 2, N, device=o0.device)
@@ -405,12 +443,18 @@ class _Block(nn.Module):
         self.fx_k = vec(f + "x_k")
         self.FK, self.FV = linear(f + "key"), linear(f + "value")
 
-    def forward(self, x: Tensor, v_first: Tensor, att_prev: Tensor, S: Tensor, ffn_prev: Tensor, rows: Layout):
+    def forward(self, x: Tensor, v_first: Tensor, att_prev: Tensor, S: Tensor, ffn_prev: Tensor, rows: Layout,
+                snap_att: Tensor, snap_S: Tensor, snap_ffn: Tensor):
+        """The layer over the layout's tokens: the state (att_prev, S, ffn_prev) is advanced in
+        place, and the layout's snapshots of it are copied into snap_att, snap_S, snap_ffn."""
         H, N = self.H, self.N
         C = x.shape[1]
+        snapping = rows.snap_pos.shape[0] > 0
 
         # ---- time mix
         xx = F.layer_norm(x, [C], self.ln1_w, self.ln1_b, self.ln_eps)
+        if snapping:  # a token shift's state after position p is p's input
+            snap_att.copy_(xx[rows.snap_pos])
         mixed = torch.addcmul(xx, _shift(xx, att_prev, rows), self.maa)  # (6, M, C)
         xr, xw, xk, xv, xa, xg = mixed[0], mixed[1], mixed[2], mixed[3], mixed[4], mixed[5]
         r = self.R(xr)
@@ -425,7 +469,7 @@ class _Block(nn.Module):
             v_first = v
         else:
             v = torch.lerp(v, v_first, torch.sigmoid(self.v2(self.v1(xv)) + self.v0))
-        y = _recurrence(S, r, k, v, w, a, kk, rows, H, N)
+        y = _recurrence(S, r, k, v, w, a, kk, rows, H, N, snap_S)
         y = F.group_norm(y, H, self.lnx_w, self.lnx_b, self.gn_eps)
         bonus = (r * k * self.r_k).view(-1, H, N).sum(dim=-1, keepdim=True)
         y = y.view(-1, H, N).addcmul_(bonus, v.view(-1, H, N)).view(-1, C)
@@ -433,6 +477,8 @@ class _Block(nn.Module):
 
         # ---- channel mix
         xx = F.layer_norm(x, [C], self.ln2_w, self.ln2_b, self.ln_eps)
+        if snapping:
+            snap_ffn.copy_(xx[rows.snap_pos])
         kx = torch.addcmul(xx, _shift(xx, ffn_prev, rows), self.fx_k)
         kx = torch.relu(self.FK(kx)).square_()
         return x + self.FV(kx), v_first
@@ -454,12 +500,18 @@ class _Network(nn.Module):
         self.head_linear = _make_linear(weights["head.weight"], precision, device)
         self.ln_eps = _LAYER_NORM_EPS
 
-    def forward(self, tokens: Tensor, state: List[Tensor], rows: Layout) -> Tensor:
-        """Hidden states [M, C] after the last block, for the flat tokens [M]."""
+    def forward(self, tokens: Tensor, state: List[Tensor], rows: Layout, snaps: List[Tensor]) -> Tensor:
+        """Hidden states [M, C] after the last block, for the flat tokens [M]; the layout's
+        snapshots go into `snaps` (laid out as a state of batch J; [] when there are none)."""
         x = self.emb[tokens].float()
         v_first = x
+        none = x[:0]
         for i, block in enumerate(self.blocks):
-            x, v_first = block(x, v_first, state[3 * i], state[3 * i + 1], state[3 * i + 2], rows)
+            snap_att, snap_S, snap_ffn = none, none, none
+            if len(snaps) > 0:
+                snap_att, snap_S, snap_ffn = snaps[3 * i], snaps[3 * i + 1], snaps[3 * i + 2]
+            x, v_first = block(x, v_first, state[3 * i], state[3 * i + 1], state[3 * i + 2], rows,
+                               snap_att, snap_S, snap_ffn)
         return x
 
     @torch.jit.export
@@ -468,9 +520,9 @@ class _Network(nn.Module):
         return self.head_linear(x)
 
     @torch.jit.export
-    def logits(self, tokens: Tensor, state: List[Tensor], rows: Layout) -> Tensor:
+    def logits(self, tokens: Tensor, state: List[Tensor], rows: Layout, snaps: List[Tensor]) -> Tensor:
         """Logits [B, vocab] after each sequence's last token."""
-        x = self.forward(tokens, state, rows)
+        x = self.forward(tokens, state, rows, snaps)
         return self.head(x if rows.single else x[rows.last])
 
 
@@ -505,7 +557,7 @@ class RWKV7Model:
             # (about 0.3 + 0.5 s for a 0.1B model): pay that here, not on a
             # user's first reply.
             for _ in range(2):
-                self.forward([[0, 0], [0]], self.zero_state(2))
+                self.forward_snapshots([[0, 0, 0], [0]], self.zero_state(2), [2, 0])
 
     def zero_state(self, batch=1):
         B, C, H, N = batch, self.n_embd, self.n_head, self.head_size
@@ -526,10 +578,22 @@ class RWKV7Model:
         token. The caller keeps the total number of tokens reasonable (the
         engine reads prompts in chunks).
         """
-        rows = layout([len(tokens) for tokens in token_lists], self.device)
+        return self.forward_snapshots(token_lists, state, None)[0]
+
+    def forward_snapshots(self, token_lists, state, snapshot_after):
+        """forward(), also taking snapshots inside the pass: `snapshot_after` gives
+        for each sequence 0 (none) or n, 0 < n < its length, for its state after
+        its first n tokens. Returns (logits, {b: state of batch 1})."""
+        rows = layout([len(tokens) for tokens in token_lists], self.device, snapshot_after)
         flat = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.long, device=self.device)
+        J = rows.snap_seq.shape[0]
+        snaps = self.zero_state(J) if J else []
         with torch.inference_mode():
-            return self._network.logits(flat, state, rows)
+            logits = self._network.logits(flat, state, rows, snaps)
+        # Each its own tensors (not views of one batch that would keep the others alive).
+        taken = {b: [t[j:j + 1] if J == 1 else t[j:j + 1].clone() for t in snaps]
+                 for j, b in enumerate(rows.snap_seq.tolist())}
+        return logits, taken
 
     def forward_one(self, tokens, state):
         """One decode step for B sequences: tokens LongTensor [B] -> logits float32 [B, vocab].
@@ -538,7 +602,7 @@ class RWKV7Model:
         """
         tokens = torch.as_tensor(tokens).reshape(-1).to(self.device)
         with torch.inference_mode():
-            return self._network.logits(tokens, state, layout([1] * tokens.shape[0], self.device))
+            return self._network.logits(tokens, state, layout([1] * tokens.shape[0], self.device), [])
 
     def forward_seq(self, tokens, state, chunk=DEFAULT_SEQ_CHUNK):
         """Read T tokens for B sequences: tokens LongTensor [B, T] (or [T] for B=1).
@@ -555,5 +619,5 @@ class RWKV7Model:
         with torch.inference_mode():
             for start in range(0, T, chunk):
                 part = tokens[:, start : start + chunk]
-                logits = self._network.logits(part.reshape(-1), state, layout([part.shape[1]] * B, self.device))
+                logits = self._network.logits(part.reshape(-1), state, layout([part.shape[1]] * B, self.device), [])
         return logits

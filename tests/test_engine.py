@@ -179,10 +179,14 @@ def test_a_slot_batch_keeps_each_state_in_its_row_as_others_come_and_go(engine):
     batch.add("f", None)  # the zero state
     expected = {key: backend.read([7, 8], states[key]) for key in "cde"}
     expected["f"] = backend.read([7, 8], backend.zero_state())
-    logits = batch.step({key: [7, 8] for key in ("f", "e", "d", "c")})  # any order, any length
+    # Any order, any length; "e" and "c" also hand back their states after their first token.
+    logits, snapshots = batch.step({key: [7, 8] for key in ("f", "e", "d", "c")}, {"e": 1, "c": 1})
     for row, key in enumerate(("f", "e", "d", "c")):
         torch.testing.assert_close(logits[row], expected[key][0], rtol=1e-4, atol=1e-4)
         assert_same_state(batch.state(key), expected[key][1])
+    assert set(snapshots) == {"e", "c"}
+    for key in snapshots:
+        assert_same_state(snapshots[key], backend.read([7], states[key])[1])
     assert len(batch) == 4 and "a" not in batch and "f" in batch
 
 
@@ -193,9 +197,10 @@ def test_prompts_read_together_share_the_chunk_oldest_first_with_a_few_tokens_fo
         return Job(id=number, tokens=[1] * length, state=None, snapshot_at=frozenset(snapshot_at), loop=None,
                    events=None)
 
-    jobs = [job(1, 30), job(2, 100), job(3, 100), job(4, 2), job(5, 100, snapshot_at={10})]
-    # 8 each reserved (40), the other 24 to the oldest first; a snapshot point stops a read.
-    assert chunked._read_sizes(jobs) == {1: 30, 2: 10, 3: 8, 4: 2, 5: 8}
+    jobs = [job(1, 30), job(2, 100), job(3, 100), job(4, 2), job(5, 100, snapshot_at={3, 5})]
+    # 8 each reserved (40), the other 24 to the oldest first; a read passes one snapshot
+    # point (taken inside the pass) and stops at the next.
+    assert chunked._read_sizes(jobs) == {1: 30, 2: 10, 3: 8, 4: 2, 5: 5}
     assert sum(chunked._read_sizes([job(n, 1000) for n in range(20)]).values()) == 64  # 20 x 3 + 4
     assert chunked._read_sizes([job(n, 1000) for n in range(100)])[99] == 1  # never nothing
 

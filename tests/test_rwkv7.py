@@ -167,6 +167,36 @@ def test_sequences_of_different_lengths_read_together_equal_each_read_alone(mode
             torch.testing.assert_close(a, b, **TIGHT)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("jit", [True, False])
+def test_snapshots_taken_inside_a_pass_equal_the_states_read_up_to_there(weights, model, precision, jit):
+    # Rows of several lengths; snapshots after a row's first token, in the middle of its read
+    # (two rows at the same step), at its next to last token, and rows without one.
+    net = model if (precision, jit) == ("fp32", True) else RWKV7Model(weights, precision=precision, jit=jit)
+    token_lists = [PROMPT[:7], PROMPT[2:4], PROMPT[:1], PROMPT[3:9], PROMPT[1:6], PROMPT[4:12]]
+    after = [1, 1, 0, 3, 3, 7]
+    state = net.zero_state(len(token_lists))
+    logits, snapshots = net.forward_snapshots(token_lists, state, after)
+    assert sorted(snapshots) == [0, 1, 3, 4, 5]
+    plain_state = net.zero_state(len(token_lists))
+    torch.testing.assert_close(logits, net.forward(token_lists, plain_state), **TIGHT)
+    for a, b in zip(state, plain_state):
+        torch.testing.assert_close(a, b, **TIGHT)
+    for row, n in enumerate(after):
+        if n:
+            up_to_there = net.zero_state(1)
+            net.forward([token_lists[row][:n]], up_to_there)
+            if precision == "int8" and kernels.vectorised():
+                assert all(torch.equal(a, b) for a, b in zip(snapshots[row], up_to_there))
+            else:
+                assert_same_state(snapshots[row], up_to_there, precision)
+
+
+def test_a_snapshot_outside_a_sequence_is_refused(model):
+    with pytest.raises(ValueError, match="0 < n < length"):
+        model.forward_snapshots([[1, 2], [3]], model.zero_state(2), [2, 0])
+
+
 def test_the_compiled_and_the_eager_forward_agree(weights, model):
     eager = RWKV7Model(weights, precision="fp32", jit=False)
     assert isinstance(model._network, torch.jit.ScriptModule) and not isinstance(eager._network, torch.jit.ScriptModule)
