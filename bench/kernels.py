@@ -68,14 +68,15 @@ def inputs(heads, tokens, generator):
     return state, q, u, v, w
 
 
-def median_us(run, repeats):
+def time_us(run, repeats, statistic=statistics.median):
+    """The median (or another statistic) of `repeats` timed runs after one untimed, in microseconds."""
     run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistic(times) * 1e6
 
 
 def main():
@@ -91,14 +92,14 @@ def main():
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
         S, q, u, v, w = inputs(384, 1, generator)
-        plain = median_us(lambda: _step(S, q[0], u[0], v[0], w[0]), args.repeats)
-        fused = median_us(lambda: compiled_step(S, q[0], u[0], v[0], w[0]), args.repeats)
+        plain = time_us(lambda: _step(S, q[0], u[0], v[0], w[0]), args.repeats)
+        fused = time_us(lambda: compiled_step(S, q[0], u[0], v[0], w[0]), args.repeats)
         print(f"{threads} thread(s), decode step of 32 sequences (384 heads): "
               f"PyTorch {plain:.0f} us, compiled {fused:.0f} us ({plain / fused:.1f}x)")
         S, q, u, v, w = inputs(12, 256, generator)
-        plain = median_us(lambda: _steps(S, q, u, v, w), args.repeats) / 256
-        single = median_us(lambda: [compiled_step(S, q[t], u[t], v[t], w[t]) for t in range(256)], args.repeats) / 256
-        fused = median_us(lambda: compiled_steps(S, q, u, v, w), args.repeats) / 256
+        plain = time_us(lambda: _steps(S, q, u, v, w), args.repeats) / 256
+        single = time_us(lambda: [compiled_step(S, q[t], u[t], v[t], w[t]) for t in range(256)], args.repeats) / 256
+        fused = time_us(lambda: compiled_steps(S, q, u, v, w), args.repeats) / 256
         print(f"{threads} thread(s), 256-token prompt of one sequence, per token: PyTorch {plain:.1f} us, "
               f"compiled one call per token {single:.1f} us, one call for all {fused:.1f} us "
               f"({plain / fused:.1f}x)")
@@ -117,8 +118,8 @@ def main():
         theirs, ours = [theirs_class(w) for w in weights], [ours_class(w) for w in weights]
         for batch in (1, 32):
             x = torch.randn(batch, cols, generator=generator)
-            library_us = median_us(lambda: [linear(x) for linear in theirs], args.repeats) / copies
-            ours_us = median_us(lambda: [linear(x) for linear in ours], args.repeats) / copies
+            library_us = time_us(lambda: [linear(x) for linear in theirs], args.repeats) / copies
+            ours_us = time_us(lambda: [linear(x) for linear in ours], args.repeats) / copies
             print(f"  {kind:12} {rows:>5} x {cols:<4} {batch:2} row(s): {library} {library_us:7.1f}, "
                   f"ours {ours_us:7.1f} ({library_us / ours_us:.2f}x, "
                   f"{rows * cols * width / ours_us / 1e3:.1f} GB/s of weights)")
@@ -139,14 +140,16 @@ def int8_peak(threads):
 
 
 def compute_ceiling(generator, repeats):
-    """Our int8 product on a prompt chunk against the CPU's int8 peak, and the prompt speed it bounds."""
+    """Our int8 product on a prompt chunk against the CPU's int8 peak, and the prompt speed it bounds.
+    Both are the best of their runs: a peak is what a run gets when nothing interrupts it."""
     cores = os.cpu_count() or 1
-    print("\nthe compute ceiling of reading prompts (int8, 256-row chunks, weights in the caches):")
+    print("\nthe compute ceiling of reading prompts (int8, 256-row chunks, weights in the caches, "
+          "best runs):")
     linear = _Int8KernelLinear(torch.randn(768, 768, generator=generator))
     x = torch.randn(256, 768, generator=generator)
     for threads in sorted({1, cores}):
         torch.set_num_threads(threads)
-        ours = 256 * 768 * 768 / median_us(lambda: linear(x), repeats) / 1e3
+        ours = 256 * 768 * 768 / time_us(lambda: linear(x), 4 * repeats, min) / 1e3
         peak = int8_peak(threads)
         if peak is None:
             print(f"  {threads} thread(s): ours {ours:.1f} G multiply-adds/s (no g++ here to measure the peak)")
