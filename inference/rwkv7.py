@@ -387,10 +387,13 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
         RH = rows.readers.shape[0] * H
         SR = S if rows.readers_in_place else S[rows.readers]  # (readers, H, N, N)
         S3 = SR.view(RH, N, N)
-        qs = q[rows.later].view(-1, RH, 2, N)  # (T-1, RH, 2, N)
-        us = u[rows.later].view(-1, RH, 2, N)
-        vs = v4[rows.later].view(-1, RH, 1, N)
-        ws = w4[rows.later].view(-1, RH, 1, N)
+        if B == 1:  # one sequence (a prompt read alone): its later tokens are positions 1.. in order
+            qs, us, vs, ws = q[1:], u[1:], v4[1:], w4[1:]
+        else:
+            qs = q[rows.later].view(-1, RH, 2, N)  # (T-1, RH, 2, N)
+            us = u[rows.later].view(-1, RH, 2, N)
+            vs = v4[rows.later].view(-1, RH, 1, N)
+            ws = w4[rows.later].view(-1, RH, 1, N)
         outs: List[Tensor] = []
         for segment in rows.segments:  # steps [start, end) have the first n readers reading
             start, end, nH = segment[0], segment[1], segment[2] * H
@@ -401,9 +404,12 @@ def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor
                 snap_S[segment[4]].copy_(S3[segment[3] * H:(segment[3] + 1) * H])
         if not rows.readers_in_place:
             S[rows.readers] = SR
-        o = torch.empty(M, H, 2, N, device=o0.device)
-        o[rows.first] = o0.view(B, H, 2, N)
-        o[rows.later_flat] = torch.cat(outs).view(-1, H, 2, N)
+        if B == 1:
+            o = torch.cat([o0] + outs).view(M, H, 2, N)
+        else:
+            o = torch.empty(M, H, 2, N, device=o0.device)
+            o[rows.first] = o0.view(B, H, 2, N)
+            o[rows.later_flat] = torch.cat(outs).view(-1, H, 2, N)
     sa = o[:, :, 1:]
     y = o[:, :, :1] - sa * (b4 * r4).sum(-1, keepdim=True) + v4 * (k4 * r4).sum(-1, keepdim=True)
     return y.view(M, H * N)

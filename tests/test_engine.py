@@ -71,6 +71,20 @@ def test_a_reply_hands_back_the_state_of_everything_it_read(engine):
     assert_same_state(reply.snapshots[len(prompt) - 1], before_last)
 
 
+def test_a_reply_takes_its_snapshot_inside_the_pass_that_reads_its_prompt(engine):
+    # One pass reads the prompt (taking the state before its last token on the way) and
+    # samples the token; one reads that token and the closing blank line. The snapshot
+    # used to be a pass of its own, and the first token came a pass later.
+    prompt = engine.tokenizer.encode(PROMPT)
+    assert len(prompt) <= engine.prefill_chunk
+    steps = engine.steps
+    _, reply = generate(engine, None, prompt, SamplingSettings(), max_tokens=1, seed=5,
+                        snapshot_at={len(prompt) - 1})
+    assert engine.steps - steps == 2
+    before_last, _ = run(engine.read(None, prompt[:-1]))
+    assert_same_state(reply.snapshots[len(prompt) - 1], before_last)
+
+
 def test_a_reply_cut_at_the_limit_still_reads_the_closing_blank_line(engine):
     _, reply = generate(engine, None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=3, seed=1)
     if reply.finish_reason is FinishReason.LENGTH:
