@@ -10,7 +10,7 @@ import torch
 from django.conf import settings
 
 from conftest import assert_same_state
-from inference.backends import Rwkv7Backend
+from inference.backends import Rwkv7Backend, RwkvPackageBackend
 from inference.engine import Engine, FinishReason, Job, JobStatus, hold_back
 from inference.runtime import demo_model_path
 from inference.sampling import SamplingSettings
@@ -202,6 +202,19 @@ def test_a_slot_batch_keeps_each_state_in_its_row_as_others_come_and_go(engine):
     for key in snapshots:
         assert_same_state(snapshots[key], backend.read([7], states[key])[1])
     assert len(batch) == 4 and "a" not in batch and "f" in batch
+
+
+def test_a_batch_of_the_rwkv_package_takes_snapshots_inside_a_step_too(engine):
+    backend = RwkvPackageBackend(settings.RPSERVER["MODEL"] or demo_model_path(), "cpu fp32")
+    batch = backend.new_batch()
+    batch.add("a", None)
+    batch.add("b", None)
+    logits, snapshots = batch.step({"a": [5, 6, 7], "b": [8]}, {"a": 2})
+    assert list(snapshots) == ["a"]
+    assert_same_state(snapshots["a"], backend.read([5, 6], backend.zero_state())[1])
+    expected_logits, expected = backend.read([5, 6, 7], backend.zero_state())
+    torch.testing.assert_close(logits[0], expected_logits, rtol=1e-4, atol=1e-4)
+    assert_same_state(batch.state("a"), expected)
 
 
 def test_prompts_read_together_share_the_chunk_oldest_first_with_a_few_tokens_for_each(engine):
