@@ -225,10 +225,11 @@ def test_prompts_read_together_share_the_chunk_oldest_first_with_a_few_tokens_fo
                    events=None)
 
     jobs = [job(1, 30), job(2, 100), job(3, 100), job(4, 2), job(5, 100, snapshot_at={3, 5})]
-    # 8 each reserved (40), the other 24 to the oldest first; a read passes one snapshot
-    # point (taken inside the pass) and stops at the next.
-    assert chunked._read_sizes(jobs) == {1: 30, 2: 10, 3: 8, 4: 2, 5: 5}
-    assert sum(chunked._read_sizes([job(n, 1000) for n in range(20)]).values()) == 64  # 20 x 3 + 4
+    # 6 each reserved (at most half the chunk: 30), the other 34 to the oldest first; a read
+    # passes one snapshot point (taken inside the pass) and stops at the next.
+    assert chunked._read_sizes(jobs) == {1: 30, 2: 16, 3: 6, 4: 2, 5: 5}
+    many = chunked._read_sizes([job(n, 1000) for n in range(20)])
+    assert sum(many.values()) == 64 and many[0] == 45 and many[19] == 1  # 20 x 1, and 44 to the oldest
     assert chunked._read_sizes([job(n, 1000) for n in range(100)])[99] == 1  # never nothing
 
 
