@@ -55,9 +55,9 @@ class SequentialBatch:
         return self.backend.copy_state(self.states[key])
 
     def step(self, tokens, snapshot_after=None):
-        rows, snapshots = [], {}
+        rows, snapshots, snapshot_after = [], {}, snapshot_after or {}
         for key, token_list in tokens.items():
-            n = (snapshot_after or {}).get(key)
+            n = snapshot_after.get(key)
             if n:
                 _, self.states[key] = self.backend.read(token_list[:n], self.states[key])
                 snapshots[key] = self.states[key]  # read() leaves the state it is given alone
@@ -125,7 +125,7 @@ class SlotBatch:
         if len(tokens) != len(self._keys) or any(key not in tokens for key in self._keys):
             raise ValueError("a step of a slot batch feeds every sequence in it")
         count = len(self._keys)
-        after = [(snapshot_after or {}).get(key, 0) for key in self._keys] if snapshot_after else None
+        after = [snapshot_after.get(key, 0) for key in self._keys] if snapshot_after else None
         logits, taken = self.model.forward_snapshots([tokens[key] for key in self._keys],
                                                      [slot[:count] for slot in self._slots], after)
         order = [self._keys.index(key) for key in tokens]

@@ -327,9 +327,9 @@ class Engine:
             job = members[key]
             if job.status is JobStatus.READING:
                 feed[key] = job.tokens[job.read:job.read + sizes[key]]
-                inside = [n for n in job.snapshot_at if job.read < n < job.read + sizes[key]]
-                if inside:
-                    snapshot_after[key] = inside[0] - job.read
+                ahead = self._snapshots_ahead(job)
+                if ahead and ahead[0] < job.read + sizes[key]:  # at most one (_next_stop)
+                    snapshot_after[key] = ahead[0] - job.read
             elif job.status is JobStatus.GENERATING:
                 feed[key] = job.generated[-1:]
             else:  # CLOSING
@@ -411,10 +411,15 @@ class Engine:
         return sizes
 
     @staticmethod
-    def _next_stop(job):
+    def _snapshots_ahead(job):
+        """The job's snapshot points still to be read past, in order."""
+        return sorted(n for n in job.snapshot_at if job.read < n < len(job.tokens))
+
+    @classmethod
+    def _next_stop(cls, job):
         """Where a job's reading stops next: its end, or the second snapshot point ahead
         (a pass takes one snapshot inside a read; one at its end is the state after it)."""
-        ahead = sorted(n for n in job.snapshot_at if job.read < n < len(job.tokens))
+        ahead = cls._snapshots_ahead(job)
         return ahead[1] if len(ahead) > 1 else len(job.tokens)
 
     def _accept(self, job, token):

@@ -241,8 +241,11 @@ class Layout(NamedTuple):
     last: Tensor  # [B] position of each sequence's last token
     readers: Tensor  # [R] the sequences with more than one token, longest first
     readers_in_place: bool  # the readers are exactly sequences 0..B-1 in order (e.g. a uniform chunk)
-    later: Tensor  # [T-1, R] position of reader r's t-th token (its last one once it has no more)
-    later_flat: Tensor  # positions the later steps produce, in step order
+    # [T-1, R] position of reader r's t-th token (its last one once it has no more), and the
+    # positions the later steps produce, in step order; both empty for one sequence, whose later
+    # tokens are positions 1.. in order (_recurrence takes them as slices)
+    later: Tensor
+    later_flat: Tensor
     # Runs of later steps [start, end, readers still reading, reader, snapshot]: after the run,
     # reader `reader`'s state is snapshot `snapshot` (both -1: none); a run may be empty.
     segments: List[List[int]]
@@ -289,14 +292,17 @@ def layout(lengths, device, snapshot_after=None):
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
+    alone = len(lengths) == 1  # one sequence: _recurrence slices its later tokens, no gathers
+
     return Layout(
         single=False,
         first=tensor(starts),
         last=tensor([s + n - 1 for s, n in zip(starts, lengths)]),
         readers=tensor(readers),
         readers_in_place=readers == list(range(len(lengths))),
-        later=tensor([[starts[b] + min(t, lengths[b] - 1) for b in readers] for t in later]),
-        later_flat=tensor([starts[b] + t for t, n in zip(later, active) for b in readers[:n]]),
+        later=empty.view(0, 0) if alone else tensor([[starts[b] + min(t, lengths[b] - 1) for b in readers]
+                                                     for t in later]),
+        later_flat=empty if alone else tensor([starts[b] + t for t, n in zip(later, active) for b in readers[:n]]),
         segments=segments,
         snap_pos=tensor([starts[b] + snapshot_after[b] - 1 for b in snapping]) if snapping else empty,
         snap_seq=tensor(snapping) if snapping else empty,
