@@ -22,6 +22,10 @@ our `int8_linear` (inference/kernels/int8_linear.cpp) against fbgemm's
 3072 x 768, 768 x 3072 and the 65,536 x 768 head; and the float32 LoRA
 halves, our `f32_linear` against MKL's (rwkv7._Fp32Linear).
 
+Then a layer's products that read columns of one input (R, K and V; the
+LoRAs' first halves; their second halves) in one kernel call, as the model
+makes them, against one call per product.
+
 Last, the compute ceiling of reading prompts: bench/int8_peak.cpp (compiled
 here with g++) measures the most int8 multiply-adds per second the CPU's
 AVX2 gives on registers alone, on one core and on all; our int8 product
@@ -123,7 +127,37 @@ def main():
             print(f"  {kind:12} {rows:>5} x {cols:<4} {batch:2} row(s): {library} {library_us:7.1f}, "
                   f"ours {ours_us:7.1f} ({library_us / ours_us:.2f}x, "
                   f"{rows * cols * width / ours_us / 1e3:.1f} GB/s of weights)")
+    side_by_side(generator, args.repeats)
     compute_ceiling(generator, args.repeats)
+
+
+# A layer's products that read columns of one input, in one call: (kernel, input width, [(N, K, column)]).
+SIDE_BY_SIDE = {
+    "R, K, V (int8)": (_Int8KernelLinear, 6 * 768, [(768, 768, 0), (768, 768, 768), (768, 768, 1536)]),
+    "LoRA first halves": (_Fp32KernelLinear, 6 * 768, [(64, 768, 2304), (64, 768, 3072), (128, 768, 3840),
+                                                        (32, 768, 1536)]),
+    "LoRA second halves": (_Fp32KernelLinear, 288, [(768, 64, 0), (768, 64, 64), (768, 128, 128), (768, 32, 256)]),
+}
+
+
+def side_by_side(generator, repeats):
+    """One kernel call for several products reading columns of one input (as the model makes them)
+    against one call per product, weights from memory."""
+    print("\nproducts side by side (a layer's, as the model calls them), weights from memory: "
+          "one call per product -> one call for all (us)")
+    for name, (kernel, width, shapes) in SIDE_BY_SIDE.items():
+        copies = max(2, (64 << 20) // sum(N * K * (1 if kernel is _Int8KernelLinear else 4) for N, K, _ in shapes))
+        layers = []
+        for _ in range(copies):
+            weights = [torch.randn(N, K, generator=generator) for N, K, _ in shapes]
+            columns = [column for _, _, column in shapes]
+            layers.append(([kernel(weight, (column,)) for weight, column in zip(weights, columns)],
+                           kernel(weights, columns)))
+        for batch in (1, 32):
+            x = torch.randn(batch, width, generator=generator)
+            apart = time_us(lambda: [linear(x) for alone, _ in layers for linear in alone], repeats) / copies
+            together = time_us(lambda: [linear(x) for _, linear in layers], repeats) / copies
+            print(f"  {name:20} {batch:2} row(s): {apart:6.1f} -> {together:6.1f} ({apart / together:.2f}x)")
 
 
 def int8_peak(threads):

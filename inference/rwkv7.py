@@ -142,57 +142,100 @@ class _Int8KernelLinear(nn.Module):
     way between two steps may round the other way), exact integer sums, but
     the weights read as packed streams where fbgemm packs and requantises per
     call: one row through 768 x 768, weights from memory, 47 us instead of
-    185 (bench/kernels.py). Needs the kernels built with AVX2, an input width
-    that is a multiple of 32 and an output width that is one of 4."""
+    185 (bench/kernels.py). Needs the kernels built with AVX2, input widths
+    that are multiples of 32 and output widths that are multiples of 4.
 
-    def __init__(self, weight):
+    Several weights make one call (see _SideBySide): the kernel quantises
+    each product's input columns of each row on its own, so the numbers are
+    those of separate calls."""
+
+    def __init__(self, weights, columns=(0,)):
         super().__init__()
-        N, K = weight.shape
-        scales = _channel_scales(weight)
-        quantised = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.offset = (64 * quantised.sum(dim=1, dtype=torch.int32)).to(torch.int32).contiguous()
-        self.scale = scales.float().contiguous()
-        # Each 4 output channels as one stream of 32-wide runs (see int8_linear.cpp).
-        self.weight = quantised.view(N // 4, 4, K // 32, 32).transpose(1, 2).contiguous().view(N, K)
+        self.weights, self.scales, self.offsets = [], [], []
+        for weight in [weights] if isinstance(weights, Tensor) else weights:
+            N, K = weight.shape
+            scales = _channel_scales(weight)
+            quantised = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+            self.offsets.append((64 * quantised.sum(dim=1, dtype=torch.int32)).to(torch.int32).contiguous())
+            self.scales.append(scales.float().contiguous())
+            # Each 4 output channels as one stream of 32-wide runs (see int8_linear.cpp).
+            self.weights.append(quantised.view(N // 4, 4, K // 32, 32).transpose(1, 2).contiguous().view(N, K))
+        self.columns = list(columns)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.rpserver.int8_linear(x, self.weight, self.scale, self.offset)
+        return torch.ops.rpserver.int8_linear(x, self.weights, self.scales, self.offsets, self.columns)
 
 
 class _Fp32KernelLinear(nn.Module):
     """A float32 product through our kernel (inference/kernels/f32_linear.cpp), for the LoRAs on
     the CPU: each row summed in one order whatever the number of rows (MKL's sgemm is not), and
-    the weights read as packed streams. Needs the kernels built with AVX2, an input width that
-    is a multiple of 8 and an output width that is one of 4."""
+    the weights read as packed streams. Needs the kernels built with AVX2, input widths that
+    are multiples of 8 and output widths that are multiples of 4. Several weights make one
+    call (see _SideBySide)."""
 
-    def __init__(self, weight):
+    def __init__(self, weights, columns=(0,)):
         super().__init__()
-        N, K = weight.shape
         # Each 4 output channels as one stream of 8-wide runs (see f32_linear.cpp).
-        self.weight = weight.float().reshape(N // 4, 4, K // 8, 8).transpose(1, 2).contiguous().view(N, K)
+        self.weights = [weight.float().reshape(weight.shape[0] // 4, 4, weight.shape[1] // 8, 8).transpose(1, 2)
+                        .contiguous().view(weight.shape) for weight in ([weights] if isinstance(weights, Tensor)
+                                                                         else weights)]
+        self.columns = list(columns)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.rpserver.f32_linear(x, self.weight)
+        return torch.ops.rpserver.f32_linear(x, self.weights, self.columns)
 
 
-def _make_lora(m, device):
-    """One half of a LoRA, stored (in, out) and used as x @ m: float32 in every precision."""
-    weight = m.to(device=device, dtype=torch.float32).t()
-    if device.type == "cpu" and kernels.vectorised() and weight.shape[1] % 8 == 0 and weight.shape[0] % 4 == 0:
-        return _Fp32KernelLinear(weight)
-    return _Fp32Linear(weight)
+class _SideBySide(nn.Module):
+    """Products of column ranges of one input, their outputs side by side:
+    [x[:, c_0:c_0 + K_0] @ W_0^T | x[:, c_1:c_1 + K_1] @ W_1^T | ...], one product
+    module each. On the CPU with the kernels built, one kernel call does the
+    same (a decode row through R, K and V, weights from memory: 147 -> 103 us)."""
+
+    def __init__(self, linears, columns, widths):
+        super().__init__()
+        self.linears = nn.ModuleList(linears)
+        self.columns, self.widths = list(columns), list(widths)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs: List[Tensor] = []
+        for i, linear in enumerate(self.linears):
+            outs.append(linear(x[:, self.columns[i]:self.columns[i] + self.widths[i]]))
+        return torch.cat(outs, dim=1)
 
 
-def _make_linear(weight, precision, device):
-    """weight: (out, in) as stored in the checkpoint."""
+def _make_lora(ms, device, columns=(0,)):
+    """LoRA halves, each stored (in, out) and used as x @ m, multiplied side by side from
+    `columns` of one input (see _SideBySide): float32 in every precision."""
+    weights = [m.to(device=device, dtype=torch.float32).t() for m in ms]
+    if device.type == "cpu" and kernels.vectorised() and all(w.shape[1] % 8 == 0 and w.shape[0] % 4 == 0
+                                                             for w in weights):
+        return _Fp32KernelLinear(weights, columns)
+    return _side_by_side([_Fp32Linear(w) for w in weights], columns, [w.shape[1] for w in weights])
+
+
+def _make_linear(weights, precision, device, columns=(0,)):
+    """weights: (out, in) as stored in the checkpoint, multiplied side by side from `columns` of one
+    input (see _SideBySide)."""
+    if precision == "int8" and kernels.vectorised() and all(w.shape[1] % 32 == 0 and w.shape[0] % 4 == 0
+                                                            for w in weights):
+        return _Int8KernelLinear([w.float().contiguous() for w in weights], columns)
+    return _side_by_side([_one_linear(w, precision, device) for w in weights], columns, [w.shape[1] for w in weights])
+
+
+def _one_linear(weight, precision, device):
     if precision == "fp32":
         return _Fp32Linear(weight.to(device=device, dtype=torch.float32))
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return _HalfLinear(weight.to(device=device, dtype=dtype).contiguous())
-    if kernels.vectorised() and weight.shape[1] % 32 == 0 and weight.shape[0] % 4 == 0:
-        return _Int8KernelLinear(weight.float().contiguous())
     return _Int8Linear(weight.float().contiguous())
+
+
+def _side_by_side(linears, columns, widths):
+    """One product reading its whole input as it is, or several side by side."""
+    if len(linears) == 1 and columns[0] == 0:
+        return linears[0]
+    return _SideBySide(linears, columns, widths)
 
 
 # --------------------------------------------------------------------------
@@ -431,27 +474,34 @@ class _Block(nn.Module):
         def vec(key):
             return weights[key].to(device=device, dtype=torch.float32).reshape(-1).contiguous()
 
-        def lora(key):
-            return _make_lora(weights[key], device)
-
         def linear(key):
-            return _make_linear(weights[key + ".weight"], precision, device)
+            return _make_linear([weights[key + ".weight"]], precision, device)
 
+        C = config.n_embd
         self.H, self.N = config.n_head, config.head_size
         self.ln_eps, self.gn_eps, self.decay_scale = _LAYER_NORM_EPS, _GROUP_NORM_EPS, _DECAY_SCALE
         self.ln1_w, self.ln1_b = vec(b + "ln1.weight"), vec(b + "ln1.bias")
         self.ln2_w, self.ln2_b = vec(b + "ln2.weight"), vec(b + "ln2.bias")
-        # The six token-shift mixes, stacked so one op makes all six inputs.
-        self.maa = torch.stack([vec(a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]).unsqueeze(1)
-        self.w0, self.a0, self.k_k, self.k_a, self.r_k = (vec(a + n) for n in ("w0", "a0", "k_k", "k_a", "r_k"))
-        self.w1, self.w2, self.a1, self.a2, self.g1, self.g2 = (lora(a + n) for n in ("w1", "w2", "a1", "a2", "g1", "g2"))
-        # Layer 0 takes its value as v_first for the others; its v0/v1/v2 are unused.
+        # The six token-shift mixes side by side, one op making all six inputs (M, 6C): R's, K's and
+        # V's first (one product call reads those three), then the w, a and g LoRAs'.
+        self.maa = torch.stack([vec(a + n) for n in ("x_r", "x_k", "x_v", "x_w", "x_a", "x_g")])
+        self.RKV = _make_linear([weights[a + n + ".weight"] for n in ("receptance", "key", "value")], precision,
+                                device, (0, C, 2 * C))
+        # Layer 0 takes its value as v_first for the others; it has no v LoRA.
         self.first_layer = i == 0
+        loras = ("w", "a", "g") if i == 0 else ("w", "a", "g", "v")  # v's reads V's input
+        # The LoRAs' first halves in one call, their second halves in another, reading the first's outputs.
+        downs = [weights[a + n + "1"] for n in loras]
+        self.lora_down = _make_lora(downs, device, (3 * C, 4 * C, 5 * C, 2 * C)[:len(loras)])
+        widths = [down.shape[1] for down in downs]
+        self.lora_up = _make_lora([weights[a + n + "2"] for n in loras], device,
+                                  [sum(widths[:j]) for j in range(len(loras))])
+        self.w_width, self.g_from, self.g_to = widths[0], widths[0] + widths[1], sum(widths[:3])
+        self.wa0 = torch.cat([vec(a + "w0"), vec(a + "a0")])
         self.v0 = torch.zeros(1, device=device) if i == 0 else vec(a + "v0")
-        self.v1, self.v2 = (_Fp32Linear(torch.zeros(1, 1, device=device)),) * 2 if i == 0 else (
-            lora(a + "v1"), lora(a + "v2"))
+        self.k_k, self.k_a, self.r_k = (vec(a + n) for n in ("k_k", "k_a", "r_k"))
         self.lnx_w, self.lnx_b = vec(a + "ln_x.weight"), vec(a + "ln_x.bias")
-        self.R, self.K, self.V, self.O = (linear(a + n) for n in ("receptance", "key", "value", "output"))
+        self.O = linear(a + "output")
         self.fx_k = vec(f + "x_k")
         self.FK, self.FV = linear(f + "key"), linear(f + "value")
 
@@ -467,20 +517,24 @@ class _Block(nn.Module):
         xx = F.layer_norm(x, [C], self.ln1_w, self.ln1_b, self.ln_eps)
         if snapping:  # a token shift's state after position p is p's input
             snap_att.copy_(xx[rows.snap_pos])
-        mixed = torch.addcmul(xx, _shift(xx, att_prev, rows), self.maa)  # (6, M, C)
-        xr, xw, xk, xv, xa, xg = mixed[0], mixed[1], mixed[2], mixed[3], mixed[4], mixed[5]
-        r = self.R(xr)
-        k = self.K(xk)
-        v = self.V(xv)
-        w = torch.sigmoid(self.w2(torch.tanh(self.w1(xw))) + self.w0).mul_(self.decay_scale).exp_()
-        a = torch.sigmoid(self.a2(self.a1(xa)) + self.a0)
-        g = self.g2(torch.sigmoid(self.g1(xg)))
-        kk = F.normalize((k * self.k_k).view(-1, H, N), dim=-1).view(k.shape)
+        mixed = torch.addcmul(xx.unsqueeze(1), _shift(xx, att_prev, rows).unsqueeze(1), self.maa).view(-1, 6 * C)
+        rkv = self.RKV(mixed)
+        r, k, v = rkv[:, :C], rkv[:, C:2 * C], rkv[:, 2 * C:]
+        low = self.lora_down(mixed)
+        low[:, :self.w_width].tanh_()
+        low[:, self.g_from:self.g_to].sigmoid_()
+        up = self.lora_up(low)  # w's, a's, g's and v's LoRA outputs
+        wa = torch.sigmoid(up[:, :2 * C] + self.wa0)
+        w = wa[:, :C].mul(self.decay_scale).exp_()
+        a = wa[:, C:]
+        g = up[:, 2 * C:3 * C]
+        kk = F.normalize((k * self.k_k).view(-1, H, N), dim=-1).view(-1, C)
         k = k * (1 + (a - 1) * self.k_a)
         if self.first_layer:
+            v = v.contiguous()  # a column slice of rkv: the state update views it by heads
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(self.v2(self.v1(xv)) + self.v0))
+            v = torch.lerp(v, v_first, torch.sigmoid(up[:, 3 * C:] + self.v0))
         y = _recurrence(S, r, k, v, w, a, kk, rows, H, N, snap_S)
         y = F.group_norm(y, H, self.lnx_w, self.lnx_b, self.gn_eps)
         bonus = (r * k * self.r_k).view(-1, H, N).sum(dim=-1, keepdim=True)
@@ -509,7 +563,7 @@ class _Network(nn.Module):
         self.blocks = nn.ModuleList(_Block(weights, i, precision, device, config) for i in range(config.n_layer))
         self.ln_out_w = weights["ln_out.weight"].to(device=device, dtype=torch.float32).contiguous()
         self.ln_out_b = weights["ln_out.bias"].to(device=device, dtype=torch.float32).contiguous()
-        self.head_linear = _make_linear(weights["head.weight"], precision, device)
+        self.head_linear = _make_linear([weights["head.weight"]], precision, device)
         self.ln_eps = _LAYER_NORM_EPS
 
     def forward(self, tokens: Tensor, state: List[Tensor], rows: Layout, snaps: List[Tensor]) -> Tensor:

@@ -18,8 +18,8 @@ import torch  # noqa: E402
 from conftest import ROOT, assert_same_state  # noqa: E402
 from inference import kernels  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
-from inference.rwkv7 import (PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, _Int8KernelLinear, _step,  # noqa: E402
-                             _steps)
+from inference.rwkv7 import (PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, _Fp32KernelLinear,  # noqa: E402
+                             _Int8KernelLinear, _step, _steps)
 
 PROMPT = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261, 0, 65535]
 TIGHT = dict(rtol=1e-4, atol=1e-4)
@@ -274,17 +274,17 @@ def int8_reference(x, linear):
     """What _Int8KernelLinear computes, from its stored integers: rows quantised to
     q = round(x * (63.5 / max |x|)) (in float32, as the kernel does), exact integer sums
     (float64 holds them exactly), scaled back."""
-    N, K = linear.weight.shape
-    weight = linear.weight.view(N // 4, K // 32, 4, 32).transpose(1, 2).reshape(N, K).double()
+    N, K = linear.weights[0].shape
+    weight = linear.weights[0].view(N // 4, K // 32, 4, 32).transpose(1, 2).reshape(N, K).double()
     top = x.abs().amax(dim=1, keepdim=True)
     q = torch.round(x * torch.full_like(top, 63.5).div(top)).double()  # a true division, as in C++
-    return (q @ weight.t()) * (top.double() / 63.5) * linear.scale.double()
+    return (q @ weight.t()) * (top.double() / 63.5) * linear.scales[0].double()
 
 
 @pytest.mark.skipif(not kernels.vectorised(), reason="the int8 kernel needs the kernels built with AVX2")
 def test_the_int8_kernel_multiplies_each_row_alone_and_exactly(weights):
     int8 = RWKV7Model(weights, precision="int8", jit=False)
-    assert type(int8._network.blocks[0].R) is _Int8KernelLinear and type(int8._network.head_linear) is _Int8KernelLinear
+    assert type(int8._network.blocks[0].RKV) is _Int8KernelLinear and type(int8._network.head_linear) is _Int8KernelLinear
     generator = torch.Generator().manual_seed(5)
     for N, K in ((768, 768), (3072, 768), (768, 3072), (4096, 768), (64, 32)):
         weight = torch.randn(N, K, generator=generator)
@@ -296,6 +296,29 @@ def test_the_int8_kernel_multiplies_each_row_alone_and_exactly(weights):
             assert torch.equal(linear(x[rows]), together[rows])
         exact = x @ weight.t()  # and int8's rounding is small next to the product itself
         assert 0 < ((together - exact).norm() / exact.norm()).item() < 0.03
+
+
+@pytest.mark.skipif(not kernels.vectorised(), reason="the product kernels need the kernels built with AVX2")
+@pytest.mark.parametrize("kernel", [_Int8KernelLinear, _Fp32KernelLinear])
+def test_products_side_by_side_in_one_call_equal_each_product_alone(kernel):
+    """R, K and V (or the LoRA halves) in one kernel call, each reading its own columns of the
+    input (rows several inputs apart): the same numbers as separate calls on those columns, and
+    a column range past the input is refused with a clear error."""
+    generator = torch.Generator().manual_seed(9)
+    shapes, columns = [(64, 96), (32, 64), (128, 96), (8, 32)], [96, 0, 160, 288]
+    weights = [torch.randn(N, K, generator=generator) for N, K in shapes]
+    together = kernel(weights, columns)
+    for rows in (1, 2, 5, 37):
+        x = torch.randn(rows, 320, generator=generator) * torch.rand(rows, 1, generator=generator) * 4
+        y = together(x)
+        assert y.shape == (rows, sum(N for N, _ in shapes))
+        start = 0
+        for weight, column, (N, K) in zip(weights, columns, shapes):
+            alone = kernel(weight)(x[:, column:column + K].contiguous())
+            assert torch.equal(y[:, start:start + N], alone)
+            start += N
+    with pytest.raises(RuntimeError, match=r"reads columns \[288, 320\) of x, which has 300"):
+        together(torch.randn(2, 300))
 
 
 def test_fp16_on_the_cpu_is_refused_with_a_clear_error(weights):
@@ -354,7 +377,7 @@ def test_the_fallback_without_compiled_kernels_gives_the_same_logits_and_int8_wi
         "for precision in ('fp32', 'int8'):\n"
         "    m = RWKV7Model(weights, precision=precision)\n"
         f"    logits[precision] = m.forward({tokens!r}, m.zero_state(3))\n"
-        "assert type(m._network.blocks[0].R).__name__ == '_Int8Linear'  # fbgemm's\n"
+        "assert type(m._network.blocks[0].RKV.linears[0]).__name__ == '_Int8Linear'  # fbgemm's\n"
         "torch.save(logits, sys.argv[1])\n"
     )
     out = model_path.with_name("fallback-logits.pt")

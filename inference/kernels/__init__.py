@@ -6,7 +6,8 @@ head, and reads a prompt's tokens in one call. `int8_linear.cpp` is the
 `cpu int8` matrix product (rows quantised in the call, int8 weights read
 as packed streams), used in place of fbgemm's where the build has AVX2, and
 `f32_linear.cpp` the float32 one for the LoRAs (each row summed in one
-order whatever the batch, where MKL's sgemm is not). They are built by
+order whatever the batch, where MKL's sgemm is not); both multiply several
+weights in one call (`products.h`). They are built by
 `python -m inference.kernels` (`make install` runs it) into the virtual
 environment, under a name that carries a digest of the source and the
 compiler flags, so a changed either is never served by an old build.
@@ -30,12 +31,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("wkv7.cpp", "int8_linear.cpp", "f32_linear.cpp")]
+HEADERS = [Path(__file__).with_name("products.h")]
 BUILD_DIR = Path(sys.prefix) / "rpserver-kernels"
 
 
 def library_name():
     """Named by a digest of the source and the compiler flags: a changed either is never served by an old build."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(compile_flags()).encode())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS) +
+                            " ".join(compile_flags()).encode())
     return "rpserver_kernels_" + digest.hexdigest()[:12]
 
 

@@ -9,10 +9,13 @@
 // (exact integer sums), the whole int8 pass gives each row the same result
 // alone, in any batch and in any chunking. It also reads the weights as
 // packed streams (four output channels, eight inputs at a time), which for
-// one row is faster than MKL's small products: bench/kernels.py.
+// one row is faster than MKL's small products: bench/kernels.py. One call can
+// multiply several column ranges of x by several weights, outputs side by
+// side (products.h): a layer's LoRA halves in one.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "products.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -53,9 +56,10 @@ inline void block4(const float* x0, const float* x1, const float* w, int64_t K, 
 }
 #endif
 
-// Output channels [begin, end) (multiples of 4) for all M rows.
-void channels(const float* x, int64_t M, const float* w, int64_t K, int64_t N, int64_t begin, int64_t end,
-              float* y) {
+// Output channels [begin, end) (multiples of 4) of one product for all M rows; x's rows ldx apart,
+// y's ldy apart.
+void channels(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t ldy, int64_t begin,
+              int64_t end, float* y) {
   // Rows in tiles of ~256 KB (held in the L2 cache while each 4 channels' weights pass over them
   // from L1); the tiling changes no sum.
   const int64_t tile = std::max<int64_t>(2, (65536 / K) & ~int64_t(1));
@@ -65,14 +69,14 @@ void channels(const float* x, int64_t M, const float* w, int64_t K, int64_t N, i
     const float* wn = w + n * K;
 #ifdef __AVX2__
     int64_t m = m0;
-    for (; m + 2 <= m1; m += 2) block4<2>(x + m * K, x + (m + 1) * K, wn, K, y + m * N + n, y + (m + 1) * N + n);
-    if (m < m1) block4<1>(x + m * K, nullptr, wn, K, y + m * N + n, nullptr);
+    for (; m + 2 <= m1; m += 2) block4<2>(x + m * ldx, x + (m + 1) * ldx, wn, K, y + m * ldy + n, y + (m + 1) * ldy + n);
+    if (m < m1) block4<1>(x + m * ldx, nullptr, wn, K, y + m * ldy + n, nullptr);
 #else
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t c = 0; c < 4; ++c) {
         float sum = 0.f;
-        for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * wn[(k / 8) * 32 + c * 8 + k % 8];
-        y[m * N + n + c] = sum;
+        for (int64_t k = 0; k < K; ++k) sum += x[m * ldx + k] * wn[(k / 8) * 32 + c * 8 + k % 8];
+        y[m * ldy + n + c] = sum;
       }
     }
 #endif
@@ -80,23 +84,19 @@ void channels(const float* x, int64_t M, const float* w, int64_t K, int64_t N, i
   }
 }
 
-// x (M, K) float32 -> (M, N) float32. weight: the (N, K) matrix packed four output channels to a
-// stream, K / 8 runs of eight inputs each (packed by inference/rwkv7.py _Fp32KernelLinear).
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be (M, K) float32 on the CPU");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
-              "weight must be a contiguous (N, K) float32 tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "x and weight disagree on K");
-  TORCH_CHECK(K % 8 == 0 && N % 4 == 0, "K must be a multiple of 8 and N of 4");
-  const auto xc = x.contiguous();
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
+// x (M, width) float32 -> (M, sum of N_g) float32: product g multiplies x's columns
+// [columns[g], columns[g] + K_g) by weights[g] (see products.h), each the (N, K) matrix packed four
+// output channels to a stream, K / 8 runs of eight inputs each (packed by inference/rwkv7.py
+// _Fp32KernelLinear).
+at::Tensor f32_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef columns) {
+  const auto products = rpserver::plan(x, weights, columns, at::kFloat, 8, "float32");
+  auto y = at::empty({x.size(0), rpserver::width(products)}, x.options());
+  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 8192 / K);  // blocks of 4 channels, >= ~128 KB of weights a task
-  at::parallel_for(0, N / 4, grain, [&](int64_t begin, int64_t end) {
-    channels(xp, M, wp, K, N, begin * 4, end * 4, yp);
+  const int64_t M = x.size(0), ldx = x.stride(0), ldy = y.size(1);
+  // At least ~128 KB of weights per task.
+  rpserver::for_each_block(products, 1024, [&](const rpserver::Product& p, int64_t begin, int64_t end) {
+    channels(xp + p.column, ldx, M, p.weight->data_ptr<float>(), p.K, ldy, begin, end, yp + p.out);
   });
   return y;
 }
@@ -104,7 +104,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rpserver, m) {
-  m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor[] weights, int[] columns) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rpserver, CPU, m) {

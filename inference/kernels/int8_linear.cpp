@@ -19,11 +19,13 @@
 // Here the weights are stored packed once, four output channels to a stream,
 // and read once per call, with two rows of x against each load of them; the
 // output channels are spread over torch's threads. bench/kernels.py
-// measures both.
+// measures both. One call can multiply several column ranges of x by several
+// weights, outputs side by side (products.h): R, K and V in one.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include "products.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -34,45 +36,38 @@ constexpr float kSteps = 63.5f;  // a row's max |x| maps to 63.5: q in [-64, 64]
 constexpr int kZero = 64;
 constexpr int64_t kPrefetch = 1024;  // bytes of weights ahead of the ones being multiplied
 
-// x (M, K) float -> u (M, K) uint8 in [0, 128], and each row's dequantising factor max / 63.5.
-// K is a multiple of 32.
-void quantise_rows(const float* x, int64_t M, int64_t K, uint8_t* u, float* row_scale) {
-  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* xm = x + m * K;
-      uint8_t* um = u + m * K;
-      float top = 0.f;
-      int64_t k = 0;
+// One row of K floats (a multiple of 32) -> K uint8 in [0, 128], and its dequantising factor max / 63.5.
+void quantise_row(const float* xm, int64_t K, uint8_t* um, float* row_scale) {
+  float top = 0.f;
+  int64_t k = 0;
 #ifdef __AVX2__
-      const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-      __m256 top8 = _mm256_setzero_ps();
-      for (; k < K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(xm + k), no_sign));
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, top8);
-      for (float lane : lanes) top = std::max(top, lane);
+  const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 top8 = _mm256_setzero_ps();
+  for (; k < K; k += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(xm + k), no_sign));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  for (float lane : lanes) top = std::max(top, lane);
 #else
-      for (; k < K; ++k) top = std::max(top, std::fabs(xm[k]));
+  for (; k < K; ++k) top = std::max(top, std::fabs(xm[k]));
 #endif
-      const float inv = top > 0.f ? kSteps / top : 0.f;
-      row_scale[m] = top / kSteps;
-      k = 0;
+  const float inv = top > 0.f ? kSteps / top : 0.f;
+  *row_scale = top / kSteps;
+  k = 0;
 #ifdef __AVX2__
-      const __m256 inv8 = _mm256_set1_ps(inv);
-      const __m256i zero8 = _mm256_set1_epi32(kZero), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-      for (; k < K; k += 32) {
-        __m256i q[4];
-        for (int i = 0; i < 4; ++i) {
-          const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(xm + k + 8 * i), inv8);
-          q[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT |
-                                                                                 _MM_FROUND_NO_EXC)), zero8);
-        }
-        const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(um + k), _mm256_permutevar8x32_epi32(bytes, order));
-      }
-#endif
-      for (; k < K; ++k) um[k] = static_cast<uint8_t>(std::nearbyint(xm[k] * inv) + kZero);
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  const __m256i zero8 = _mm256_set1_epi32(kZero), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; k < K; k += 32) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(xm + k + 8 * i), inv8);
+      q[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT |
+                                                                             _MM_FROUND_NO_EXC)), zero8);
     }
-  });
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(um + k), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+#endif
+  for (; k < K; ++k) um[k] = static_cast<uint8_t>(std::nearbyint(xm[k] * inv) + kZero);
 }
 
 #ifdef __AVX2__
@@ -133,9 +128,10 @@ int32_t dot(const uint8_t* u, const int8_t* w, int64_t K, int64_t n) {
   return sum;
 }
 
-// Output channels [begin, end) (multiples of 4) for all M rows.
+// Output channels [begin, end) (multiples of 4) of one product for all M rows; u (M, K), y's rows
+// ldy apart.
 void channels(const uint8_t* u, const float* row_scale, int64_t M, const int8_t* w, const float* scale,
-              const int32_t* offset, int64_t K, int64_t N, int64_t begin, int64_t end, float* y) {
+              const int32_t* offset, int64_t K, int64_t ldy, int64_t begin, int64_t end, float* y) {
   // Rows in tiles of ~256 KB (held in the L2 cache while each 4 channels' weights pass over them
   // from L1); the tiling changes no sum.
   const int64_t tile = std::max<int64_t>(2, (262144 / K) & ~int64_t(1));
@@ -148,18 +144,18 @@ void channels(const uint8_t* u, const float* row_scale, int64_t M, const int8_t*
     for (; m + 2 <= m1; m += 2) {
       __m128i s0, s1;
       block4<2>(u + m * K, u + (m + 1) * K, wn, K, &s0, &s1);
-      finish4(s0, offset + n, scale + n, row_scale[m], y + m * N + n);
-      finish4(s1, offset + n, scale + n, row_scale[m + 1], y + (m + 1) * N + n);
+      finish4(s0, offset + n, scale + n, row_scale[m], y + m * ldy + n);
+      finish4(s1, offset + n, scale + n, row_scale[m + 1], y + (m + 1) * ldy + n);
     }
     if (m < m1) {
       __m128i s0, unused;
       block4<1>(u + m * K, nullptr, wn, K, &s0, &unused);
-      finish4(s0, offset + n, scale + n, row_scale[m], y + m * N + n);
+      finish4(s0, offset + n, scale + n, row_scale[m], y + m * ldy + n);
     }
 #else
     for (int64_t c = n; c < n + 4; ++c) {
       for (int64_t m = m0; m < m1; ++m) {
-        y[m * N + c] = static_cast<float>(dot(u + m * K, w, K, c) - offset[c]) * row_scale[m] * scale[c];
+        y[m * ldy + c] = static_cast<float>(dot(u + m * K, w, K, c) - offset[c]) * row_scale[m] * scale[c];
       }
     }
 #endif
@@ -167,39 +163,44 @@ void channels(const uint8_t* u, const float* row_scale, int64_t M, const int8_t*
   }
 }
 
-// x (M, K) float32 -> (M, N) float32. weight: the (N, K) int8 matrix packed so
-// that each group of 4 output channels reads as one stream: for channels
-// 4b..4b+3, K / 32 runs of [32 of channel 4b, 32 of 4b+1, 32 of 4b+2, 32 of
-// 4b+3] (packed by inference/rwkv7.py _Int8KernelLinear). scale (N) float32
-// per output channel; offset (N) int32 = 64 * sum_k weight_nk.
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                       const at::Tensor& offset) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be (M, K) float32 on the CPU");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
-              "weight must be a contiguous (N, K) int8 tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "x and weight disagree on K");
-  TORCH_CHECK(K % 32 == 0 && N % 4 == 0, "K must be a multiple of 32 and N of 4");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
-              "scale must be (N) float32");
-  TORCH_CHECK(offset.scalar_type() == at::kInt && offset.is_contiguous() && offset.numel() == N,
-              "offset must be (N) int32");
-  const auto xc = x.contiguous();
-  auto u = at::empty({M, K}, x.options().dtype(at::kByte));
-  auto row_scale = at::empty({M}, x.options());
-  auto y = at::empty({M, N}, x.options());
-  quantise_rows(xc.data_ptr<float>(), M, K, u.data_ptr<uint8_t>(), row_scale.data_ptr<float>());
-  const uint8_t* up = u.data_ptr<uint8_t>();
-  const float* rs = row_scale.data_ptr<float>();
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const int32_t* op = offset.data_ptr<int32_t>();
+// x (M, width) float32 -> (M, sum of N_g) float32: product g multiplies x's columns
+// [columns[g], columns[g] + K_g) by weights[g] (see products.h). Each weight: the (N, K) int8
+// matrix packed so that each group of 4 output channels reads as one stream: for channels
+// 4b..4b+3, K / 32 runs of [32 of channel 4b, 32 of 4b+1, 32 of 4b+2, 32 of 4b+3] (packed by
+// inference/rwkv7.py _Int8KernelLinear). scales[g] (N) float32 per output channel; offsets[g] (N)
+// int32 = 64 * sum_k weight_nk. Each row of each product's inputs is quantised on its own.
+at::Tensor int8_linear(const at::Tensor& x, at::TensorList weights, at::TensorList scales, at::TensorList offsets,
+                       at::IntArrayRef columns) {
+  const auto products = rpserver::plan(x, weights, columns, at::kChar, 32, "int8");
+  TORCH_CHECK(scales.size() == weights.size() && offsets.size() == weights.size(), "one scale and offset per weight");
+  for (size_t g = 0; g < products.size(); ++g) {
+    TORCH_CHECK(scales[g].scalar_type() == at::kFloat && scales[g].is_contiguous() && scales[g].numel() == products[g].N,
+                "each scale must be (N) float32");
+    TORCH_CHECK(offsets[g].scalar_type() == at::kInt && offsets[g].is_contiguous() && offsets[g].numel() == products[g].N,
+                "each offset must be (N) int32");
+  }
+  const int64_t M = x.size(0), ldx = x.stride(0), G = products.size();
+  std::vector<int64_t> at_u(G + 1, 0);  // where each product's quantised rows start in u
+  for (int64_t g = 0; g < G; ++g) at_u[g + 1] = at_u[g] + M * products[g].K;
+  auto u = at::empty({at_u[G]}, x.options().dtype(at::kByte));
+  auto row_scale = at::empty({G, M}, x.options());
+  auto y = at::empty({M, rpserver::width(products)}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* up = u.data_ptr<uint8_t>();
+  float* rs = row_scale.data_ptr<float>();
+  at::parallel_for(0, G * M, std::max<int64_t>(1, 8192 / products[0].K), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / M, m = i % M, K = products[g].K;
+      quantise_row(xp + m * ldx + products[g].column, K, up + at_u[g] + m * K, rs + i);
+    }
+  });
+  const int64_t ldy = y.size(1);
   float* yp = y.data_ptr<float>();
-  // Blocks of 4 output channels, at least ~64 KB of weights per task.
-  const int64_t blocks = N / 4;
-  const int64_t grain = std::max<int64_t>(1, 16384 / K);
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    channels(up, rs, M, wp, sp, op, K, N, begin * 4, end * 4, yp);
+  // At least ~64 KB of weights per task.
+  rpserver::for_each_block(products, 512, [&](const rpserver::Product& p, int64_t begin, int64_t end) {
+    const int64_t g = &p - products.data();
+    channels(up + at_u[g], rs + g * M, M, p.weight->data_ptr<int8_t>(), scales[g].data_ptr<float>(),
+             offsets[g].data_ptr<int32_t>(), p.K, ldy, begin, end, yp + p.out);
   });
   return y;
 }
@@ -207,7 +208,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rpserver, m) {
-  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor offset) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] offsets, int[] columns) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rpserver, CPU, m) {
