@@ -43,7 +43,7 @@ tensors stay the same objects) and return only the logits.
 import dataclasses
 import math
 import warnings
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -408,60 +408,110 @@ else:
     _state_steps = _steps
 
 
-def _recurrence(S: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor, kk: Tensor, rows: Layout,
-                H: int, N: int, snap_S: Tensor) -> Tensor:
-    """The time mix's state update over all positions; returns y [M, C] and
-    updates S (B, H, N, N) in place, copying the layout's snapshots into
-    snap_S (J, H, N, N) as the steps pass them.
-
-    With b = kk*a, each token does S' = S diag(w) - (S kk) b^T + v k^T and
-    y = S' r = S (w*r) - (S kk)(b.r) + v (k.r).
-    """
-    M = r.shape[0]
-    B = S.shape[0]
-    r4, k4, v4, w4, kk4 = r.view(M, H, 1, N), k.view(M, H, 1, N), v.view(M, H, 1, N), w.view(M, H, 1, N), \
-        kk.view(M, H, 1, N)
+def _prepare_ops(rkv: Tensor, up: Tensor, v_first: Tensor, wa0: Tensor, v0: Tensor, k_k: Tensor, k_a: Tensor,
+                 r_k: Tensor, decay: float, H: int, first: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The time mix from its products' outputs to the state update's inputs (see _prepare)."""
+    M, C = rkv.shape[0], rkv.shape[1] // 3
+    N = C // H
+    r, k, v = rkv[:, :C], rkv[:, C:2 * C], rkv[:, 2 * C:]
+    wa = torch.sigmoid(up[:, :2 * C] + wa0)
+    w = wa[:, :C].mul(decay).exp_()
+    a = wa[:, C:]
+    kk = F.normalize((k * k_k).view(-1, H, N), dim=-1).view(-1, C)
+    k = k * (1 + (a - 1) * k_a)
+    if first:
+        v = v.contiguous()
+    else:
+        v = torch.lerp(v, v_first, torch.sigmoid(up[:, 3 * C:] + v0))
+    r4, k4, kk4 = r.view(M, H, 1, N), k.view(M, H, 1, N), kk.view(M, H, 1, N)
     b4 = kk4 * a.view(M, H, 1, N)
-    q = torch.cat((w4 * r4, kk4), dim=2)  # (M, H, 2, N)
-    u = torch.cat((b4.neg(), k4), dim=2)  # (M, H, 2, N)
+    q = torch.cat((w.view(M, H, 1, N) * r4, kk4), dim=2)
+    u = torch.cat((b4.neg(), k4), dim=2)
+    coef = torch.cat(((b4 * r4).sum(-1), (k4 * r4).sum(-1), (r4 * k4 * r_k.view(H, 1, N)).sum(-1)), dim=2)
+    return q, u, v, w, coef
+
+
+def _finish_ops(o: Tensor, coef: Tensor, v: Tensor, g: Tensor, lnx_w: Tensor, lnx_b: Tensor, eps: float) -> Tensor:
+    """The time mix from the state update's output to O's input (see _finish)."""
+    M, H, N = o.shape[0], o.shape[1], o.shape[3]
+    v4 = v.view(M, H, 1, N)
+    y = o[:, :, :1] - o[:, :, 1:] * coef[:, :, 0:1].unsqueeze(-1) + v4 * coef[:, :, 1:2].unsqueeze(-1)
+    y = F.group_norm(y.view(M, H * N), H, lnx_w, lnx_b, eps)
+    return y.view(M, H, N).addcmul_(coef[:, :, 2:3], v.view(M, H, N)).view(M, H * N) * g
+
+
+if kernels.vectorised():
+    def _prepare(rkv: Tensor, up: Tensor, v_first: Tensor, wa0: Tensor, v0: Tensor, k_k: Tensor, k_a: Tensor,
+                 r_k: Tensor, decay: float, H: int, first: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """From r, k, v (side by side in rkv) and the LoRAs' w, a, g, v outputs (in up): with
+        w = exp(decay * sigmoid(w' + w0)), a = sigmoid(a' + a0), kk = normalize(k k_k),
+        k <- k (1 + (a - 1) k_a), v <- lerp(v, v_first, sigmoid(v' + v0)) (not in layer 0) and
+        b = kk a, the state update's inputs q = [w r, kk], u = [-b, k] (M, H, 2, N), v and w
+        (M, C), and per head coef = [b.r, k.r, (r k).r_k] (M, H, 3). On the CPU one pass over
+        each row (inference/kernels/time_mix.cpp)."""
+        if rkv.is_cuda:
+            return _prepare_ops(rkv, up, v_first, wa0, v0, k_k, k_a, r_k, decay, H, first)
+        return torch.ops.rpserver.rwkv7_prepare(rkv, up, v_first, wa0, v0, k_k, k_a, r_k, decay, H, first)
+
+    def _finish(o: Tensor, coef: Tensor, v: Tensor, g: Tensor, lnx_w: Tensor, lnx_b: Tensor, eps: float) -> Tensor:
+        """y = S' r = S (w r) - (S kk)(b.r) + v (k.r) from o = [S (w r), S kk] (the state before
+        the token), group-normed per head, plus the bonus ((r k).r_k) v, times g: O's input.
+        On the CPU one pass over each row (inference/kernels/time_mix.cpp)."""
+        if o.is_cuda:
+            return _finish_ops(o, coef, v, g, lnx_w, lnx_b, eps)
+        return torch.ops.rpserver.rwkv7_finish(o, coef, v, g, lnx_w, lnx_b, eps)
+else:
+    _prepare = _prepare_ops
+    _finish = _finish_ops
+
+
+def _recurrence(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor, rows: Layout, H: int, N: int,
+                snap_S: Tensor) -> Tensor:
+    """The time mix's state update over all positions (inputs from _prepare); returns
+    o = [S (w r), S kk] (M, H, 2, N) for the state before each token (for _finish) and
+    updates S (B, H, N, N) in place, copying the layout's snapshots into snap_S
+    (J, H, N, N) as the steps pass them.
+
+    With b = kk*a, each token does S' = S diag(w) - (S kk) b^T + v k^T.
+    """
+    M = q.shape[0]
+    B = S.shape[0]
+    v4, w4 = v.view(M, H, 1, N), w.view(M, H, 1, N)
     BH = B * H
     if rows.single:
         o = _state_step(S.view(BH, N, N), q.view(BH, 2, N), u.view(BH, 2, N), v4.view(BH, 1, N), w4.view(BH, 1, N))
-        o = o.view(B, H, 2, N)
+        return o.view(B, H, 2, N)
+    o0 = _state_step(S.view(BH, N, N), q[rows.first].view(BH, 2, N), u[rows.first].view(BH, 2, N),
+                     v4[rows.first].view(BH, 1, N), w4[rows.first].view(BH, 1, N))
+    for pair in rows.first_snaps:  # [sequence, snapshot]
+        snap_S[pair[1]].copy_(S[pair[0]])
+    RH = rows.readers.shape[0] * H
+    SR = S if rows.readers_in_place else S[rows.readers]  # (readers, H, N, N)
+    S3 = SR.view(RH, N, N)
+    if B == 1:  # one sequence (a prompt read alone): its later tokens are positions 1.. in order
+        qs, us, vs, ws = q[1:], u[1:], v4[1:], w4[1:]
     else:
-        o0 = _state_step(S.view(BH, N, N), q[rows.first].view(BH, 2, N), u[rows.first].view(BH, 2, N),
-                         v4[rows.first].view(BH, 1, N), w4[rows.first].view(BH, 1, N))
-        for pair in rows.first_snaps:  # [sequence, snapshot]
-            snap_S[pair[1]].copy_(S[pair[0]])
-        RH = rows.readers.shape[0] * H
-        SR = S if rows.readers_in_place else S[rows.readers]  # (readers, H, N, N)
-        S3 = SR.view(RH, N, N)
-        if B == 1:  # one sequence (a prompt read alone): its later tokens are positions 1.. in order
-            qs, us, vs, ws = q[1:], u[1:], v4[1:], w4[1:]
-        else:
-            qs = q[rows.later].view(-1, RH, 2, N)  # (T-1, RH, 2, N)
-            us = u[rows.later].view(-1, RH, 2, N)
-            vs = v4[rows.later].view(-1, RH, 1, N)
-            ws = w4[rows.later].view(-1, RH, 1, N)
-        outs: List[Tensor] = []
-        for segment in rows.segments:  # steps [start, end) have the first n readers reading
-            start, end, nH = segment[0], segment[1], segment[2] * H
-            if end > start:
-                outs.append(_state_steps(S3[:nH], qs[start:end, :nH], us[start:end, :nH], vs[start:end, :nH],
-                                         ws[start:end, :nH]).view(-1, 2, N))
-            if segment[3] >= 0:  # reader segment[3]'s state is snapshot segment[4]
-                snap_S[segment[4]].copy_(S3[segment[3] * H:(segment[3] + 1) * H])
-        if not rows.readers_in_place:
-            S[rows.readers] = SR
-        if B == 1:
-            o = torch.cat([o0] + outs).view(M, H, 2, N)
-        else:
-            o = torch.empty(M, H, 2, N, device=o0.device)
-            o[rows.first] = o0.view(B, H, 2, N)
-            o[rows.later_flat] = torch.cat(outs).view(-1, H, 2, N)
-    sa = o[:, :, 1:]
-    y = o[:, :, :1] - sa * (b4 * r4).sum(-1, keepdim=True) + v4 * (k4 * r4).sum(-1, keepdim=True)
-    return y.view(M, H * N)
+        qs = q[rows.later].view(-1, RH, 2, N)  # (T-1, RH, 2, N)
+        us = u[rows.later].view(-1, RH, 2, N)
+        vs = v4[rows.later].view(-1, RH, 1, N)
+        ws = w4[rows.later].view(-1, RH, 1, N)
+    outs: List[Tensor] = []
+    for segment in rows.segments:  # steps [start, end) have the first n readers reading
+        start, end, nH = segment[0], segment[1], segment[2] * H
+        if end > start:
+            outs.append(_state_steps(S3[:nH], qs[start:end, :nH], us[start:end, :nH], vs[start:end, :nH],
+                                     ws[start:end, :nH]).view(-1, 2, N))
+        if segment[3] >= 0:  # reader segment[3]'s state is snapshot segment[4]
+            snap_S[segment[4]].copy_(S3[segment[3] * H:(segment[3] + 1) * H])
+    if not rows.readers_in_place:
+        S[rows.readers] = SR
+    if B == 1:
+        o = torch.cat([o0] + outs).view(M, H, 2, N)
+    else:
+        o = torch.empty(M, H, 2, N, device=o0.device)
+        o[rows.first] = o0.view(B, H, 2, N)
+        o[rows.later_flat] = torch.cat(outs).view(-1, H, 2, N)
+    return o
 
 
 class _Block(nn.Module):
@@ -518,28 +568,16 @@ class _Block(nn.Module):
         if snapping:  # a token shift's state after position p is p's input
             snap_att.copy_(xx[rows.snap_pos])
         mixed = torch.addcmul(xx.unsqueeze(1), _shift(xx, att_prev, rows).unsqueeze(1), self.maa).view(-1, 6 * C)
-        rkv = self.RKV(mixed)
-        r, k, v = rkv[:, :C], rkv[:, C:2 * C], rkv[:, 2 * C:]
         low = self.lora_down(mixed)
         low[:, :self.w_width].tanh_()
         low[:, self.g_from:self.g_to].sigmoid_()
         up = self.lora_up(low)  # w's, a's, g's and v's LoRA outputs
-        wa = torch.sigmoid(up[:, :2 * C] + self.wa0)
-        w = wa[:, :C].mul(self.decay_scale).exp_()
-        a = wa[:, C:]
-        g = up[:, 2 * C:3 * C]
-        kk = F.normalize((k * self.k_k).view(-1, H, N), dim=-1).view(-1, C)
-        k = k * (1 + (a - 1) * self.k_a)
+        q, u, v, w, coef = _prepare(self.RKV(mixed), up, v_first, self.wa0, self.v0, self.k_k, self.k_a, self.r_k,
+                                    self.decay_scale, H, self.first_layer)
         if self.first_layer:
-            v = v.contiguous()  # a column slice of rkv: the state update views it by heads
             v_first = v
-        else:
-            v = torch.lerp(v, v_first, torch.sigmoid(up[:, 3 * C:] + self.v0))
-        y = _recurrence(S, r, k, v, w, a, kk, rows, H, N, snap_S)
-        y = F.group_norm(y, H, self.lnx_w, self.lnx_b, self.gn_eps)
-        bonus = (r * k * self.r_k).view(-1, H, N).sum(dim=-1, keepdim=True)
-        y = y.view(-1, H, N).addcmul_(bonus, v.view(-1, H, N)).view(-1, C)
-        x = x + self.O(y * g)
+        o = _recurrence(S, q, u, v, w, rows, H, N, snap_S)
+        x = x + self.O(_finish(o, coef, v, up[:, 2 * C:3 * C], self.lnx_w, self.lnx_b, self.gn_eps))
 
         # ---- channel mix
         xx = F.layer_norm(x, [C], self.ln2_w, self.ln2_b, self.ln_eps)

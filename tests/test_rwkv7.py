@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import ROOT, assert_same_state  # noqa: E402
-from inference import kernels  # noqa: E402
+from inference import kernels, rwkv7  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
 from inference.rwkv7 import (PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, _Fp32KernelLinear,  # noqa: E402
                              _Int8KernelLinear, _step, _steps)
@@ -319,6 +319,37 @@ def test_products_side_by_side_in_one_call_equal_each_product_alone(kernel):
             start += N
     with pytest.raises(RuntimeError, match=r"reads columns \[288, 320\) of x, which has 300"):
         together(torch.randn(2, 300))
+
+
+@pytest.mark.skipif(not kernels.vectorised(), reason="the fused time mix needs the kernels built with AVX2")
+@pytest.mark.parametrize("first", [True, False])
+def test_the_fused_time_mix_equals_its_torch_operations_and_each_row_is_computed_alone(first):
+    """inference/kernels/time_mix.cpp against rwkv7._prepare_ops / _finish_ops (float rounding
+    apart), on inputs shaped as the model makes them (r, k, v and the LoRA outputs as column
+    slices of wider tensors); a row's result is the same alone as among 37."""
+    generator = torch.Generator().manual_seed(11)
+    H, N = 4, 64
+    C = H * N
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    rkv, up, v_first = rand(37, 3 * C) * 2, rand(37, 4 * C), rand(37, C)
+    vectors = [rand(2 * C), rand(C), rand(C), torch.rand(C, generator=generator), rand(C)]  # wa0 v0 k_k k_a r_k
+    o, coef_in, lnx_w, lnx_b = rand(37, H, 2, N), rand(37, H, 3), rand(C), rand(C)
+    fused = rwkv7._prepare(rkv, up, v_first, *vectors, rwkv7._DECAY_SCALE, H, first)
+    plain = rwkv7._prepare_ops(rkv, up, v_first, *vectors, rwkv7._DECAY_SCALE, H, first)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    g = up[:, 2 * C:3 * C]
+    fused_y = rwkv7._finish(o, coef_in, plain[2], g, lnx_w, lnx_b, rwkv7._GROUP_NORM_EPS)
+    torch.testing.assert_close(fused_y, rwkv7._finish_ops(o, coef_in, plain[2], g, lnx_w, lnx_b,
+                                                          rwkv7._GROUP_NORM_EPS), rtol=1e-5, atol=1e-5)
+    for rows in (slice(0, 1), slice(5, 7), slice(20, 37)):
+        alone = rwkv7._prepare(rkv[rows], up[rows], v_first[rows], *vectors, rwkv7._DECAY_SCALE, H, first)
+        assert all(torch.equal(a, b[rows]) for a, b in zip(alone, fused))
+        assert torch.equal(rwkv7._finish(o[rows], coef_in[rows], plain[2][rows], g[rows], lnx_w, lnx_b,
+                                         rwkv7._GROUP_NORM_EPS), fused_y[rows])
 
 
 def test_fp16_on_the_cpu_is_refused_with_a_clear_error(weights):
