@@ -371,6 +371,27 @@ def _shift(xx: Tensor, prev: Tensor, rows: Layout) -> Tensor:
     return shifted.sub_(xx)
 
 
+def _shift_mix_ops(x: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, prev: Tensor, mixes: Tensor,
+                   rows: Layout) -> Tuple[Tensor, Tensor]:
+    """A mix's start (see _shift_mix)."""
+    xx = F.layer_norm(x, [x.shape[1]], ln_w, ln_b, eps)
+    return xx, torch.addcmul(xx.unsqueeze(1), _shift(xx, prev, rows).unsqueeze(1), mixes).view(xx.shape[0], -1)
+
+
+if kernels.vectorised():
+    def _shift_mix(x: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, prev: Tensor, mixes: Tensor,
+                   rows: Layout) -> Tuple[Tensor, Tensor]:
+        """xx = layer_norm(x) and the n mixes (n, C) of xx with its token shift side by side (M, n C):
+        xx + (xx of the token before - xx) * mix_i, the state `prev` standing before each sequence's
+        first token (and becoming its last xx). On the CPU one pass over each row
+        (inference/kernels/time_mix.cpp)."""
+        if x.is_cuda:
+            return _shift_mix_ops(x, ln_w, ln_b, eps, prev, mixes, rows)
+        return torch.ops.rpserver.rwkv7_shift_mix(x, ln_w, ln_b, eps, prev, mixes, rows.first, rows.last, rows.single)
+else:
+    _shift_mix = _shift_mix_ops
+
+
 def _step(S: Tensor, q: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
     """One token for n sequences' heads: S (nH, N, N) updated in place.
 
@@ -552,7 +573,7 @@ class _Block(nn.Module):
         self.k_k, self.k_a, self.r_k = (vec(a + n) for n in ("k_k", "k_a", "r_k"))
         self.lnx_w, self.lnx_b = vec(a + "ln_x.weight"), vec(a + "ln_x.bias")
         self.O = linear(a + "output")
-        self.fx_k = vec(f + "x_k")
+        self.fx_k = vec(f + "x_k").unsqueeze(0)
         self.FK, self.FV = linear(f + "key"), linear(f + "value")
 
     def forward(self, x: Tensor, v_first: Tensor, att_prev: Tensor, S: Tensor, ffn_prev: Tensor, rows: Layout,
@@ -564,10 +585,9 @@ class _Block(nn.Module):
         snapping = rows.snap_pos.shape[0] > 0
 
         # ---- time mix
-        xx = F.layer_norm(x, [C], self.ln1_w, self.ln1_b, self.ln_eps)
+        xx, mixed = _shift_mix(x, self.ln1_w, self.ln1_b, self.ln_eps, att_prev, self.maa, rows)
         if snapping:  # a token shift's state after position p is p's input
             snap_att.copy_(xx[rows.snap_pos])
-        mixed = torch.addcmul(xx.unsqueeze(1), _shift(xx, att_prev, rows).unsqueeze(1), self.maa).view(-1, 6 * C)
         low = self.lora_down(mixed)
         low[:, :self.w_width].tanh_()
         low[:, self.g_from:self.g_to].sigmoid_()
@@ -580,10 +600,9 @@ class _Block(nn.Module):
         x = x + self.O(_finish(o, coef, v, up[:, 2 * C:3 * C], self.lnx_w, self.lnx_b, self.gn_eps))
 
         # ---- channel mix
-        xx = F.layer_norm(x, [C], self.ln2_w, self.ln2_b, self.ln_eps)
+        xx, kx = _shift_mix(x, self.ln2_w, self.ln2_b, self.ln_eps, ffn_prev, self.fx_k, rows)
         if snapping:
             snap_ffn.copy_(xx[rows.snap_pos])
-        kx = torch.addcmul(xx, _shift(xx, ffn_prev, rows), self.fx_k)
         kx = torch.relu(self.FK(kx)).square_()
         return x + self.FV(kx), v_first
 

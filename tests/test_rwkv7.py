@@ -352,6 +352,27 @@ def test_the_fused_time_mix_equals_its_torch_operations_and_each_row_is_computed
                                          rwkv7._GROUP_NORM_EPS), fused_y[rows])
 
 
+@pytest.mark.skipif(not kernels.vectorised(), reason="the fused token shift needs the kernels built with AVX2")
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [5, 1, 3], [7]])
+def test_the_fused_token_shift_and_mixes_equal_their_torch_operations(lengths):
+    """rwkv7_shift_mix (layer norm, token shift, six mixes side by side) against
+    rwkv7._shift_mix_ops, float rounding apart: the same outputs and the same state
+    left behind (each sequence's last xx), for one token per sequence and for runs."""
+    generator = torch.Generator().manual_seed(13)
+    C, M, B = 64, sum(lengths), len(lengths)
+    x = torch.randn(M, C, generator=generator) * 3 + 1
+    ln_w, ln_b, mixes = torch.randn(C, generator=generator), torch.randn(C, generator=generator), \
+        torch.rand(6, C, generator=generator)
+    prev = torch.randn(B, C, generator=generator)
+    rows = rwkv7.layout(lengths, torch.device("cpu"))
+    fused_prev, plain_prev = prev.clone(), prev.clone()
+    fused = rwkv7._shift_mix(x, ln_w, ln_b, 1e-5, fused_prev, mixes, rows)
+    plain = rwkv7._shift_mix_ops(x, ln_w, ln_b, 1e-5, plain_prev, mixes, rows)
+    for a, b in zip(fused + (fused_prev,), plain + (plain_prev,)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fused_prev, prev)
+
+
 def test_fp16_on_the_cpu_is_refused_with_a_clear_error(weights):
     with pytest.raises(ValueError, match="fp16.*CUDA"):
         RWKV7Model(weights, precision="fp16")

@@ -16,6 +16,13 @@
 //
 //     y = group_norm(o0 - o1 * coef0 + v * coef1) + coef2 * v, times g
 //
+// And rwkv7_shift_mix, each mix's start (both the time and the channel mix):
+//
+//     xx = layer_norm(x)      mixed_i = xx + (xx of the token before - xx) * mix_i
+//
+// the token before a sequence's first being the state's (which then becomes
+// the sequence's last xx).
+//
 // Each row is computed on its own, the same way whatever the number of rows
 // (a row's result never depends on its batch-mates). exp is a polynomial
 // (Cephes' expf, ~1 ulp) on AVX2 vectors where the build has AVX2.
@@ -23,7 +30,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <algorithm>
 #include <tuple>
+#include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -272,15 +281,108 @@ at::Tensor rwkv7_finish(const at::Tensor& o, const at::Tensor& coef, const at::T
   return y;
 }
 
+// x (M, C): the tokens of B sequences, one after another (as inference/rwkv7.py's Layout lays
+// them out; `single`: one token each, position b being sequence b, else sequence b's tokens
+// are positions first[b]..last[b]); prev (B, C) the state: each sequence's xx before its first
+// token, updated in place to its last. mixes (n, C). Returns xx (M, C) and mixed (M, n C).
+std::tuple<at::Tensor, at::Tensor> rwkv7_shift_mix(const at::Tensor& x_in, const at::Tensor& ln_w,
+                                                   const at::Tensor& ln_b, double eps, at::Tensor prev,
+                                                   const at::Tensor& mixes, const at::Tensor& first,
+                                                   const at::Tensor& last, bool single) {
+  const auto x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be (M, C) float32 on the CPU");
+  const int64_t M = x.size(0), C = x.size(1), B = single ? M : first.numel();
+  TORCH_CHECK(C % 8 == 0, "C must be a multiple of 8");
+  check_vector(ln_w, C, "ln_w");
+  check_vector(ln_b, C, "ln_b");
+  TORCH_CHECK(mixes.scalar_type() == at::kFloat && mixes.is_contiguous() && mixes.numel() % C == 0,
+              "mixes must be (n, C) float32");
+  TORCH_CHECK(prev.dim() == 2 && prev.scalar_type() == at::kFloat && prev.size(0) == B && prev.size(1) == C &&
+                  prev.stride(1) == 1,
+              "prev must be (B, C) float32, each row's elements adjacent");
+  TORCH_CHECK(single || (first.scalar_type() == at::kLong && last.scalar_type() == at::kLong &&
+                         first.is_contiguous() && last.is_contiguous() && last.numel() == B),
+              "first and last must be (B) int64");
+  const int64_t n = mixes.numel() / C, ldp = prev.stride(0);
+  auto xx = at::empty({M, C}, x.options()), mixed = at::empty({M, n * C}, x.options());
+  const float *xp = x.data_ptr<float>(), *lw = ln_w.data_ptr<float>(), *lb = ln_b.data_ptr<float>();
+  const float* mp = mixes.data_ptr<float>();
+  float *xxp = xx.data_ptr<float>(), *outp = mixed.data_ptr<float>(), *pp = prev.data_ptr<float>();
+  // The sequence each position starts, or -1 (the token before it is the position before).
+  std::vector<int64_t> starts(single ? 0 : M, -1);
+  const int64_t *fp = single ? nullptr : first.data_ptr<int64_t>(), *lp = single ? nullptr : last.data_ptr<int64_t>();
+  for (int64_t b = 0; b < (single ? 0 : B); ++b) {
+    TORCH_CHECK(fp[b] >= 0 && fp[b] <= lp[b] && lp[b] < M, "sequence ", b, "'s positions are outside x");
+    starts[fp[b]] = b;
+  }
+  const float feps = static_cast<float>(eps);
+  const int64_t grain = std::max<int64_t>(1, 4096 / C);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xm = xp + m * C;
+      float* ym = xxp + m * C;
+      float sum = 0.f, var = 0.f;
+#ifdef __AVX2__
+      __m256 s8 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; c += 8) s8 = _mm256_add_ps(s8, _mm256_loadu_ps(xm + c));
+      sum = sum8(s8);
+      const __m256 mean8 = _mm256_set1_ps(sum / C);
+      __m256 v8 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; c += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xm + c), mean8);
+        v8 = _mm256_fmadd_ps(d, d, v8);
+      }
+      var = sum8(v8);
+      const __m256 rstd8 = _mm256_set1_ps(1.f / std::sqrt(var / C + feps));
+      for (int64_t c = 0; c < C; c += 8) {
+        _mm256_storeu_ps(ym + c, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xm + c), mean8), rstd8),
+                                                 _mm256_loadu_ps(lw + c), _mm256_loadu_ps(lb + c)));
+      }
+#else
+      for (int64_t c = 0; c < C; ++c) sum += xm[c];
+      const float mean = sum / C;
+      for (int64_t c = 0; c < C; ++c) var += (xm[c] - mean) * (xm[c] - mean);
+      const float rstd = 1.f / std::sqrt(var / C + feps);
+      for (int64_t c = 0; c < C; ++c) ym[c] = (xm[c] - mean) * rstd * lw[c] + lb[c];
+#endif
+    }
+  });
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* ym = xxp + m * C;
+      const int64_t b = single ? m : starts[m];
+      const float* before = b >= 0 ? pp + b * ldp : xxp + (m - 1) * C;
+      float* om = outp + m * n * C;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* mix = mp + i * C;
+        int64_t c = 0;
+#ifdef __AVX2__
+        for (; c < C; c += 8) {
+          const __m256 y8 = _mm256_loadu_ps(ym + c);
+          _mm256_storeu_ps(om + i * C + c, _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(before + c), y8),
+                                                           _mm256_loadu_ps(mix + c), y8));
+        }
+#endif
+        for (; c < C; ++c) om[i * C + c] = ym[c] + (before[c] - ym[c]) * mix[c];
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) std::copy_n(xxp + (single ? b : lp[b]) * C, C, pp + b * ldp);
+  return {xx, mixed};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rpserver, m) {
   m.def("rwkv7_prepare(Tensor rkv, Tensor up, Tensor v_first, Tensor wa0, Tensor v0, Tensor k_k, Tensor k_a, "
         "Tensor r_k, float decay, int H, bool first) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rwkv7_finish(Tensor o, Tensor coef, Tensor v, Tensor g, Tensor lnx_w, Tensor lnx_b, float eps) -> Tensor");
+  m.def("rwkv7_shift_mix(Tensor x, Tensor ln_w, Tensor ln_b, float eps, Tensor(a!) prev, Tensor mixes, Tensor first, "
+        "Tensor last, bool single) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rpserver, CPU, m) {
   m.impl("rwkv7_prepare", rwkv7_prepare);
   m.impl("rwkv7_finish", rwkv7_finish);
+  m.impl("rwkv7_shift_mix", rwkv7_shift_mix);
 }
