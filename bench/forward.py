@@ -13,6 +13,16 @@ yet, then prints medians of several repeats:
 * each precision's logit error against our cpu fp32 on a short probe
   (a prompt and a few decode steps), and how often the top token agrees.
 
+`--fused off` runs each layer's elementwise work as PyTorch operations (what
+the forward pass does without the kernels) while the matrix products stay
+ours: run it and the default in turns to see what the fused passes
+(inference/kernels/time_mix.cpp) give. (Not both in one process:
+TorchScript reuses a module class's compiled code for every instance.)
+
+`--without-products` also times, for each precision, the pass with its
+matrix products (R/K/V, O, the channel mix's two, the LoRAs, the head)
+replaced by constants of their shape: what the rest of the pass costs.
+
 Threads: torch's default (all cores) unless --threads is given.
 `--device cuda --precisions fp16,bf16` measures ours on a GPU (the package
 baseline stays on the CPU, as the original server ran it).
@@ -35,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from inference import rwkv7  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
 from inference.rwkv7 import RWKV7Model  # noqa: E402
 
@@ -163,6 +174,50 @@ def bench_ours(weights, precision, prompt, repeats, device="cpu", batches=BATCHE
     return results
 
 
+class Constant(torch.nn.Module):
+    """Stands in for a matrix product: a constant of the product's output shape."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], self.width), 0.01, device=x.device)
+
+
+def bench_without_products(weights, precision, device, batches, repeats):
+    """ms per decode step of the compiled pass with every matrix product replaced by a Constant."""
+    model = RWKV7Model(weights, device=device, precision=precision, jit=False)
+    network = model._network
+
+    products = [(block, name) for block in network.blocks for name in ("RKV", "lora_down", "lora_up", "O", "FK", "FV")]
+    products.append((network, "head_linear"))
+    widths = {}  # each product's output width, seen in one eager step
+    hooks = [getattr(owner, name).register_forward_hook(
+        lambda module, args, out, key=(id(owner), name): widths.__setitem__(key, out.shape[1]))
+        for owner, name in products]
+    model.forward([[100]], model.zero_state(1))
+    for hook in hooks:
+        hook.remove()
+    for owner, name in products:
+        setattr(owner, name, Constant(widths[(id(owner), name)]))
+    compiled = torch.jit.script(network)
+    results = {}
+    for batch in batches:
+        state = model.zero_state(batch)
+        tokens = torch.arange(batch, dtype=torch.long, device=device) + 100
+        rows = rwkv7.layout([1] * batch, model.device)
+        steps = steps_for(500.0, batch)
+
+        def decode():
+            with torch.inference_mode():
+                for _ in range(steps):
+                    compiled.logits(tokens, state, rows, [])
+
+        results[batch] = batch * 1e3 / median_rate(decode, steps * batch, repeats)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -176,7 +231,13 @@ def main():
     parser.add_argument("--wait-quiet", type=float, default=120,
                         help="wait up to this many seconds for other processes to leave the CPUs")
     parser.add_argument("--no-package", action="store_true", help="skip the rwkv package baseline")
+    parser.add_argument("--fused", choices=("on", "off"), default="on",
+                        help="off: each layer's elementwise work as PyTorch operations, the products still ours")
+    parser.add_argument("--without-products", action="store_true",
+                        help="also time the pass with its matrix products replaced by constants")
     args = parser.parse_args()
+    if args.fused == "off":
+        rwkv7._shift_mix, rwkv7._prepare, rwkv7._finish = rwkv7._shift_mix_ops, rwkv7._prepare_ops, rwkv7._finish_ops
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = tuple(int(b) for b in args.batches.split(","))
@@ -185,7 +246,8 @@ def main():
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 65536, (args.prompt,), generator=gen).tolist()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
-    print(f"model {path.name}, torch {torch.__version__}, {where}, median of {args.repeats} repeats", flush=True)
+    print(f"model {path.name}, torch {torch.__version__}, {where}, median of {args.repeats} repeats, fused "
+          f"elementwise passes {args.fused}", flush=True)
 
     wait_for_quiet(args.wait_quiet)
     base_one = base_prefill = float("nan")
@@ -198,6 +260,12 @@ def main():
         print(f"  measuring ours {precision} ...", flush=True)
         rows.append((precision, bench_ours(weights, precision, prompt, args.repeats, args.device, batches,
                                            reference)))
+    if args.without_products:
+        print()
+        for precision in args.precisions.split(","):
+            rest = bench_without_products(weights, precision, args.device, batches, args.repeats)
+            print(f"ours {precision}, the pass without its products (constants instead): " +
+                  ", ".join(f"{rest[b]:.2f} ms at B={b}" for b in batches))
 
     cols = [f"B={b}" for b in batches] + [f"prefill {args.prompt}"]
     head = f"{'':18}" + "".join(f"{c:>14}" for c in cols)

@@ -175,10 +175,11 @@ class _Fp32KernelLinear(nn.Module):
 
     def __init__(self, weights, columns=(0,)):
         super().__init__()
-        # Each 4 output channels as one stream of 8-wide runs (see f32_linear.cpp).
-        self.weights = [weight.float().reshape(weight.shape[0] // 4, 4, weight.shape[1] // 8, 8).transpose(1, 2)
-                        .contiguous().view(weight.shape) for weight in ([weights] if isinstance(weights, Tensor)
-                                                                         else weights)]
+        self.weights = []
+        for weight in [weights] if isinstance(weights, Tensor) else weights:
+            N, K = weight.shape
+            # Each 4 output channels as one stream of 8-wide runs (see f32_linear.cpp).
+            self.weights.append(weight.float().reshape(N // 4, 4, K // 8, 8).transpose(1, 2).contiguous().view(N, K))
         self.columns = list(columns)
 
     def forward(self, x: Tensor) -> Tensor:
