@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-# The compiled CPU kernels (inference/kernels, ~30 s with a C++ compiler). Without
+# The compiled CPU kernels (inference/kernels, ~2 min on 2 cores with a C++ compiler). Without
 # one the build fails, says so, and rpserver uses its TorchScript fallback.
 $(VENV)/.kernels: $(VENV)/.installed inference/kernels/wkv7.cpp inference/kernels/int8_linear.cpp inference/kernels/f32_linear.cpp inference/kernels/time_mix.cpp inference/kernels/products.h inference/kernels/__init__.py
 	-$(PY) -m inference.kernels
