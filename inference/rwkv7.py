@@ -386,7 +386,7 @@ if kernels.vectorised():
         xx + (xx of the token before - xx) * mix_i, the state `prev` standing before each sequence's
         first token (and becoming its last xx). On the CPU one pass over each row
         (inference/kernels/time_mix.cpp)."""
-        if x.is_cuda:
+        if x.is_cuda or x.shape[1] % 8 != 0:
             return _shift_mix_ops(x, ln_w, ln_b, eps, prev, mixes, rows)
         return torch.ops.rpserver.rwkv7_shift_mix(x, ln_w, ln_b, eps, prev, mixes, rows.first, rows.last, rows.single)
 else:
@@ -471,7 +471,7 @@ if kernels.vectorised():
         b = kk a, the state update's inputs q = [w r, kk], u = [-b, k] (M, H, 2, N), v and w
         (M, C), and per head coef = [b.r, k.r, (r k).r_k] (M, H, 3). On the CPU one pass over
         each row (inference/kernels/time_mix.cpp)."""
-        if rkv.is_cuda:
+        if rkv.is_cuda or (rkv.shape[1] // 3 // H) % 8 != 0:  # the kernel takes heads of 8k channels
             return _prepare_ops(rkv, up, v_first, wa0, v0, k_k, k_a, r_k, decay, H, first)
         return torch.ops.rpserver.rwkv7_prepare(rkv, up, v_first, wa0, v0, k_k, k_a, r_k, decay, H, first)
 
@@ -479,7 +479,7 @@ if kernels.vectorised():
         """y = S' r = S (w r) - (S kk)(b.r) + v (k.r) from o = [S (w r), S kk] (the state before
         the token), group-normed per head, plus the bonus ((r k).r_k) v, times g: O's input.
         On the CPU one pass over each row (inference/kernels/time_mix.cpp)."""
-        if o.is_cuda:
+        if o.is_cuda or o.shape[3] % 8 != 0:
             return _finish_ops(o, coef, v, g, lnx_w, lnx_b, eps)
         return torch.ops.rpserver.rwkv7_finish(o, coef, v, g, lnx_w, lnx_b, eps)
 else:
