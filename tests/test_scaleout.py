@@ -43,7 +43,8 @@ class ClusterServer(Server):
     """
 
     def __init__(self, env, name, hostname=None):
-        # Every reply runs to its 100 tokens; processes sharing the machine take one core each (README).
+        # Every reply runs to its 600 tokens (long enough to be caught running: 100 became too short
+        # once the forward pass was fused); processes sharing the machine take one core each (README).
         env = {**env, **ONE_CORE}
         super().__init__(model=ENDLESS_MODEL, env=env, name=name)
         self.hostname = hostname
@@ -86,7 +87,7 @@ def cluster():
         "RPSERVER_DATA_DIR": shared,
         "RPSERVER_MEDIA_ROOT": os.path.join(shared, "media"),
         "RPSERVER_SECRET_KEY": "scale-out-test-secret-key-shared-by-every-process",
-        "RPSERVER_MAX_REPLY_TOKENS": "100",
+        "RPSERVER_MAX_REPLY_TOKENS": "600",
     }
     servers = []
     try:
