@@ -17,9 +17,11 @@ tests compare against), organised for serving:
   C++ without Python's GIL, so the server's other threads (HTTP, database,
   storage) never hold up a decode step, and each step skips Python's
   per-operation overhead. `jit=False` runs the same modules eagerly.
-* On the CPU, each token's state update is one C++ pass per head, and a
-  prompt's tokens are one call (inference/kernels) where it is built;
-  elsewhere, PyTorch operations.
+* On the CPU, where inference/kernels is built: each token's state update is
+  one C++ pass per head, and a prompt's tokens are one call; a layer's
+  products that read one input are one call (R, K, V; the LoRA halves); its
+  elementwise work is three passes over each row (`_shift_mix`, `_prepare`,
+  `_finish`). Elsewhere, PyTorch operations (the `_ops` functions).
 * Precisions: "fp32"; "bf16" (big matrices stored and multiplied in bfloat16,
   everything else in float32); "fp16" (CUDA only); "int8" (CPU only: big
   matrices as per-output-channel int8 weights, each row of activations
