@@ -7,9 +7,9 @@ head, and reads a prompt's tokens in one call. `int8_linear.cpp` is the
 as packed streams), used in place of fbgemm's where the build has AVX2, and
 `f32_linear.cpp` the float32 one for the LoRAs (each row summed in one
 order whatever the batch, where MKL's sgemm is not); both multiply several
-weights in one call (`products.h`). `time_mix.cpp` fuses the time mix's
-elementwise work before and after the state update (~40 small operations
-a layer) into one pass over each row for each. They are built by
+weights in one call (`products.h`). `time_mix.cpp` fuses each mix's start
+(layer norm, token shift, mixes) and the time mix's elementwise work before
+and after the state update into one pass over each row for each. They are built by
 `python -m inference.kernels` (`make install` runs it) into the virtual
 environment, under a name that carries a digest of the source and the
 compiler flags, so a changed either is never served by an old build.
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("wkv7.cpp", "int8_linear.cpp", "f32_linear.cpp",
                                                              "time_mix.cpp")]
-HEADERS = [Path(__file__).with_name("products.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("products.h", "avx2.h")]
 BUILD_DIR = Path(sys.prefix) / "rpserver-kernels"
 
 

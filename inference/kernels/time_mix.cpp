@@ -1,7 +1,8 @@
 // The elementwise work of RWKV-7's time mix around the state update, fused:
 // one pass over each row where inference/rwkv7.py's `_prepare` and `_finish`
 // run ~40 small PyTorch operations per layer (a decode step of one user is
-// mostly their dispatch; bench/kernels.py measures both).
+// mostly their dispatch; `bench/forward.py --fused off` measures the pass
+// without this file's passes).
 //
 // rwkv7_prepare, from the products' outputs (r, k, v side by side; the LoRAs'
 // w, a, g and v outputs side by side), per row and head:
@@ -29,6 +30,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "avx2.h"
 #include <cmath>
 #include <algorithm>
 #include <tuple>
@@ -62,12 +64,7 @@ inline __m256 sigmoid8(__m256 x) {
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
-inline float sum8(__m256 x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using rpserver::sum8;
 #endif
 
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }

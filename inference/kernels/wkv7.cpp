@@ -22,6 +22,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "avx2.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -29,12 +30,7 @@
 namespace {
 
 #ifdef __AVX2__
-inline float sum8(__m256 x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using rpserver::sum8;
 #endif
 
 // One token for one head: S (N x N) updated in place, o0/o1 (N each) written.
