@@ -14,6 +14,8 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace rpserver {
@@ -54,20 +56,30 @@ inline std::vector<Product> plan(const at::Tensor& x, at::TensorList weights, at
 }
 
 // Runs block(product, first channel, end channel) for every product's output channels, spread
-// over torch's threads (each task at least `grain` units, 128 bytes of weights each); a block
-// goes to the task its first unit falls in.
+// over torch's threads in tasks of at least `grain` units (128 bytes of weights each), about
+// eight a thread, which the threads take in turn as they finish the ones before: a thread
+// slowed by anything else on its core (the event loop, another process, a neighbour on the
+// host) takes fewer, where an even split made the pass wait for it. A block goes to the task
+// its first unit falls in; which thread runs it changes no number.
 template <typename Block>
 void for_each_block(const std::vector<Product>& products, int64_t grain, const Block& block) {
   const Product& last = products.back();
   const int64_t total = last.first + (last.N / 4) * last.units;
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    for (const Product& p : products) {
-      const auto starting = [&](int64_t unit) {  // blocks of p whose first unit is before `unit`
-        const int64_t from = std::max<int64_t>(0, unit - p.first);
-        return std::min(p.N / 4, (from + p.units - 1) / p.units);
-      };
-      const int64_t lo = starting(begin), hi = starting(end);
-      if (lo < hi) block(p, lo * 4, hi * 4);
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t size = std::max(grain, (total + 8 * threads - 1) / (8 * threads));
+  const int64_t tasks = (total + size - 1) / size;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const int64_t begin = task * size, end = std::min(total, begin + size);
+      for (const Product& p : products) {
+        const auto starting = [&](int64_t unit) {  // blocks of p whose first unit is before `unit`
+          const int64_t from = std::max<int64_t>(0, unit - p.first);
+          return std::min(p.N / 4, (from + p.units - 1) / p.units);
+        };
+        const int64_t lo = starting(begin), hi = starting(end);
+        if (lo < hi) block(p, lo * 4, hi * 4);
+      }
     }
   });
 }
