@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements.txt
 
 # The compiled CPU kernels (inference/kernels, ~2 min on 2 cores with a C++ compiler). Without
 # one the build fails, says so, and rpserver uses its TorchScript fallback.
-$(VENV)/.kernels: $(VENV)/.installed inference/kernels/wkv7.cpp inference/kernels/int8_linear.cpp inference/kernels/f32_linear.cpp inference/kernels/time_mix.cpp inference/kernels/products.h inference/kernels/avx2.h inference/kernels/__init__.py
+$(VENV)/.kernels: $(VENV)/.installed inference/kernels/wkv7.cpp inference/kernels/int8_linear.cpp inference/kernels/f32_linear.cpp inference/kernels/time_mix.cpp inference/kernels/sampling.cpp inference/kernels/products.h inference/kernels/avx2.h inference/kernels/__init__.py
 	-$(PY) -m inference.kernels
 	touch $@
 

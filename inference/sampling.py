@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy
 import torch
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -110,18 +112,57 @@ def candidates_batch(samplers, logits):
     Returns a list of (ids, probabilities) numpy arrays. No full softmax is
     needed: a token survives min_p when its logit is at least
     max + ln(min_p), and temperature on the survivors' renormalised
-    probabilities is a softmax of their logits / temperature. The survivors
-    are few, so finding them and that last part run in numpy (whose
-    flatnonzero is several times faster than torch's nonzero here).
+    probabilities is a softmax of their logits / temperature. The
+    full-vocabulary part (the penalties, each row's top logit, the
+    survivors) is one compiled pass over each row where inference/kernels
+    is built (`rpserver::sampling_candidates`), else numpy and PyTorch
+    operations with the same float32 arithmetic (`_survivors_numpy`); the
+    survivors are few, and the last part runs in numpy.
     """
     logits = logits.to("cpu", torch.float32).contiguous()
-    flat = logits.numpy().reshape(-1)  # the same memory, for numpy's cheaper scattered reads and writes
-    batch, vocab = logits.shape
     for row, sampler in enumerate(samplers):
         if sampler.logit_bias:
             ids = torch.tensor(list(sampler.logit_bias), dtype=torch.long)
             logits[row, ids] += torch.tensor(list(sampler.logit_bias.values()), dtype=torch.float32)
     logits.index_fill_(1, samplers[0].banned, -math.inf)
+    # With min_p 0 (ln = -inf) every finite logit survives; banned ones (-inf) never do.
+    log_min_p = torch.log(torch.tensor([s.settings.min_p for s in samplers], dtype=torch.float32))
+    survivors = _survivors_compiled if kernels.available() else _survivors_numpy
+    ids, kept, counts = survivors(samplers, logits, log_min_p)
+    kept = kept.astype(numpy.float64)
+    splits = numpy.cumsum(counts)[:-1]
+    result = []
+    for sampler, row_ids, row_kept in zip(samplers, numpy.split(ids, splits), numpy.split(kept, splits)):
+        scaled = numpy.exp((row_kept - row_kept.max()) / sampler.settings.temperature)
+        probs = scaled / scaled.sum()
+        if sampler.settings.top_p < 1.0:
+            row_ids, probs = nucleus(row_ids, probs, sampler.settings.top_p)
+        result.append((row_ids, probs))
+    return result
+
+
+def _survivors_compiled(samplers, logits, log_min_p):
+    """Steps 2 and 4 in one compiled pass over each row (inference/kernels/sampling.cpp):
+    (token ids, float32 logits) of every row's survivors, row after row, and their count per row."""
+    used = [numpy.fromiter(s.used, dtype=numpy.int64, count=len(s.used)) for s in samplers]
+    rows = numpy.zeros(len(samplers) + 1, dtype=numpy.int64)
+    numpy.cumsum([len(u) for u in used], out=rows[1:])
+    counts = numpy.zeros(rows[-1], dtype=numpy.float32)  # read for the rows with a frequency penalty only
+    for row, sampler in enumerate(samplers):
+        if sampler.used and sampler.settings.frequency_penalty:
+            counts[rows[row]:rows[row + 1]] = numpy.fromiter(sampler.used.values(), dtype=numpy.float32,
+                                                             count=len(sampler.used))
+    presence = torch.tensor([1.0 + s.settings.presence_penalty for s in samplers], dtype=torch.float32)
+    frequency = torch.tensor([s.settings.frequency_penalty for s in samplers], dtype=torch.float32)
+    ids, kept, found = torch.ops.rpserver.sampling_candidates(
+        logits, torch.from_numpy(numpy.concatenate(used)), torch.from_numpy(counts), torch.from_numpy(rows), presence, frequency, log_min_p)
+    return ids.numpy(), kept.numpy(), found.numpy()
+
+
+def _survivors_numpy(samplers, logits, log_min_p):
+    """_survivors_compiled's result from numpy and PyTorch operations (without the kernels)."""
+    flat = logits.numpy().reshape(-1)  # the same memory, for numpy's cheaper scattered reads and writes
+    batch, vocab = logits.shape
     # The used tokens, as positions in the flat logits, through numpy (torch.tensor() of a Python
     # list costs ~1 us per element, and torch's two-index gather and scatter ~4x numpy's flat ones).
     used_at, factors = [], []
@@ -136,22 +177,11 @@ def candidates_batch(samplers, logits):
     for row, sampler in enumerate(samplers):
         if sampler.used and sampler.settings.frequency_penalty:
             counts = numpy.fromiter(sampler.used.values(), dtype=numpy.float32, count=len(sampler.used))
-            flat[used_positions(sampler, row, vocab)] -= sampler.settings.frequency_penalty * counts
-    min_p = torch.tensor([s.settings.min_p for s in samplers]).unsqueeze(1)
-    # With min_p 0 every finite logit survives; banned ones (-inf) never do.
-    threshold = (logits.amax(dim=1, keepdim=True) + torch.log(min_p)).clamp(min=FLOAT_MIN)
+            flat[used_positions(sampler, row, vocab)] -= numpy.float32(sampler.settings.frequency_penalty) * counts
+    threshold = (logits.amax(dim=1, keepdim=True) + log_min_p.unsqueeze(1)).clamp(min=FLOAT_MIN)
     where = numpy.flatnonzero((logits >= threshold).numpy())
-    kept = flat[where].astype(numpy.float64)
     row_of, ids = numpy.divmod(where, vocab)
-    splits = numpy.cumsum(numpy.bincount(row_of, minlength=batch))[:-1]
-    result = []
-    for sampler, row_ids, row_kept in zip(samplers, numpy.split(ids, splits), numpy.split(kept, splits)):
-        scaled = numpy.exp((row_kept - row_kept.max()) / sampler.settings.temperature)
-        probs = scaled / scaled.sum()
-        if sampler.settings.top_p < 1.0:
-            row_ids, probs = nucleus(row_ids, probs, sampler.settings.top_p)
-        result.append((row_ids, probs))
-    return result
+    return ids, flat[where], numpy.bincount(row_of, minlength=batch)
 
 
 def used_positions(sampler, row, vocab):

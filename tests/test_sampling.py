@@ -3,9 +3,11 @@
 import collections
 import math
 
+import numpy
 import pytest
 import torch
 
+from inference import kernels, sampling
 from inference.sampling import LIMITS, Sampler, SamplingSettings, check_setting
 
 BANNED = torch.tensor([0], dtype=torch.long)
@@ -112,3 +114,40 @@ def test_top_p_keeps_the_most_likely_tokens_that_reach_it():
     sampler = Sampler(SamplingSettings(min_p=0.0, temperature=1.0, presence_penalty=0.0, top_p=0.1),
                       torch.tensor([0]))
     assert sampler.candidates(logits)[0].tolist() == [1]  # at least the top one
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled sampling pass needs the kernels built")
+def test_the_compiled_survivors_are_the_numpy_ones():
+    """inference/kernels/sampling.cpp keeps the same tokens with the same logits as the numpy path:
+    presence and frequency penalties on used tokens of either sign, banned tokens, min_p 0."""
+    generator = torch.Generator().manual_seed(3)
+    vocab = 4099  # not a multiple of 8: the vector loops' tails run too
+    settings = [SamplingSettings(), SamplingSettings(min_p=0.0, presence_penalty=0.0),
+                SamplingSettings(min_p=0.3, presence_penalty=1.5, frequency_penalty=0.7),
+                SamplingSettings(min_p=0.01, presence_penalty=0.0, frequency_penalty=-0.4)]
+    samplers = []
+    for row in range(12):
+        sampler = Sampler(settings[row % len(settings)], BANNED)
+        for token in torch.randint(vocab, (row * 7,), generator=generator).tolist():
+            sampler.used[token] += 1
+        samplers.append(sampler)
+    logits = torch.randn(len(samplers), vocab, generator=generator) * 3.0
+    logits[:, 5] = 40.0  # a used token far on top in some rows
+    samplers[4].used[5] += 2
+    logits.index_fill_(1, BANNED, -math.inf)
+    log_min_p = torch.log(torch.tensor([s.settings.min_p for s in samplers], dtype=torch.float32))
+    compiled_logits, numpy_logits = logits.clone(), logits.clone()
+    ids, kept, counts = sampling._survivors_compiled(samplers, compiled_logits, log_min_p)
+    want_ids, want_kept, want_counts = sampling._survivors_numpy(samplers, numpy_logits, log_min_p)
+    assert counts.tolist() == want_counts.tolist() and counts.sum() > len(samplers)
+    assert ids.tolist() == want_ids.tolist()
+    assert kept.tobytes() == want_kept.astype(numpy.float32).tobytes()
+    assert torch.equal(compiled_logits, numpy_logits)  # the penalties, applied in place alike
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled sampling pass needs the kernels built")
+def test_the_compiled_sampling_pass_refuses_a_token_outside_the_vocabulary():
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        torch.ops.rpserver.sampling_candidates(
+            torch.zeros(1, 8), torch.tensor([8]), torch.ones(1), torch.tensor([0, 1]), torch.ones(1), torch.zeros(1),
+            torch.zeros(1))

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the RWKV-7 forward pass (C++, built once at install time).
+"""Compiled CPU kernels for the RWKV-7 forward pass and the sampler (C++, built once at install time).
 
 `wkv7.cpp` fuses one token's state update (a bmm, a scale and a rank-2
 update: three passes over each head's state) into one vectorised pass per
@@ -9,7 +9,9 @@ as packed streams), used in place of fbgemm's where the build has AVX2, and
 order whatever the batch, where MKL's sgemm is not); both multiply several
 weights in one call (`products.h`). `time_mix.cpp` fuses each mix's start
 (layer norm, token shift, mixes) and the time mix's elementwise work before
-and after the state update into one pass over each row for each. They are built by
+and after the state update into one pass over each row for each; `sampling.cpp`
+is the sampler's pass over the vocabulary (penalties, top logit, the tokens
+min_p keeps). They are built by
 `python -m inference.kernels` (`make install` runs it) into the virtual
 environment, under a name that carries a digest of the source and the
 compiler flags, so a changed either is never served by an old build.
@@ -19,7 +21,8 @@ is there.
 Without a build (no C++ compiler, or RPSERVER_KERNELS=off) the forward pass
 uses the same maths as TorchScript operations (inference/rwkv7.py `_step`,
 `_steps`) and fbgemm's int8 products: results equal up to float rounding
-(int8: within its bound), only slower.
+(int8: within its bound), only slower; the sampler uses numpy and PyTorch
+operations with the same float32 arithmetic (the same tokens kept).
 """
 
 import hashlib
@@ -33,7 +36,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("wkv7.cpp", "int8_linear.cpp", "f32_linear.cpp",
-                                                             "time_mix.cpp")]
+                                                             "time_mix.cpp", "sampling.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("products.h", "avx2.h")]
 BUILD_DIR = Path(sys.prefix) / "rpserver-kernels"
 
