@@ -497,8 +497,11 @@ async def start_reply(owner, name, prompt, sampling, seed=None):
         round_ = Round(conversation=lease.conversation, index=last + 1, user_text=prompt, reply_start=len(head))
         round_.set_tokens(head)
         tokens = replay + head
+        # Snapshots: before the reply's last prompt token, and after the re-read rounds if any (a
+        # snapshot at 0 would be a copy of `state` taken on the event loop, ~2.4 MB, for nothing).
+        keep = {len(tokens) - 1} | ({len(replay)} if replay else set())
         generation = engine.generate(state, tokens, sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
-                                     seed=seed, snapshot_at={len(replay), len(tokens) - 1})
+                                     seed=seed, snapshot_at=keep)
         return ReplyStream(lease, generation, round_, replayed=len(replay))
 
     return await start_stream(lease, make_stream)

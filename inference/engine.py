@@ -242,8 +242,6 @@ class Engine:
             id=next(self._ids), tokens=list(tokens), state=state, snapshot_at=frozenset(snapshot_at),
             loop=asyncio.get_running_loop(), events=asyncio.Queue(), **kwargs,
         )
-        if 0 in job.snapshot_at:
-            job.snapshots[0] = self.backend.copy_state(state) if state is not None else self.backend.zero_state()
         if job.sampler is not None:
             job.decoder = self.tokenizer.stream()
         self._inbox.put(job)
@@ -264,6 +262,8 @@ class Engine:
             while waiting and len(members) < self.max_batch:
                 job = waiting.popleft()
                 batch.add(job.id, job.state)
+                if 0 in job.snapshot_at:  # its start state: copied here, not on the event loop
+                    job.snapshots[0] = batch.state(job.id)
                 job.status = JobStatus.READING
                 members[job.id] = job
             self._running, self._waiting = len(members), len(waiting)
