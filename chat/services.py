@@ -76,6 +76,17 @@ def open_conversation(owner, name):
     return conversation_of(get_character(owner, name))
 
 
+def latest_round(character):
+    """(conversation, its last round) of a character's conversation, opened if new: one query
+    (a join) when it has rounds, which is every time but the first."""
+    last = Round.objects.filter(conversation__character=character).select_related("conversation") \
+        .order_by("-index").first()
+    if last is not None:
+        return last.conversation, last
+    conversation = conversation_of(character)
+    return conversation, conversation.rounds.order_by("-index").first()
+
+
 def conversation_of(character):
     conversation = Conversation.objects.filter(character=character).first()
     if conversation is not None and conversation.rounds.exists():
@@ -134,8 +145,7 @@ def acquire(owner, name):
     except locks.Busy:
         raise ApiError(BUSY)
     try:
-        conversation = conversation_of(character)
-        last = conversation.rounds.order_by("-index").first()
+        conversation, last = latest_round(character)
     except BaseException:
         locks.release(character.lock_name, key)
         raise
