@@ -155,7 +155,8 @@ def _survivors_compiled(samplers, logits, log_min_p):
     presence = torch.tensor([1.0 + s.settings.presence_penalty for s in samplers], dtype=torch.float32)
     frequency = torch.tensor([s.settings.frequency_penalty for s in samplers], dtype=torch.float32)
     ids, kept, found = torch.ops.rpserver.sampling_candidates(
-        logits, torch.from_numpy(numpy.concatenate(used)), torch.from_numpy(counts), torch.from_numpy(rows), presence, frequency, log_min_p)
+        logits, torch.from_numpy(numpy.concatenate(used)), torch.from_numpy(counts), torch.from_numpy(rows),
+        presence, frequency, log_min_p)
     return ids.numpy(), kept.numpy(), found.numpy()
 
 
