@@ -86,21 +86,19 @@ class Sampler:
         return sample_batch([self], logits.unsqueeze(0).clone())[0]
 
     def draw(self, ids, probs):
-        """Step 6 on this reply's candidates: Mirostat, then one draw.
-
-        Candidates are few (min_p keeps tens of tokens), so this runs in
-        numpy, where small arrays cost microseconds rather than torch's
-        per-operation overhead.
-        """
+        """Step 6 on this reply's candidates: Mirostat, then one draw (numpy, without the kernels;
+        with them, sample_batch draws every reply's token in one compiled call)."""
         allowed = -numpy.log2(probs) <= self.mu
         allowed[numpy.argmax(probs)] = True
         ids, probs = ids[allowed], probs[allowed]
         cumulative = numpy.cumsum(probs)
         choice = min(int(numpy.searchsorted(cumulative, self.random.random() * cumulative[-1], side="right")),
                      len(ids) - 1)
-        observed = -math.log2(probs[choice] / cumulative[-1])
-        self.mu -= self.settings.rate * (observed - self.settings.tau)
-        token = int(ids[choice])
+        return self.accept(int(ids[choice]), -math.log2(probs[choice] / cumulative[-1]))
+
+    def accept(self, token, surprise):
+        """Record the drawn token; Mirostat's mu moves by rate x (tau - its surprise in bits)."""
+        self.mu -= self.settings.rate * (surprise - self.settings.tau)
         self.used[token] += 1
         return token
 
@@ -112,23 +110,10 @@ def candidates_batch(samplers, logits):
     Returns a list of (ids, probabilities) numpy arrays. No full softmax is
     needed: a token survives min_p when its logit is at least
     max + ln(min_p), and temperature on the survivors' renormalised
-    probabilities is a softmax of their logits / temperature. The
-    full-vocabulary part (the penalties, each row's top logit, the
-    survivors) is one compiled pass over each row where inference/kernels
-    is built (`rpserver::sampling_candidates`), else numpy and PyTorch
-    operations with the same float32 arithmetic (`_survivors_numpy`); the
-    survivors are few, and the last part runs in numpy.
+    probabilities is a softmax of their logits / temperature (`survivors`);
+    the survivors are few, and the rest runs in numpy.
     """
-    logits = logits.to("cpu", torch.float32).contiguous()
-    for row, sampler in enumerate(samplers):
-        if sampler.logit_bias:
-            ids = torch.tensor(list(sampler.logit_bias), dtype=torch.long)
-            logits[row, ids] += torch.tensor(list(sampler.logit_bias.values()), dtype=torch.float32)
-    logits.index_fill_(1, samplers[0].banned, -math.inf)
-    # With min_p 0 (ln = -inf) every finite logit survives; banned ones (-inf) never do.
-    log_min_p = torch.log(torch.tensor([s.settings.min_p for s in samplers], dtype=torch.float32))
-    survivors = _survivors_compiled if kernels.available() else _survivors_numpy
-    ids, kept, counts = survivors(samplers, logits, log_min_p)
+    ids, kept, counts = survivors(samplers, logits)
     kept = kept.astype(numpy.float64)
     splits = numpy.cumsum(counts)[:-1]
     result = []
@@ -139,6 +124,28 @@ def candidates_batch(samplers, logits):
             row_ids, probs = nucleus(row_ids, probs, sampler.settings.top_p)
         result.append((row_ids, probs))
     return result
+
+
+@torch.inference_mode()
+def survivors(samplers, logits):
+    """Steps 1, 2 and 4 for B replies: (token ids, float32 logits) of every row's survivors,
+    row after row, and their count per row; logits [B, vocab] (modified in place if on the CPU).
+
+    The full-vocabulary part (the penalties, each row's top logit, the
+    survivors) is one compiled pass over each row where inference/kernels is
+    built (`rpserver::sampling_candidates`), else numpy and PyTorch
+    operations with the same float32 arithmetic (`_survivors_numpy`).
+    """
+    logits = logits.to("cpu", torch.float32).contiguous()
+    for row, sampler in enumerate(samplers):
+        if sampler.logit_bias:
+            ids = torch.tensor(list(sampler.logit_bias), dtype=torch.long)
+            logits[row, ids] += torch.tensor(list(sampler.logit_bias.values()), dtype=torch.float32)
+    logits.index_fill_(1, samplers[0].banned, -math.inf)
+    # With min_p 0 (ln = -inf) every finite logit survives; banned ones (-inf) never do.
+    log_min_p = torch.log(torch.tensor([s.settings.min_p for s in samplers], dtype=torch.float32))
+    compiled = _survivors_compiled if kernels.available() else _survivors_numpy
+    return compiled(samplers, logits, log_min_p)
 
 
 def _survivors_compiled(samplers, logits, log_min_p):
@@ -198,8 +205,25 @@ def nucleus(ids, probs, top_p):
 
 
 def sample_batch(samplers, logits):
-    """One token for each of B replies; logits [B, vocab] (modified in place)."""
-    return [sampler.draw(ids, probs) for sampler, (ids, probs) in zip(samplers, candidates_batch(samplers, logits))]
+    """One token for each of B replies; logits [B, vocab] (modified in place).
+
+    With the kernels, steps 5 and 6 of every row are one compiled call
+    (`rpserver::sampling_draw`: the quantities of candidates_batch and
+    Sampler.draw up to float64 rounding, drawn from the same random number);
+    without them, numpy per reply.
+    """
+    if not kernels.available():
+        return [sampler.draw(ids, probs) for sampler, (ids, probs) in zip(samplers, candidates_batch(samplers, logits))]
+    ids, kept, counts = survivors(samplers, logits)
+    settings = [sampler.settings for sampler in samplers]
+    tokens, surprises = torch.ops.rpserver.sampling_draw(
+        torch.from_numpy(ids), torch.from_numpy(kept), torch.from_numpy(counts),
+        torch.tensor([s.temperature for s in settings], dtype=torch.float64),
+        torch.tensor([s.top_p for s in settings], dtype=torch.float64),
+        torch.tensor([sampler.mu for sampler in samplers], dtype=torch.float64),
+        torch.tensor([sampler.random.random() for sampler in samplers], dtype=torch.float64))
+    return [sampler.accept(token, surprise)
+            for sampler, token, surprise in zip(samplers, tokens.tolist(), surprises.tolist())]
 
 
 def banned_tokens(tokenizer, vocab_size):

@@ -151,3 +151,36 @@ def test_the_compiled_sampling_pass_refuses_a_token_outside_the_vocabulary():
         torch.ops.rpserver.sampling_candidates(
             torch.zeros(1, 8), torch.tensor([8]), torch.ones(1), torch.tensor([0, 1]), torch.ones(1), torch.zeros(1),
             torch.zeros(1))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled draw needs the kernels built")
+def test_the_compiled_draw_is_the_numpy_one():
+    """inference/kernels/sampling.cpp's draw (temperature, top_p, Mirostat, the draw) picks the tokens the
+    numpy path picks from the same random numbers, with the same surprise; over many draws, on peaked
+    and flat rows, with and without top_p, mu cutting some candidates and a mu keeping only the top."""
+    generator = torch.Generator().manual_seed(5)
+    settings = [SamplingSettings(), SamplingSettings(temperature=0.4, top_p=0.8),
+                SamplingSettings(min_p=0.0, temperature=2.5, tau=6.0), SamplingSettings(min_p=0.02, top_p=0.3)]
+    compiled = [Sampler(settings[row % len(settings)], BANNED, seed=row) for row in range(16)]
+    reference = [Sampler(settings[row % len(settings)], BANNED, seed=row) for row in range(16)]
+    compiled[3].mu = reference[3].mu = 0.0  # only the most likely token is allowed
+    drawn = set()
+    for step in range(60):
+        logits = torch.randn(len(compiled), 1031, generator=generator) * (0.5 + step % 4)
+        logits[::5, 7] = 9.0  # some rows peaked
+        tokens = sampling.sample_batch(compiled, logits.clone())
+        want = [sampler.draw(ids, probs)
+                for sampler, (ids, probs) in zip(reference, sampling.candidates_batch(reference, logits.clone()))]
+        assert tokens == want
+        for mine, theirs in zip(compiled, reference):
+            assert mine.mu == pytest.approx(theirs.mu, rel=1e-12, abs=1e-12)
+            assert mine.used == theirs.used
+        drawn.update(tokens)
+    assert len(drawn) > 100  # the draws really spread over the candidates
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled draw needs the kernels built")
+def test_the_compiled_draw_refuses_a_row_without_candidates():
+    with pytest.raises(RuntimeError, match="at least one candidate"):
+        torch.ops.rpserver.sampling_draw(
+            torch.tensor([3]), torch.ones(1), torch.tensor([1, 0]), *[torch.ones(2, dtype=torch.float64)] * 4)
