@@ -6,7 +6,9 @@ Writes a random-weight model of that shape to a temp dir if it is not there
 yet, then prints medians of several repeats:
 
 * the rwkv package (RWKV_V7_ON=1, "cpu fp32"): single-stream decode tokens/s
-  and prompt-reading (prefill) tokens/s: the baseline;
+  and prompt-reading (prefill) tokens/s: the baseline, measured as
+  bench/throughput.py measures it, in a process of its own (measured in this
+  one first, it left our passes ~40 % slower after it);
 * ours for each precision: decode at batch sizes 1, 4, 16, 32 (aggregate
   tokens/s: batch * steps / time) and prefill of the same prompt;
 * each figure's ratio to the matching baseline figure;
@@ -29,25 +31,23 @@ baseline stays on the CPU, as the original server ran it).
 """
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ["RWKV_V7_ON"] = "1"  # must be set before rwkv.model is imported
-os.environ.setdefault("RWKV_JIT_ON", "1")
-os.environ["RWKV_CUDA_ON"] = "0"
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from inference import rwkv7  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
 from inference.rwkv7 import RWKV7Model  # noqa: E402
+
+from baseline import baseline_subprocess  # noqa: E402
 
 BATCHES = (1, 4, 16, 32)
 
@@ -107,27 +107,6 @@ def median_rate(run, count, repeats):
 
 def steps_for(rate_guess, batch, seconds=0.8):
     return max(4, int(seconds * rate_guess / batch))
-
-
-def bench_package(path, prompt, repeats):
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        from rwkv.model import RWKV
-
-        model = RWKV(str(path.with_suffix("")), "cpu fp32")
-    _, state = model.forward(prompt[:8], None)
-    steps = 16
-
-    def decode():
-        nonlocal state
-        for i in range(steps):
-            _, state = model.forward([100 + i], state)
-
-    one = median_rate(decode, steps, repeats)
-    prefill = median_rate(lambda: model.forward(list(prompt), None), len(prompt), max(1, repeats - 1))
-    return one, prefill
 
 
 # The accuracy probe: a short prompt, then a few decode steps.
@@ -252,7 +231,10 @@ def main():
     wait_for_quiet(args.wait_quiet)
     base_one = base_prefill = float("nan")
     if not args.no_package:
-        base_one, base_prefill = bench_package(path, prompt, args.repeats)
+        # In a process of its own: measured in this one first, it left ours ~40 % slower after it.
+        print("  measuring the rwkv package (its own process) ...", flush=True)
+        base = baseline_subprocess(path, "cpu fp32", tokens=64, prompt_tokens=args.prompt, runs=args.repeats)
+        base_one, base_prefill = base["decode_tok_s"], base["prefill_tok_s"]
     weights = load_weights(path)
     reference = probe_logits(RWKV7Model(weights))  # cpu fp32
     rows = []
