@@ -281,8 +281,11 @@ def test_a_character_is_created_with_an_avatar_edited_and_deleted(open_page, web
     stored = api.ok("/characters/get", character_name="Mira")
     assert stored["avatar"].startswith("data:image/") and stored["example_message"].startswith("{{user}}")
 
-    # Edit: the form comes back filled in; a new greeting is saved.
+    # Edit: the form comes back filled in; a new greeting is saved. (The form still holds what was typed
+    # above: wait for it to open for Mira and load her, or the typing below races the loading.)
     page.click("#view-chat [data-action=edit-character]")
+    expect(page.locator("#editor-title")).to_have_text("Edit Mira")
+    expect(page.locator("#editor-form")).to_have_attribute("aria-busy", "false")
     expect(page.locator("#editor-form [name=greeting]")).to_have_value(CHARACTER["greeting"])
     expect(page.locator("#editor-avatar img")).to_be_visible()
     page.fill("#editor-form [name=greeting]", "Welcome back, {{user}}.")

@@ -128,16 +128,16 @@ __attribute__((noinline)) void block4(const uint8_t* u0, const uint8_t* u1, cons
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// Output channels n..n+3 for rows u0..u3: with VNNI, loads rather than multiplies limit block4
-// (two rows take 6 loads for 8 dot products, four rows 8 for 16), and AVX-512's 32 vector
-// registers hold the sixteen accumulators.
-// acc += u . w four bytes at a time (vpdpbusd), written out: GCC 12 keeps the intrinsic's
+// acc += u . w four bytes at a time (vpdpbusd), written out: with the intrinsic, GCC 12 keeps the
 // accumulator in the first 16 registers and moves the others in and out around each one.
 inline __m256i dpbusd(__m256i acc, __m256i u, __m256i w) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w));
   return acc;
 }
 
+// Output channels n..n+3 for rows u0..u3: int32 sums. With VNNI, loads rather than multiplies
+// limit block4 (two rows take 6 loads for 8 dot products, four rows 8 for 16), and AVX-512's 32
+// vector registers hold the sixteen accumulators.
 __attribute__((noinline)) void block4x4(const uint8_t* u0, const uint8_t* u1, const uint8_t* u2, const uint8_t* u3,
                                         const int8_t* w, int64_t K, __m128i* out) {
   __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;

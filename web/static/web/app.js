@@ -239,6 +239,7 @@ const LABELS = { bot: "editor.name", user: "editor.user", greeting: "editor.gree
 async function openEditor(name) {
   const form = $("#editor-form");
   form.reset();
+  form.setAttribute("aria-busy", "true");  // until the character's fields are in
   $("#editor-error").hidden = true;
   state.editing = { name, avatar: null, avatarChanged: false };
   const title = $("#editor-title");
@@ -271,6 +272,7 @@ async function openEditor(name) {
   }
   document.title = `${title.textContent} · rpserver`;
   showEditorAvatar();
+  form.setAttribute("aria-busy", "false");
   form.bot.focus();
 }
 
