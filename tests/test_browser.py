@@ -104,6 +104,22 @@ def page_api(page, server):
     return Api(server.url, saved["user_name"], saved["token"])
 
 
+def guest_with_mira(server):
+    """A new guest (an Api client) with CHARACTER, Mira, saved."""
+    data = Api(server.url).ok("/login/tmp")
+    api = Api(server.url, data["user_name"], data["token"])
+    api.ok("/characters/save", **CHARACTER)
+    return api
+
+
+def open_mira(open_page, server, api):
+    """A new page logged in as `api`, at Mira's chat."""
+    page = open_page(server=server)
+    log_in_as(page, api)
+    page.goto(server.url + "/#/chat/Mira")
+    return page
+
+
 def rounds_on_page(page):
     """The chat as the page shows it: [(role, text)] in order."""
     return page.evaluate("""() => [...document.querySelectorAll('#messages .message')].map(
@@ -317,9 +333,7 @@ def test_the_editor_says_what_is_missing(open_page):
 
 
 def test_a_chat_streams_two_rounds_and_survives_a_reload(open_page, web):
-    guest = Api(web.url).ok("/login/tmp")
-    api = Api(web.url, guest["user_name"], guest["token"])
-    api.ok("/characters/save", **CHARACTER)
+    api = guest_with_mira(web)
     page = open_page()
     log_in_as(page, api)
     page.click("#cards .card-link >> text=Mira")
@@ -362,15 +376,11 @@ def test_a_chat_streams_two_rounds_and_survives_a_reload(open_page, web):
 
 
 def test_regenerate_edit_rewind_and_reset(open_page, web):
-    guest = Api(web.url).ok("/login/tmp")
-    api = Api(web.url, guest["user_name"], guest["token"])
-    api.ok("/characters/save", **CHARACTER)
+    api = guest_with_mira(web)
     api.chat("Mira")
     api.reply("Mira", "First question.")
     api.reply("Mira", "Second question.")
-    page = open_page()
-    log_in_as(page, api)
-    page.goto(web.url + "/#/chat/Mira")
+    page = open_mira(open_page, web, api)
     expect(page.locator("#messages .message.user")).to_have_count(2)
 
     # Regenerate: a new version of the last reply, the same on the page as on the server.
@@ -419,13 +429,9 @@ def endless():
 
 def test_stop_ends_the_reply_and_gives_the_words_back(open_page, endless):
     # On a server whose replies run until their reader leaves: a short reply could end before Stop.
-    guest = Api(endless.url).ok("/login/tmp")
-    api = Api(endless.url, guest["user_name"], guest["token"])
-    api.ok("/characters/save", **CHARACTER)
+    api = guest_with_mira(endless)
     api.chat("Mira")
-    page = open_page(server=endless)
-    log_in_as(page, api)
-    page.goto(endless.url + "/#/chat/Mira")
+    page = open_mira(open_page, endless, api)
     expect(page.locator("#messages .message.bot")).to_have_count(1)
     page.fill("#prompt", "A question I will take back.")
     page.press("#prompt", "Enter")
@@ -440,13 +446,9 @@ def test_stop_ends_the_reply_and_gives_the_words_back(open_page, endless):
 
 
 def test_a_busy_character_gets_a_clear_message(open_page, endless):
-    guest = Api(endless.url).ok("/login/tmp")
-    api = Api(endless.url, guest["user_name"], guest["token"])
-    api.ok("/characters/save", **CHARACTER)
+    api = guest_with_mira(endless)
     api.chat("Mira")
-    page = open_page(server=endless)
-    log_in_as(page, api)
-    page.goto(endless.url + "/#/chat/Mira")
+    page = open_mira(open_page, endless, api)
     expect(page.locator("#messages .message.bot")).to_have_count(1)
     # Another tab of the same person is in the middle of a reply.
     with api.http.stream("POST", "/chat/reply", data={**api.auth(), "character_name": "Mira",
@@ -462,12 +464,8 @@ def test_a_busy_character_gets_a_clear_message(open_page, endless):
 
 
 def test_sampling_settings_are_kept_per_character_and_sent(open_page, web):
-    guest = Api(web.url).ok("/login/tmp")
-    api = Api(web.url, guest["user_name"], guest["token"])
-    api.ok("/characters/save", **CHARACTER)
-    page = open_page()
-    log_in_as(page, api)
-    page.goto(web.url + "/#/chat/Mira")
+    api = guest_with_mira(web)
+    page = open_mira(open_page, web, api)
     page.click("#view-chat [data-action=settings]")
     page.fill("#sampling-temperature", "0.7")
     page.press("#sampling-temperature", "Tab")
@@ -482,16 +480,12 @@ def test_sampling_settings_are_kept_per_character_and_sent(open_page, web):
 
 
 def test_model_text_is_shown_as_text_and_no_script_runs(open_page, web):
-    guest = Api(web.url).ok("/login/tmp")
-    api = Api(web.url, guest["user_name"], guest["token"])
-    api.ok("/characters/save", **CHARACTER)
+    api = guest_with_mira(web)
     api.chat("Mira")
     api.reply("Mira", "<b>bold?</b>")
     hostile = '<img src=x onerror="window.pwned = 1"><script>window.pwned = 2</script>'
     api.ok("/chat/tamper", character_name="Mira", message=hostile)
-    page = open_page()
-    log_in_as(page, api)
-    page.goto(web.url + "/#/chat/Mira")
+    page = open_mira(open_page, web, api)
     expect(page.locator("#messages .message.bot:last-child .bubble")).to_have_text(hostile)
     expect(page.locator("#messages .message.user .bubble")).to_have_text("<b>bold?</b>")
     assert page.locator("#messages .bubble img, #messages .bubble script, #messages .bubble b").count() == 0
@@ -508,9 +502,7 @@ def test_model_text_is_shown_as_text_and_no_script_runs(open_page, web):
     (DESKTOP, "dark", "en-US"),
 ])
 def test_the_layout_fits_phones_and_desktops(open_page, web, viewport, scheme, locale):
-    guest = Api(web.url).ok("/login/tmp")
-    api = Api(web.url, guest["user_name"], guest["token"])
-    api.ok("/characters/save", **CHARACTER)
+    api = guest_with_mira(web)
     api.chat("Mira")
     api.reply("Mira", "Hello! How is the sea tonight?")
     page = open_page(viewport=viewport, color_scheme=scheme, locale=locale)
