@@ -25,6 +25,7 @@ uses the same maths as TorchScript operations (inference/rwkv7.py `_step`,
 operations with the same float32 arithmetic (the same tokens kept).
 """
 
+import functools
 import hashlib
 import logging
 import os
@@ -68,8 +69,10 @@ def compile_flags():
     return flags
 
 
+@functools.cache
 def cpu_flags():
-    """The CPU's feature flags as Linux names them (empty elsewhere)."""
+    """The CPU's feature flags as Linux names them (empty elsewhere); read once (compile_flags() is
+    asked for every layer's products as the model loads)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
