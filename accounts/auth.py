@@ -2,7 +2,7 @@
 
 from rest_framework import authentication, exceptions
 
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 
 from . import services
 

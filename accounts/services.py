@@ -11,7 +11,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from limits import services as limits
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 
 from .models import ApiToken, User, token_digest
 

@@ -25,7 +25,7 @@ import warnings
 from django.conf import settings
 from PIL import Image, ImageOps
 
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 

@@ -7,15 +7,13 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 
 from locks import services as locks
-from rpserver.envelope import ApiError
+from rpserver.errors import BUSY, ApiError
 from rpserver.files import delete_file_on_commit
 
 from .avatars import parse_avatar
 from .defaults import DEFAULT_CHARACTERS
 from .models import Character
 from .signals import character_changed
-
-BUSY = "a reply is already being generated for this character, please wait for it to finish"
 
 
 def get_character(owner, name):

@@ -8,7 +8,8 @@ A client that disconnects cancels its reply in the engine.
 from channels.db import database_sync_to_async
 
 from accounts.auth import authenticate_legacy
-from rpserver.envelope import ApiError, validation_message
+from rpserver.envelope import validation_message
+from rpserver.errors import ApiError
 from rpserver.streams import ApiConsumer
 
 from . import services

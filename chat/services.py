@@ -31,7 +31,7 @@ from inference import prompt as prompt_format
 from inference.runtime import get_engine
 from limits import services as limits
 from locks import services as locks
-from rpserver.envelope import ApiError
+from rpserver.errors import BUSY, ApiError
 from rpserver.files import delete_file_on_commit
 
 from statecache.services import state_cache
@@ -41,7 +41,6 @@ from .snapshots import blob_io, delete_states, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
-BUSY = "a reply is already being generated for this character, please wait for it to finish"
 LOST = "this conversation was changed by another request meanwhile, please reload it"
 
 

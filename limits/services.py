@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 
 from .models import Counter
 

@@ -20,7 +20,7 @@ from django.conf import settings
 
 from accounts.services import user_for_token
 from limits import services as limits
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 from rpserver.pipeline import request_fields
 from rpserver.streams import SSE_HEADERS, ApiConsumer
 

@@ -15,18 +15,11 @@ from django.http import HttpResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
 
+from .errors import ApiError
+
 logger = logging.getLogger(__name__)
 
 SUCCESS = "success"
-
-
-class ApiError(Exception):
-    """A request the caller got wrong (code 400) or may not make (code 403)."""
-
-    def __init__(self, message, code=400):
-        super().__init__(message)
-        self.message = message
-        self.code = code
 
 
 def envelope(data=None, message=SUCCESS, code=200):

@@ -34,7 +34,8 @@ from django.core.files.uploadhandler import MemoryFileUploadHandler
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from rest_framework.parsers import BaseParser
 
-from .envelope import ApiError, error_response
+from .envelope import error_response
+from .errors import ApiError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import logging
 
 from channels.generic.http import AsyncHttpConsumer
 
-from .envelope import ApiError, error_response
+from .envelope import error_response
+from .errors import ApiError
 from .pipeline import header, request_fields
 
 logger = logging.getLogger(__name__)

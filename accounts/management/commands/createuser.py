@@ -5,7 +5,7 @@ from django.contrib.auth import password_validation
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 
 from ...models import User
 from ...services import create_user
