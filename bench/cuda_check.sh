@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU checks, in one short run (see README "Performance" for the figures it gave):
+# The GPU checks, in one short run (see docs/performance.md, "On a GPU", for the figures it gave):
 # the CUDA model/engine tests, the model and engine tests with the server's default
 # strategy (auto -> cuda fp16 there), bench/forward.py on cuda fp16/bf16/fp32 and a
 # short bench/throughput.py on cuda fp16. Logs go to $OUT (or /tmp/cuda-check).

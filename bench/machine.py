@@ -119,4 +119,4 @@ def read_status(pid):
 
 
 # A benchmark is many guests and replies from one address: the server's abuse
-# limits (README "Limits") would refuse it, and are not what is measured.
+# limits (docs/configuration.md, "Abuse limits") would refuse it, and are not what is measured.

@@ -57,7 +57,7 @@ def ensure_model(layers, embd):
 
 
 # A benchmark is many guests and replies from one address: the server's abuse
-# limits (README "Limits") would refuse it, and are not what is measured.
+# limits (docs/configuration.md, "Abuse limits") would refuse it, and are not what is measured.
 ABUSE_LIMITS_OFF = {
     "RPSERVER_GUESTS_PER_HOUR_PER_ADDRESS": "0",
     "RPSERVER_SIGNUPS_PER_HOUR_PER_ADDRESS": "0",

@@ -2,7 +2,7 @@
 
 Each variable is read through a small typed helper that raises
 ImproperlyConfigured on a bad value, so a typo fails at start-up, not later.
-The README lists every variable.
+docs/configuration.md lists every variable (tests/test_docs.py checks that it does).
 """
 
 import os
