@@ -86,6 +86,13 @@ def latest_round(character):
     return conversation, conversation.rounds.order_by("-index").first()
 
 
+def last_round_index(character):
+    """The index of the last round of the character's conversation; 0 (its greeting) if it is not opened yet."""
+    last = Round.objects.filter(conversation__character=character).order_by("-index") \
+        .values_list("index", flat=True).first()
+    return last or 0
+
+
 def conversation_of(character):
     conversation = Conversation.objects.filter(character=character).first()
     if conversation is not None and conversation.rounds.exists():
@@ -136,14 +143,21 @@ class Lease:
         return self.character.lock_name
 
 
-def acquire(owner, name):
-    """Lock the owner's conversation with `name` (opened if new); ApiError(BUSY) if it is taken."""
+def acquire(owner, name, admit=None):
+    """Lock the owner's conversation with `name` (opened if new); ApiError(BUSY) if it is taken.
+
+    `admit(character)`, when given, runs under the lock before the conversation
+    is opened (a new one is written with its round 0): a request it refuses
+    (ApiError) leaves nothing written.
+    """
     character = get_character(owner, name)
     try:
         key = locks.acquire(character.lock_name)
     except locks.Busy:
         raise ApiError(BUSY)
     try:
+        if admit is not None:
+            admit(character)
         conversation, last = latest_round(character)
     except BaseException:
         locks.release(character.lock_name, key)
@@ -399,11 +413,17 @@ class ReplyPlan:
         return [token for index in indexes for token in self.tokens[index]]
 
 
+def admit_reply(owner):
+    """acquire's `admit` for a reply: refused before the conversation is opened when the user
+    has no room in the engine (the share itself is taken by start_stream)."""
+    return lambda character: limits.engine_share.check(owner.id)
+
+
 def prepare_reply(owner, name, backend):
     """The database part of a new reply, in one trip: the reply rate limit, the
     lock, the conversation, where its latest state may be stored."""
     limits.check_reply_rate(owner)
-    lease = acquire(owner, name)
+    lease = acquire(owner, name, admit_reply(owner))
     try:
         candidates = stored_states(lease.conversation, lease.last.index, backend)
         oldest = min([index for index, _ in candidates], default=-1)
@@ -455,9 +475,9 @@ class ReplyStream:
             await let_go(self.lease)
 
 
-async def run_locked(owner, name, work):
-    """Run `work(lease)` under the conversation's lock."""
-    lease = await db(acquire)(owner, name)
+async def run_locked(owner, name, work, admit=None):
+    """Run `work(lease)` under the conversation's lock (`admit`: see acquire)."""
+    lease = await db(acquire)(owner, name, admit)
     try:
         return await work(lease)
     finally:
@@ -519,7 +539,7 @@ async def start_reply(owner, name, prompt, sampling, seed=None):
 async def start_resay(owner, name, sampling, seed=None):
     """Begin a new version of the last reply; returns a ReplyStream. Takes the lock."""
     await db(limits.check_reply_rate)(owner)
-    lease = await db(acquire)(owner, name)
+    lease = await db(acquire)(owner, name, admit_reply(owner))
 
     async def make_stream():
         engine = get_engine()
@@ -562,13 +582,17 @@ def drop_rounds_after(lease, index):
 async def back(owner, name, log_index):
     """Keep rounds 0..log_index; the state becomes exactly the one after round log_index."""
 
+    def admit(character):
+        # Checked before the conversation is opened: a conversation not opened yet has round 0 only.
+        last_index = last_round_index(character)
+        if log_index > last_index:
+            raise ApiError(f"log_index {log_index} is past the last round ({last_index})")
+
     async def work(lease):
-        if log_index > lease.last.index:
-            raise ApiError(f"log_index {log_index} is past the last round ({lease.last.index})")
         await db(drop_rounds_after)(lease, log_index)
         await state_after(lease.conversation, log_index)  # stored if it had to be rebuilt
 
-    await run_locked(owner, name, work)
+    await run_locked(owner, name, work, admit)
 
 
 def restart(lease):

@@ -133,11 +133,16 @@ class EngineShare:
     def __init__(self):
         self.running = {}
 
-    def take(self, user_id):
+    def check(self, user_id):
+        """ApiError(429) if the user has no room for another reply (takes nothing; a
+        read, safe from any thread)."""
         limit = config("MAX_REPLIES_PER_USER")
         if limit and self.running.get(user_id, 0) >= limit:
             raise ApiError(f"you already have {limit} replies being generated: "
                            "please wait for one to finish", code=RATE_LIMITED)
+
+    def take(self, user_id):
+        self.check(user_id)
         self.running[user_id] = self.running.get(user_id, 0) + 1
 
     def give_back(self, user_id):

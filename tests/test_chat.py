@@ -164,6 +164,47 @@ def test_back_rejects_a_bad_log_index(mira, log_index, message):
     assert len(mira.chat("Mira")) == 2
 
 
+def stored_rows(user_name):
+    """What the database holds for one user: conversations, rounds, characters, held locks."""
+    from characters.models import Character
+    from chat.models import Conversation
+    from locks.models import Lock
+
+    characters = Character.objects.filter(owner__username=user_name)
+    return (Conversation.objects.filter(owner__username=user_name).count(), rounds(user_name).count(),
+            list(characters.values_list("name", "greeting")),
+            Lock.objects.filter(name__in=[character.lock_name for character in characters]).count())
+
+
+REFUSED = [
+    ("/chat/back", {"log_index": "99999999999999999999"}, "log_index 99999999999999999999 is past the last round (0)"),
+    ("/chat/back", {"log_index": "1.0"}, "log_index 1 is past the last round (0)"),
+    ("/chat/back", {"log_index": "1", "user_name": ""}, "log_index 1 is past the last round (0)"),
+    ("/chat/back", {"log_index": "-1"}, "log_index: Ensure this value is greater than or equal to 0."),
+    ("/chat/back", {"character_name": "Nobody"}, "character does not exist"),
+    ("/chat/reset", {"character_name": "Nobody"}, "character does not exist"),
+    ("/chat/tamper", {}, "missing parameter: message"),
+    ("/chat/tamper", {"message": "  "}, "message must not be empty"),
+    ("/chat/reply", {"prompt": " "}, "prompt must not be empty"),
+    ("/chat/reply", {"prompt": "hi", "tau": "x"}, "tau: must be a number, got 'x'"),
+    ("/chat/resay", {"temperature": "0"}, "temperature: must be in (0, 5], got 0"),
+    ("/characters/load", {"character_name": "Nobody"}, "character does not exist"),
+    ("/debug/token", {"character_name": "Nobody"}, "character does not exist"),
+    ("/characters/save", {"greeting": ""}, "greeting must not be empty"),
+]
+
+
+@pytest.mark.parametrize("route,fields,message", REFUSED)
+def test_a_refused_request_changes_nothing(guest, route, fields, message):
+    # Mira is saved but her conversation is not opened yet: a refused request must not open it.
+    guest.ok("/characters/save", **CHARACTER)
+    before = stored_rows(guest.user_name)
+    base = CHARACTER if route == "/characters/save" else {"character_name": "Mira"}
+    body, _ = guest.stream(route, **{**base, **fields})
+    assert body == {"data": None, "message": message, "code": 400}
+    assert stored_rows(guest.user_name) == before
+
+
 def test_reset_starts_over_from_the_greeting(mira):
     fresh = mira.context("Mira")
     mira.reply("Mira", "hello")
