@@ -22,6 +22,8 @@ LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.MULTILINE)
+# A repository path named in the text, e.g. `inference/engine.py` or deploy/rpserver@.service.
+FILE_PATH = re.compile(r"(?<![\w/.-])((?:[\w.@-]+/)+[\w.@-]+\.(?:py|cpp|h|md|sh|conf|service|timer|js|html|css|txt|ini))\b")
 VARIABLE = re.compile(r"\bRPSERVER_[A-Z0-9_]*[A-Z0-9]\b")
 # Not the project's code: the virtual environment, caches, installed packages.
 NOT_CODE = {".venv", ".git", "node_modules", "__pycache__", ".pytest_cache", "staticfiles", "media", "model"}
@@ -74,6 +76,14 @@ def test_every_relative_link_resolves(page):
         elif anchor and target.suffix == ".md" and anchor not in anchors(target):
             broken.append(f"{path}#{anchor}: no such heading in {target.relative_to(ROOT)}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("page", PAGES[:-1], ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_file_the_page_names_exists(page):
+    """Paths in the text, links or not (bench/RESULTS.md, a history, is left out)."""
+    named = FILE_PATH.findall(page.read_text(encoding="utf-8"))
+    missing = sorted({path for path in named if not (ROOT / path).exists() and not (page.parent / path).exists()})
+    assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {missing}"
 
 
 def test_the_readme_links_into_every_docs_page():
