@@ -70,7 +70,11 @@ def parse_avatar(value):
     anything that is not a sound PNG, JPEG, GIF or WebP image within the
     size limits raises ApiError with a message for the user.
     """
-    image = decode_base64(value)
+    return clean_avatar(decode_base64(value))
+
+
+def clean_avatar(image):
+    """(bytes, mime type, extension) of the image file `image`, re-encoded (see parse_avatar)."""
     kind = sniff(image)
     if kind is None:
         raise ApiError("avatar must be a PNG, JPEG, GIF or WebP image")

@@ -24,6 +24,10 @@ class Character(models.Model):
     use_qa = models.BooleanField(default=False, help_text="prompt with User/Assistant instead of the names")
     avatar = models.FileField(upload_to=avatar_path, blank=True)
     avatar_type = models.CharField(max_length=32, blank=True)
+    # The character card it was imported from (characters/cards.py): its `data` object as it came,
+    # every field and unknown extension kept, given back on export; {} for a character made here.
+    card = models.JSONField(default=dict, blank=True)
+    card_spec = models.CharField(max_length=32, blank=True, help_text="chara_card_v1/v2/v3, or empty")
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 

@@ -1,3 +1,6 @@
+import base64
+import binascii
+import re
 import unicodedata
 
 from django.conf import settings
@@ -55,3 +58,31 @@ class SaveCharacterSerializer(serializers.Serializer):
     example_message = text_field("MAX_PERSONA_CHARS", required=False, allow_blank=True, default="")
     use_qa = LegacyBooleanField(required=False, default=False)
     avatar = serializers.CharField(required=False, allow_blank=True, trim_whitespace=True)
+
+
+class ImportCardSerializer(serializers.Serializer):
+    """POST /api/v1/characters/import: the card file as base64 (a data URL is fine), and optionally
+    the name to import it under."""
+
+    file = serializers.CharField()
+    name = NameField(required=False)
+
+    def validate_file(self, value):
+        return decode_file(value)
+
+
+class ExportCardSerializer(serializers.Serializer):
+    format = serializers.ChoiceField(choices=["png", "json"], required=False, default="png")
+    spec = serializers.ChoiceField(choices=["v2", "v3"], required=False, default="v3")
+
+
+def decode_file(value):
+    """The bytes of a file sent as base64 or as a data URL; the size limit checked before decoding."""
+    limit = settings.RPSERVER["MAX_CARD_FILE_BYTES"]
+    payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    if len(payload) > (limit * 4) // 3 + 4:
+        raise serializers.ValidationError(f"the card file is too large: the limit is {limit // 1024} KB")
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+    except (binascii.Error, ValueError):
+        raise serializers.ValidationError("must be the card file encoded as base64 (or a data: URL)")

@@ -1,18 +1,20 @@
 """Characters: create, overwrite, delete, and the defaults of new accounts."""
 
 import contextlib
+import unicodedata
 
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from locks import services as locks
 from rpserver.errors import BUSY, ApiError
 from rpserver.files import delete_file_on_commit
 
-from .avatars import parse_avatar
+from . import cards
+from .avatars import clean_avatar, parse_avatar
 from .defaults import DEFAULT_CHARACTERS
-from .models import Character
+from .models import MAX_NAME_LENGTH, Character
 from .signals import character_changed
 
 
@@ -102,3 +104,105 @@ def give_default_characters(sender, instance, created, raw=False, **kwargs):
     Character.objects.bulk_create(
         Character(owner=instance, **fields) for fields in DEFAULT_CHARACTERS
     )
+
+
+# ---- character cards -----------------------------------------------------------------
+
+
+def import_card(owner, file, name=None):
+    """Create the owner's character from a card file (bytes: PNG, JSON or CHARX; characters.cards).
+
+    The card's `data` is kept whole in Character.card for export; its fields
+    map onto the character (cards.character_fields), its picture becomes the
+    avatar. `name` imports it under another name. Everything is read and
+    checked before anything is stored: a file that is not a sound card, over
+    a limit, or named like an existing character raises ApiError and stores
+    nothing. Returns the new Character.
+    """
+    card = cards.read_card(file)
+    fields = cards.character_fields(card.data)
+    if name is not None:
+        fields["name"] = name
+    check_card_fields(fields)
+    image = card_picture(card.image)
+    check_guest_quota(owner, creating=True, image=image)
+    if Character.objects.filter(owner=owner, name=fields["name"]).exists():
+        raise ApiError(exists_message(fields["name"]))
+    character = Character(owner=owner, card=card.data, card_spec=card.spec, **fields)
+    try:
+        with transaction.atomic():
+            if image is not None:
+                data, mime, extension = image
+                character.avatar_type = mime
+                character.avatar.save(f"avatar.{extension}", ContentFile(data), save=False)
+            character.save()
+    except IntegrityError:  # the same name was imported or saved meanwhile
+        delete_file_on_commit(character.avatar)
+        raise ApiError(exists_message(fields["name"]))
+    return character
+
+
+def exists_message(name):
+    return (f"a character named {name!r} already exists: delete it first, "
+            "or import the card under another name")
+
+
+def check_card_fields(fields):
+    for field, what in (("name", "name"), ("user_name", "user name (extensions.rpserver.user_name)")):
+        if len(fields[field]) > MAX_NAME_LENGTH:
+            raise ApiError(f"the card's {what} is longer than {MAX_NAME_LENGTH} characters"
+                           + (": import it under another name" if field == "name" else ""))
+        if any(unicodedata.category(ch) == "Cc" for ch in fields[field]):
+            raise ApiError(f"the card's {what} must not contain control characters such as newlines")
+    limit = settings.RPSERVER["MAX_PERSONA_CHARS"]
+    for field, what in (("persona", "description, personality and scenario together"),
+                        ("greeting", "first message"), ("example_message", "example dialogue")):
+        if len(fields[field]) > limit:
+            raise ApiError(f"the card is too large: its {what} may be at most {limit} characters, "
+                           f"it has {len(fields[field])}")
+
+
+def card_picture(image):
+    """The card's picture as a clean avatar (avatars.clean_avatar), or None when it has none."""
+    if image is None:
+        return None
+    try:
+        cleaned = clean_avatar(image)
+    except ApiError as exc:
+        raise ApiError(f"the card's picture is refused: {exc.message}")
+    limit = settings.RPSERVER["MAX_AVATAR_BYTES"]
+    if len(cleaned[0]) > limit:
+        raise ApiError(f"the card's picture is too large: the limit is {limit // 1024} KB once stored")
+    return cleaned
+
+
+EXPORT_FORMATS = ("png", "json")
+EXPORT_SPECS = ("v2", "v3")
+
+
+def export_card(owner, name, file_format="png", spec="v3"):
+    """(bytes, content type, file name) of the owner's character `name` as a card file.
+
+    JSON: the card in `spec` (v3 or v2). PNG: the avatar (a generated picture
+    when there is none) with both a V2 `chara` and a V3 `ccv3` chunk.
+    """
+    character = get_character(owner, name)
+    data = cards.card_data(character)
+    if file_format == "json":
+        return cards.card_json(data, spec), "application/json", f"{name}.json"
+    return cards.card_png(data, avatar_png(character)), "image/png", f"{name}.png"
+
+
+def avatar_png(character):
+    """The character's avatar as PNG bytes, or a generated placeholder when it has none."""
+    if character.avatar:
+        try:
+            with character.avatar.open("rb") as stored:
+                image = stored.read()
+        except OSError:
+            image = None
+        if image is not None and image.startswith(cards.PNG_SIGNATURE):
+            return image
+        if image is not None:
+            return cards.to_png(image)
+    return cards.placeholder_png(character.name)

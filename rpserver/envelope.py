@@ -6,6 +6,8 @@ every failure on a legacy route (bad input, bad token, a server fault, an
 unknown route) comes back as this envelope with a message written for a
 person. Under /v1/ (the OpenAI-compatible API) errors take OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}, at the real HTTP status.
+Under /api/ (rpserver's own REST API, docs/cards.md) errors are the
+envelope at the real HTTP status (400, 403, 404).
 """
 
 import json
@@ -27,6 +29,7 @@ def envelope(data=None, message=SUCCESS, code=200):
 
 
 OPENAI_PREFIX = "/v1/"
+REST_PREFIX = "/api/"
 
 # OpenAI's error `type` for each status.
 OPENAI_ERROR_TYPES = {
@@ -49,6 +52,8 @@ def error_payload(path, message, code, param=None):
     if path.startswith(OPENAI_PREFIX):
         status = 401 if code == 403 and "token" in message else code
         return status, openai_error(message, status, param)
+    if path.startswith(REST_PREFIX):  # rpserver's own REST API: the envelope at the real status
+        return code, envelope(message=message, code=code)
     status = 404 if code == 404 else 200  # the legacy envelope is HTTP 200, but for unknown routes
     return status, envelope(message=message, code=code)
 

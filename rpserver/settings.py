@@ -205,6 +205,9 @@ RPSERVER = {
     "MAX_PERSONA_CHARS": env_int("RPSERVER_MAX_PERSONA_CHARS", 20000, minimum=1),
     "MAX_AVATAR_BYTES": env_int("RPSERVER_MAX_AVATAR_BYTES", 2 * 1024 * 1024, minimum=1),
     "MAX_AVATAR_PIXELS": env_int("RPSERVER_MAX_AVATAR_PIXELS", 4096 * 4096, minimum=1),
+    # Character cards (characters/cards.py): the file imported, and the card's JSON inside it.
+    "MAX_CARD_FILE_BYTES": env_int("RPSERVER_MAX_CARD_FILE_BYTES", 3 * 1024 * 1024, minimum=1024),
+    "MAX_CARD_JSON_BYTES": env_int("RPSERVER_MAX_CARD_JSON_BYTES", 1024 * 1024, minimum=1024),
     "TOKEN_TTL_HOURS": env_int("RPSERVER_TOKEN_TTL_HOURS", 24 * 30, minimum=1),
     "ALLOW_SIGNUP": env_bool("RPSERVER_ALLOW_SIGNUP", True),
     # Locks (locks/services.py): a process silent this long is dead and its locks are freed.
