@@ -11,8 +11,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -151,11 +153,32 @@ def write_endless_model(path):
 
 write_endless_model(ENDLESS_MODEL)
 
+# With the endless model, a server with these settings streams every reply until its reader leaves:
+# the model never ends its turn, and no test reads a billion tokens. A test that needs a reply still
+# running uses one (running_reply), never a long reply that will "surely" outlast its other requests.
+UNTIL_THE_READER_LEAVES = {"RPSERVER_MAX_REPLY_TOKENS": "1000000000"}
+
 
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_listening(port, process, log, seconds=120):
+    """Return once something accepts connections on `port`; fail if `process` exits first, or after
+    `seconds` (far beyond a start on a loaded machine), with its `log()`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode} before listening on {port}:\n{log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not listening on {port} after {seconds} s:\n{log()}") from None
+            time.sleep(0.1)
 
 
 class Server:
@@ -168,24 +191,17 @@ class Server:
         self.process = None
         self.url = None
 
+    def command(self, port):
+        return [sys.executable, "manage.py", "serve", "--model", str(self.model), "--port", str(port)]
+
     def start(self):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        log = open(self.log_path, "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--model", str(self.model), "--port", str(port)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server did not start:\n{self.log()}")
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(self.command(port), cwd=ROOT, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        wait_until_listening(port, self.process, self.log)
+        return self
 
     def stop(self):
         if self.process is not None:
@@ -248,6 +264,69 @@ class Api:
 
     def context(self, character):
         return self.ok("/debug/token", character_name=character)
+
+
+@contextmanager
+def running_reply(client, route="/chat/reply", **fields):
+    """A reply streaming to `client` on the legacy API, begun: its first frame has arrived, so the
+    conversation's lock is held. On a server whose replies run until their reader leaves
+    (UNTIL_THE_READER_LEAVES) it runs for as long as the block does; leaving the block closes the
+    stream, and the server then cancels the reply (storing nothing) and lets go of the lock, soon
+    but not at once: see until_not_busy. Yields the response."""
+    with client.http.stream("POST", route, data={**client.auth(), **fields}) as answer:
+        rest = first_frame(answer)  # (kept until the block ends: a dropped iterator closes the stream)
+        yield answer
+        del rest
+
+
+def first_frame(answer):
+    """Read `answer`, an event stream, until its first frame has come; the iterator over the rest of
+    it. Keep that while the stream must stay open: when the iterator is dropped, httpx closes the
+    stream (and the server sees its reader leave)."""
+    assert answer.headers["content-type"].startswith("text/event-stream"), answer.read()
+    chunks, seen = answer.iter_raw(), b""
+    while b"data: " not in seen:
+        chunk = next(chunks, None)
+        assert chunk is not None, f"the stream ended before its first frame: {seen!r}"
+        seen += chunk
+    return chunks
+
+
+def at_once(work, arguments):
+    """work(*args) for each tuple in `arguments`, each in its own thread, all started before any is
+    waited for; their results in order. An exception in one is raised here once all have ended."""
+    results, errors = [None] * len(arguments), []
+
+    def run(i, args):
+        try:
+            results[i] = work(*args)
+        except BaseException as exc:  # raised in the test's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, args)) for i, args in enumerate(arguments)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def until_not_busy(call, deadline_seconds=120):
+    """`call()`'s answer once it is not the busy envelope: for a request that must wait until a
+    conversation's lock is let go of (after running_reply's reader left, or its process died).
+    Polled, with a deadline far beyond any wait the suite expects on a loaded machine."""
+    from chat.services import BUSY
+
+    deadline = time.monotonic() + deadline_seconds
+    while True:
+        answer = call()
+        body = answer[0] if isinstance(answer, tuple) else answer
+        if not (isinstance(body, dict) and body.get("message") == BUSY):
+            return answer
+        assert time.monotonic() < deadline, f"still busy after {deadline_seconds} s"
+        time.sleep(0.1)
 
 
 # What a client of the local S3 server (the s3_endpoint fixture) authenticates with, as environment.
