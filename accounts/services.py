@@ -58,11 +58,12 @@ def log_in(user_name, password, address):
     return user, issue_token(user)
 
 
-def create_guest(address):
-    """A fresh guest account (default characters included) and its token."""
+def create_guest(address, accept_language=""):
+    """A fresh guest account (default characters included, in the request's language) and its token."""
     limits.check_guest_rate(address)
     with transaction.atomic():
         user = User(username=f"tmp-{secrets.token_hex(16)}", is_guest=True)
+        user.accept_language = accept_language  # read by the starter characters' post_save receiver
         user.set_unusable_password()
         user.save()
         return user, issue_token(user)
@@ -76,9 +77,11 @@ def check_password_rules(password, user):
         raise ApiError(" ".join(exc.messages))
 
 
-def create_user(user_name, password):
-    """A new account with a password, checked by the password validators."""
+def create_user(user_name, password, accept_language=""):
+    """A new account with a password, checked by the password validators; its starter characters
+    speak the language of `accept_language` (an Accept-Language header; none: the legacy set)."""
     user = User(username=user_name)
+    user.accept_language = accept_language
     try:
         user.full_clean(exclude=["password"])
     except ValidationError as exc:
@@ -95,12 +98,12 @@ def create_user(user_name, password):
     return user
 
 
-def sign_up(user_name, password, address):
+def sign_up(user_name, password, address, accept_language=""):
     """A new account and its first token (POST /signup)."""
     if not settings.RPSERVER["ALLOW_SIGNUP"]:
         raise ApiError("sign-up is turned off on this server", code=403)
     limits.check_signup_rate(address)
-    user = create_user(user_name, password)
+    user = create_user(user_name, password, accept_language)
     return user, issue_token(user)
 
 

@@ -30,7 +30,8 @@ class SignupView(APIView):
     def post(self, request):
         form = LoginSerializer(data=request.data)
         form.is_valid(raise_exception=True)
-        return account_data(*services.sign_up(**form.validated_data, address=client_address(request)))
+        return account_data(*services.sign_up(**form.validated_data, address=client_address(request),
+                                              accept_language=request.headers.get("Accept-Language", "")))
 
 
 class GuestLoginView(APIView):
@@ -38,7 +39,8 @@ class GuestLoginView(APIView):
     permission_classes = [AllowAny]
 
     def post(self, request):
-        return account_data(*services.create_guest(client_address(request)))
+        return account_data(*services.create_guest(client_address(request),
+                                                   request.headers.get("Accept-Language", "")))
 
 
 class LogoutView(APIView):

@@ -13,7 +13,7 @@ from rpserver.files import delete_file_on_commit
 
 from . import cards
 from .avatars import clean_avatar, parse_avatar
-from .defaults import DEFAULT_CHARACTERS
+from .defaults import starter_characters
 from .models import MAX_NAME_LENGTH, Character
 from .signals import character_changed
 
@@ -98,11 +98,12 @@ def delete_character(owner, name):
 
 
 def give_default_characters(sender, instance, created, raw=False, **kwargs):
-    """post_save receiver on the user model: new accounts get the default characters."""
+    """post_save receiver on the user model: new accounts get the default characters, in the language
+    the account was created in (accounts.services sets `accept_language` on the new user)."""
     if not created or raw:
         return
     Character.objects.bulk_create(
-        Character(owner=instance, **fields) for fields in DEFAULT_CHARACTERS
+        Character(owner=instance, **fields) for fields in starter_characters(getattr(instance, "accept_language", ""))
     )
 
 

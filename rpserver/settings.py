@@ -163,7 +163,8 @@ MEDIA_ROOT = Path(env_str("RPSERVER_MEDIA_ROOT", str(DATA_DIR / "media")))
 # default, an S3-compatible bucket when RPSERVER_S3_BUCKET is set.
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    # Hashed names, gzip, long caching: web/storage.py says how (needs `manage.py collectstatic`).
+    "staticfiles": {"BACKEND": "web.storage.HashedCompressedStaticFiles"},
 }
 if env_str("RPSERVER_S3_BUCKET"):
     STORAGES["default"] = {

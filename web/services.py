@@ -1,12 +1,20 @@
-"""Facts about this server that the web client shows (which model, whether sign-up is open)."""
+"""What the web client asks the server beyond the legacy API: the server's facts (which model, whether
+sign-up is open, the sampling ranges), the gallery with a line about each character, and a chat with
+whether a reply is being written for it now."""
 
 import functools
+import re
 from pathlib import Path
 
 from django.conf import settings
 
+from characters.avatars import avatar_data_url
+from characters.services import get_character
+from chat.services import load_chat
 from inference import runtime
 from inference.checkpoint import CheckpointError, fingerprint, load_weights
+from inference.sampling import LIMITS, SamplingSettings
+from locks import services as locks
 
 
 @functools.lru_cache(maxsize=4)
@@ -36,9 +44,26 @@ def signup_allowed():
     return bool(settings.RPSERVER.get("ALLOW_SIGNUP", True))
 
 
+# The sliders, in the dialog's order, and how finely a person sets each (the ranges and defaults are the API's).
+SLIDER_STEPS = {"temperature": 0.05, "min_p": 0.01, "presence_penalty": 0.1, "tau": 0.1, "rate": 0.01}
+
+
+def sampling_fields():
+    """The legacy API's sampling fields for the settings dialog: one home for their ranges and defaults
+    (inference.sampling), served to the client rather than written again in its script."""
+    fields = []
+    for name, step in SLIDER_STEPS.items():
+        low, high, low_inclusive = LIMITS[name]
+        fields.append({"name": name, "min": low if low_inclusive else low + step, "max": high, "step": step,
+                       "value": getattr(SamplingSettings, name)})
+    return fields
+
+
 def client_config():
     engine = runtime._engine
     return {
+        "sampling": sampling_fields(),
+        "guest_max_avatar_bytes": settings.RPSERVER["LIMITS"]["GUEST_MAX_AVATAR_BYTES"],
         "demo_model": serving_demo_model(),
         "model": engine.backend.description if engine is not None else "",
         "allow_signup": signup_allowed(),
@@ -47,3 +72,28 @@ def client_config():
         "max_persona_chars": settings.RPSERVER["MAX_PERSONA_CHARS"],
         "max_avatar_bytes": settings.RPSERVER["MAX_AVATAR_BYTES"],
     }
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s|(?<=[。！？])")
+MAX_DESCRIPTION_CHARS = 140
+
+
+def describe(character):
+    """A line about a character for the gallery: the first sentence of its persona, names filled in."""
+    text = " ".join(character.persona.replace("{{char}}", character.name)
+                    .replace("{{user}}", character.user_name).split())
+    first = SENTENCE_END.split(text, maxsplit=1)[0].strip()
+    return first if len(first) <= MAX_DESCRIPTION_CHARS else first[:MAX_DESCRIPTION_CHARS - 1].rstrip() + "…"
+
+
+def gallery(owner):
+    """The owner's characters as the gallery shows them: name, avatar, a line about each."""
+    return [{"char_name": c.name, "avatar": avatar_data_url(c), "description": describe(c)}
+            for c in owner.characters.all()]
+
+
+def chat_now(owner, name):
+    """The chat as stored, and whether a request (a reply being written, most often) holds it now:
+    a second tab shows that, and loads the chat again when it is free."""
+    chat = load_chat(owner, name)
+    return {"chat": chat, "busy": locks.is_held(get_character(owner, name).lock_name)}

@@ -5,4 +5,6 @@ from . import views
 urlpatterns = [
     path("", views.index),
     path("web/config", views.config),
+    path("web/characters", views.GalleryView.as_view()),
+    path("web/chat", views.ChatView.as_view()),
 ]

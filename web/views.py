@@ -9,8 +9,10 @@ the second wall behind that.
 
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
+from rest_framework.views import APIView
 
-from rpserver.envelope import envelope, json_response
+from characters.views import character_name
+from rpserver.envelope import envelope, json_response, ok
 
 from . import services
 
@@ -45,3 +47,17 @@ def index(request):
 def config(request):
     """Server facts for the client, in the legacy envelope: {"data": {...}, "code": 200}."""
     return secure(json_response(envelope(services.client_config())))
+
+
+class GalleryView(APIView):
+    """POST /web/characters (token as on the legacy routes): the characters, each with a line about it."""
+
+    def post(self, request):
+        return ok({"list": services.gallery(request.user)})
+
+
+class ChatView(APIView):
+    """POST /web/chat (character_name): the chat, and whether a reply is being written for it now."""
+
+    def post(self, request):
+        return ok(services.chat_now(request.user, character_name(request)))

@@ -5,6 +5,8 @@
 // travels in the Authorization header (never in a URL) and is kept in
 // localStorage so that a reload stays logged in.
 
+import { language } from "./i18n.js";
+
 const SESSION_KEY = "rpserver.session";
 
 export class ApiError extends Error {
@@ -39,7 +41,11 @@ let onExpired = () => {};
 export function whenExpired(callback) { onExpired = callback; }
 
 function request(route, fields, signal) {
-  const headers = { "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8" };
+  // The page's language, not only the browser's: a new account's starter characters speak it.
+  const headers = {
+    "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8",
+    "Accept-Language": language === "zh" ? "zh-CN" : "en",
+  };
   const current = session.load();
   if (current) headers.Authorization = `Token ${current.token}`;
   const body = new URLSearchParams();

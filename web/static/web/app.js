@@ -4,15 +4,15 @@
 //   #/chat/<name> a chat
 
 import { ApiError, call, get, session, stream, whenExpired } from "./api.js";
-import { otherLanguage, setLanguage, t, translatePage } from "./i18n.js";
+import { fromServer, otherLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { fillAvatar, renderMessageText } from "./text.js";
-import { loadSampling, openSettings } from "./settings.js";
+import { loadSampling, openSettings, setSamplingFields } from "./settings.js";
 import { readAvatar } from "./avatar.js";
 
 const $ = (selector) => document.querySelector(selector);
 
 const state = {
-  config: { demo_model: false, allow_signup: true, max_avatar_bytes: 2 * 1024 * 1024 },
+  config: { demo_model: false, allow_signup: true, max_avatar_bytes: 2 * 1024 * 1024, guest_max_avatar_bytes: 256 * 1024 },
   characters: [],
   chatName: null,      // the character whose chat is open
   chat: [],            // its rounds: [[user text or null, character text], ...]
@@ -23,24 +23,38 @@ const state = {
 
 // ---------------------------------------------------------------- messages
 
+// At most this many toasts at once: a burst of failures shows the newest few, never a wall.
+const MAX_TOASTS = 3;
+
+/** A short message at the top of the page. The same words already showing are not shown twice. */
 function toast(text, kind = "info") {
-  const item = document.createElement("div");
-  item.className = `toast ${kind}`;
-  item.textContent = text;
-  $("#toasts").append(item);
-  setTimeout(() => item.remove(), kind === "error" ? 6000 : 3500);
+  const box = $("#toasts");
+  let item = [...box.children].find((shown) => shown.textContent === text && shown.dataset.kind === kind);
+  if (item) {
+    clearTimeout(Number(item.dataset.timer));
+    box.append(item); // the newest goes last
+  } else {
+    item = document.createElement("div");
+    item.className = `toast ${kind}`;
+    item.dataset.kind = kind;
+    item.textContent = text;
+    item.addEventListener("click", () => item.remove());
+    box.append(item);
+    while (box.children.length > MAX_TOASTS) box.firstElementChild.remove();
+  }
+  item.dataset.timer = String(setTimeout(() => item.remove(), kind === "error" ? 6000 : 3500));
 }
 
-/** Words for an error, in the page's language where the API's meaning is known. */
+/** Words for an error, written for people and in the page's language (i18n.js maps the API's messages). */
 function describe(error) {
-  if (!(error instanceof ApiError)) return String(error && error.message ? error.message : error);
+  if (!(error instanceof ApiError)) return t("error.other", { message: String(error && error.message ? error.message : error) });
   if (error.network) return t("error.network");
+  if (error.code >= 500) return t("error.server", { message: error.message });
+  const known = fromServer(error.message);
+  if (known) return known;
   if (error.expired) return t("error.expired");
   if (error.rateLimited) return t("error.rate");
-  if (error.busy) return t("error.busy");
-  if (error.code >= 500) return t("error.server", { message: error.message });
-  if (/character does not exist/i.test(error.message)) return t("chat.not_found");
-  return error.message;
+  return t("error.other", { message: error.message });
 }
 
 function showError(error) {
@@ -117,6 +131,9 @@ function onAuthSubmit(event) {
 }
 
 async function logout() {
+  const current = session.load();
+  // A guest has no password: once the token goes, so do their characters and chats.
+  if (current && current.guest && !(await confirmDialog(t("app.confirm_guest_logout"), t("app.logout")))) return;
   stopReply();
   try {
     await call("/logout");
@@ -146,7 +163,7 @@ function showApp() {
 
 async function refreshCharacters() {
   try {
-    const data = await call("/characters/list");
+    const data = await call("/web/characters");
     state.characters = data.list || [];
   } catch (exc) {
     showError(exc);
@@ -173,6 +190,7 @@ function renderCharacters() {
     const card = cardTemplate.cloneNode(true).firstElementChild;
     card.querySelector(".card-link").href = chatHref(name);
     card.querySelector(".card-name").textContent = name;
+    card.querySelector(".card-desc").textContent = character.description || "";
     fillAvatar(card.querySelector(".avatar"), name, character.avatar);
     const edit = card.querySelector(".card-edit");
     edit.href = `#/edit/${encodeURIComponent(name)}`;
@@ -282,12 +300,21 @@ function showEditorAvatar() {
   $("#avatar-remove").hidden = !state.editing.avatar;
 }
 
+/** The most an avatar may weigh for this person: the server stores a re-encoded copy, so aim a little lower. */
+function avatarLimit() {
+  const current = session.load();
+  const limit = current && current.guest
+    ? Math.min(state.config.max_avatar_bytes, state.config.guest_max_avatar_bytes)
+    : state.config.max_avatar_bytes;
+  return Math.floor(limit * 0.85);
+}
+
 async function onAvatarChosen(event) {
   const file = event.target.files[0];
   event.target.value = "";
   if (!file) return;
   try {
-    state.editing.avatar = await readAvatar(file, state.config.max_avatar_bytes);
+    state.editing.avatar = await readAvatar(file, avatarLimit());
     state.editing.avatarChanged = true;
     showEditorAvatar();
   } catch {
@@ -361,17 +388,47 @@ async function openChat(name) {
   $("#messages").replaceChildren();
   showView("view-chat");
   try {
-    const data = await call("/characters/load", { character_name: name });
-    if (state.chatName !== name) return;
-    state.chat = data.chat || [];
+    await loadChat(name);
   } catch (exc) {
     showError(exc);
     if (!(exc instanceof ApiError && exc.expired)) location.hash = "#/";
     return;
   }
-  renderChat();
   scrollToEnd();
   if (matchMedia("(hover: hover)").matches) $("#prompt").focus();
+}
+
+// While another tab (or request) is writing a reply for this chat, the page asks this often whether it is done.
+const FOLLOW_MS = 1000;
+
+/**
+ * Show the chat as the server keeps it. When a reply is being written for it elsewhere (another tab, the
+ * Vue UI), say so where the reply will appear, and load the chat again once it is done. The text of a reply
+ * streams only to the request that asked for it, so this page shows it when it is stored.
+ */
+async function loadChat(name) {
+  const data = await call("/web/chat", { character_name: name });
+  if (state.chatName !== name || state.reply) return;
+  state.chat = data.chat || [];
+  renderChat();
+  if (!data.busy) return;
+  const waiting = messageElement("bot", state.chat.length, t("chat.writing_elsewhere"));
+  waiting.classList.add("elsewhere");
+  waiting.querySelector(".bubble").classList.add("streaming");
+  $("#messages").append(waiting);
+  scrollToEnd();
+  setBusy(true, { stoppable: false });
+  document.body.dataset.reply = "elsewhere";
+  const following = state.following = {};
+  setTimeout(async () => {
+    if (state.following !== following || state.chatName !== name || $("#view-chat").hidden) return;
+    state.following = null;
+    try {
+      await loadChat(name);
+    } catch (exc) {
+      showError(exc);
+    }
+  }, FOLLOW_MS);
 }
 
 function nearBottom() {
@@ -440,9 +497,11 @@ function renderChat() {
   document.body.dataset.reply = "idle"; // the chat on the page is what the server keeps
 }
 
-function setBusy(busy) {
-  $("#send").hidden = busy;
-  $("#stop").hidden = !busy;
+/** While a reply is being written: Stop instead of Send (for this page's own reply), the chat's tools off. */
+function setBusy(busy, { stoppable = true } = {}) {
+  $("#send").hidden = busy && stoppable;
+  $("#send").disabled = busy;
+  $("#stop").hidden = !busy || !stoppable;
   for (const button of document.querySelectorAll("#messages .message-actions button, #messages .speaker-actions button, .chat-tools button")) {
     button.disabled = busy;
   }
@@ -450,6 +509,7 @@ function setBusy(busy) {
 
 function stopReply() {
   if (state.reply) state.reply.controller.abort();
+  state.following = null;
 }
 
 /**
@@ -483,22 +543,21 @@ async function streamInto(bubble, route, fields) {
   }
 }
 
-/** After a stopped or failed reply: what the server kept. */
+/** After a stopped or failed reply: what the server kept (once it has let go of the chat, if it still holds it). */
 async function reloadChat(name) {
   try {
-    const data = await call("/characters/load", { character_name: name });
-    if (state.chatName === name) state.chat = data.chat || [];
+    await loadChat(name);
   } catch (exc) {
-    if (!(exc instanceof ApiError && exc.busy)) showError(exc);
+    showError(exc);
+    if (state.chatName === name) renderChat();
   }
-  if (state.chatName === name) renderChat();
 }
 
 async function send(event) {
   if (event) event.preventDefault();
   const box = $("#prompt");
   const prompt = box.value.trim();
-  if (!prompt || state.reply) return;
+  if (!prompt || state.reply || document.body.dataset.reply === "elsewhere") return;
   const name = state.chatName;
   box.value = "";
   fitComposer();
@@ -513,7 +572,6 @@ async function send(event) {
   if (final === null) {
     if (!box.value) box.value = prompt; // nothing was kept: give the words back
     fitComposer();
-    await settle();
     await reloadChat(name);
     return;
   }
@@ -531,16 +589,12 @@ async function regenerate() {
   const final = await streamInto(last.querySelector(".bubble"), "/chat/resay", {});
   if (state.chatName !== name) return;
   if (final === null) {
-    await settle();
     await reloadChat(name);
     return;
   }
   state.chat[state.chat.length - 1][1] = final;
   renderChat();
 }
-
-// A stopped stream frees its conversation when the server sees the disconnect.
-function settle() { return new Promise((resolve) => setTimeout(resolve, 300)); }
 
 function editLastReply(item) {
   const bubble = item.querySelector(".bubble");
@@ -644,6 +698,7 @@ function wire() {
       context: showContext,
       "edit-character": () => { location.hash = `#/edit/${encodeURIComponent(state.chatName)}`; },
       reset: resetChat,
+      "dismiss-demo": dismissDemoNote,
     };
     if (actions[target.dataset.action]) actions[target.dataset.action]();
   });
@@ -687,6 +742,14 @@ function showAppLabels() {
   if (current) $("#who").textContent = current.guest ? `${t("app.guest")} · ${current.user_name}` : current.user_name;
 }
 
+// The demo-model note, once dismissed, stays away on this browser.
+const DEMO_NOTE_KEY = "rpserver.demo_note";
+
+function dismissDemoNote() {
+  localStorage.setItem(DEMO_NOTE_KEY, "dismissed");
+  $("#demo-note").hidden = true;
+}
+
 async function start() {
   translatePage();
   wire();
@@ -695,7 +758,8 @@ async function start() {
   } catch {
     // An older server without the config route: the defaults do.
   }
-  $("#demo-note").hidden = !state.config.demo_model;
+  setSamplingFields(state.config.sampling);
+  $("#demo-note").hidden = !state.config.demo_model || localStorage.getItem(DEMO_NOTE_KEY) === "dismissed";
   if (session.load()) showApp();
   else showAuth();
 }

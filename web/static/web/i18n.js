@@ -18,6 +18,9 @@ const STRINGS = {
     "auth.signup_off": "Sign-up is turned off on this server. Ask its operator for an account.",
     "app.logout": "Log out",
     "app.guest": "guest",
+    "app.confirm_guest_logout": "Log out? A guest cannot log in again: your characters and chats on this browser will be gone for good.",
+    "demo.dismiss": "Dismiss this note",
+    "chat.writing_elsewhere": "A reply is being written in another tab or window. It appears here when it is done.",
     "gallery.title": "Characters",
     "gallery.hint": "Choose someone to talk to, or make your own.",
     "gallery.new": "New character",
@@ -87,6 +90,42 @@ const STRINGS = {
     "error.rate": "Too many attempts. Wait a little and try again.",
     "error.expired": "Your session has ended. Please log in again.",
     "error.server": "The server had a problem: {message}",
+    "error.wrong_login": "Wrong user name or password.",
+    "error.login_backoff": "Too many failed log-ins. Try again in {seconds} s.",
+    "error.wait": "Too many attempts. Try again in {seconds} s.",
+    "error.user_exists": "The name “{name}” is taken. Choose another one, or log in.",
+    "error.user_name_chars": "A user name may hold only letters, digits and @ . + - _",
+    "error.user_name_long": "That user name is too long.",
+    "error.password_short": "The password is too short: use at least {count} characters.",
+    "error.password_common": "That password is too common: choose one that is harder to guess.",
+    "error.password_numeric": "The password must not be only digits.",
+    "error.password_similar": "The password is too much like the user name.",
+    "error.too_long": "{field} is too long: at most {count} characters.",
+    "error.missing": "{field} is missing.",
+    "error.empty": "{field} must not be empty.",
+    "error.control": "{field} must not hold line breaks or other control characters.",
+    "error.range": "{field} must be between {low} and {high}. Set it in the sampling settings.",
+    "error.nul": "{field} holds an invisible NUL character, which cannot be stored. Remove it and try again.",
+    "error.lost": "This chat was changed in another tab meanwhile. It has been reloaded.",
+    "error.replies_limit": "You already have {count} replies being written. Wait for one to finish.",
+    "error.guest_characters": "A guest can keep at most {count} characters. Delete one, or sign up.",
+    "error.guest_avatar": "A guest's picture can be at most {count} KB. Choose a smaller one, or sign up.",
+    "error.avatar_large": "The picture is too large: at most {count} KB.",
+    "error.avatar_pixels": "The picture has too many pixels. Choose a smaller one.",
+    "error.body_large": "That is too much text to send at once (at most {count} KB).",
+    "error.disabled": "This account is disabled.",
+    "error.other": "The server refused this: {message}",
+    "field.prompt": "Your message",
+    "field.message": "The reply",
+    "field.character_name": "The character's name",
+    "field.avatar": "The picture",
+    "field.user_name": "The user name",
+    "field.password": "The password",
+    "field.bot": "The name",
+    "field.user": "What the character calls you",
+    "field.greeting": "The greeting",
+    "field.bot_persona": "The persona",
+    "field.example_message": "The example dialogue",
   },
   zh: {
     "demo.title": "演示模型：",
@@ -104,6 +143,9 @@ const STRINGS = {
     "auth.signup_off": "本服务器已关闭注册，请向管理员索取账号。",
     "app.logout": "退出",
     "app.guest": "访客",
+    "app.confirm_guest_logout": "确定退出？访客无法再次登录：你在这个浏览器里的角色和聊天记录都会永久丢失。",
+    "demo.dismiss": "关闭这条提示",
+    "chat.writing_elsewhere": "另一个标签页或窗口正在生成回复，完成后会显示在这里。",
     "gallery.title": "角色",
     "gallery.hint": "选一个角色聊天，或者创建你自己的角色。",
     "gallery.new": "新建角色",
@@ -173,6 +215,42 @@ const STRINGS = {
     "error.rate": "尝试次数太多，请稍等再试。",
     "error.expired": "登录已过期，请重新登录。",
     "error.server": "服务器出错：{message}",
+    "error.wrong_login": "用户名或密码错误。",
+    "error.login_backoff": "登录失败次数太多，请 {seconds} 秒后再试。",
+    "error.wait": "尝试次数太多，请 {seconds} 秒后再试。",
+    "error.user_exists": "用户名“{name}”已被占用。请换一个，或者直接登录。",
+    "error.user_name_chars": "用户名只能包含字母、数字和 @ . + - _",
+    "error.user_name_long": "用户名太长了。",
+    "error.password_short": "密码太短：至少需要 {count} 个字符。",
+    "error.password_common": "这个密码太常见了，请换一个更难猜的。",
+    "error.password_numeric": "密码不能全是数字。",
+    "error.password_similar": "密码和用户名太像了。",
+    "error.too_long": "{field}太长了：最多 {count} 个字符。",
+    "error.missing": "缺少{field}。",
+    "error.empty": "{field}不能为空。",
+    "error.control": "{field}不能包含换行或其他控制字符。",
+    "error.range": "{field}必须在 {low} 到 {high} 之间，请在采样设置里修改。",
+    "error.nul": "{field}里有一个无法保存的不可见字符（NUL），请删除后再试。",
+    "error.lost": "这段聊天刚在另一个标签页里被修改过，已重新载入。",
+    "error.replies_limit": "你已经有 {count} 条回复正在生成，请等其中一条完成。",
+    "error.guest_characters": "访客最多只能保存 {count} 个角色。请删除一个，或者注册。",
+    "error.guest_avatar": "访客的图片最大 {count} KB。请换一张小一点的，或者注册。",
+    "error.avatar_large": "图片太大：最大 {count} KB。",
+    "error.avatar_pixels": "图片像素太多，请换一张小一点的。",
+    "error.body_large": "一次发送的文字太多了（最多 {count} KB）。",
+    "error.disabled": "这个账号已被停用。",
+    "error.other": "服务器拒绝了这个请求：{message}",
+    "field.prompt": "你的消息",
+    "field.message": "回复",
+    "field.character_name": "角色名",
+    "field.avatar": "图片",
+    "field.user_name": "用户名",
+    "field.password": "密码",
+    "field.bot": "名字",
+    "field.user": "角色对你的称呼",
+    "field.greeting": "开场白",
+    "field.bot_persona": "人设",
+    "field.example_message": "对话示例",
   },
 };
 
@@ -215,4 +293,65 @@ export function translatePage(root = document) {
     el.textContent = language === "zh" ? "English" : "中文";
     el.lang = language === "zh" ? "en" : "zh-CN";
   }
+}
+
+// The legacy API's messages are English and written for its own UI (API.md: they
+// must stay as they are). The web client shows each one it can meet in the
+// page's language: [pattern, key, the pattern's groups as the key's values].
+const FIELD = "(\\w+)";
+const SERVER_MESSAGES = [
+  [/^wrong user name or password$/, "error.wrong_login"],
+  [/^too many failed log-ins: please try again in (\d+) s$/, "error.login_backoff", (m) => ({ seconds: m[1] })],
+  [/: please try again in (\d+) s$/, "error.wait", (m) => ({ seconds: m[1] })],
+  [/^user (.*) already exists$/, "error.user_exists", (m) => ({ name: m[1] })],
+  [/^sign-up is turned off/, "auth.signup_off"],
+  [/^this account is disabled$/, "error.disabled"],
+  [/^a reply is already being generated/, "error.busy"],
+  [/^this conversation was changed by another request/, "error.lost"],
+  [/^log_index \d+ is past the last round/, "error.lost"],
+  [/^you already have (\d+) replies being generated/, "error.replies_limit", (m) => ({ count: m[1] })],
+  [/^character does not exist/, "chat.not_found"],
+  [/^a guest can keep at most (\d+) characters/, "error.guest_characters", (m) => ({ count: m[1] })],
+  [/^a guest's avatar can be at most (\d+) KB/, "error.guest_avatar", (m) => ({ count: m[1] })],
+  [/^avatar is too large: the limit is (\d+) KB/, "error.avatar_large", (m) => ({ count: m[1] })],
+  [/^avatar is too large: the limit is \d+ pixels/, "error.avatar_pixels"],
+  [/^avatar /, "editor.avatar_bad"],
+  [/^the request body is too large: the limit is (\d+) KB/, "error.body_large", (m) => ({ count: m[1] })],
+  [new RegExp(`^missing parameter: ${FIELD}`), "error.missing", (m) => ({ field: fieldName(m[1]) })],
+  [new RegExp(`^${FIELD} must not be empty`), "error.empty", (m) => ({ field: fieldName(m[1]) })],
+  [new RegExp(`^${FIELD}: Ensure this field has no more than (\\d+) characters`), "error.too_long",
+    (m) => ({ field: fieldName(m[1]), count: m[2] })],
+  [new RegExp(`^${FIELD}: must not contain control characters`), "error.control", (m) => ({ field: fieldName(m[1]) })],
+  [new RegExp(`^${FIELD}: must be in [[(]([\\d.]+), ([\\d.]+)\\]`), "error.range",
+    (m) => ({ field: fieldName(m[1]), low: m[2], high: m[3] })],
+  [new RegExp(`^${FIELD} must not contain NUL characters`), "error.nul", (m) => ({ field: fieldName(m[1]) })],
+];
+
+// Django's password and user-name rules: the server joins all that failed into one message.
+const RULE_MESSAGES = [
+  [/This password is too short\. It must contain at least (\d+) characters?\./, "error.password_short", (m) => ({ count: m[1] })],
+  [/This password is too common\./, "error.password_common"],
+  [/This password is entirely numeric\./, "error.password_numeric"],
+  [/The password is too similar to the \w+\./, "error.password_similar"],
+  [/Enter a valid username\./, "error.user_name_chars"],
+  [/Ensure this value has at most \d+ characters/, "error.user_name_long"],
+];
+
+function fieldName(field) {
+  for (const key of [`field.${field}`, `settings.${field}`]) if (key in STRINGS.en) return t(key);
+  return field;
+}
+
+/** A message of the legacy API in words for people, in the page's language; null for one not known here. */
+export function fromServer(message) {
+  const text = String(message || "").trim();
+  for (const [pattern, key, values] of SERVER_MESSAGES) {
+    const match = text.match(pattern);
+    if (match) return t(key, values ? values(match) : {});
+  }
+  const rules = RULE_MESSAGES.map(([pattern, key, values]) => {
+    const match = text.match(pattern);
+    return match ? t(key, values ? values(match) : {}) : null;
+  }).filter(Boolean);
+  return rules.length ? rules.join(" ") : null;
 }

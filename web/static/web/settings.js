@@ -1,15 +1,15 @@
-// Sampling settings (the legacy API's fields and their ranges), kept per
-// character in this browser.
+// Sampling settings (the legacy API's fields), kept per character in this
+// browser. Their ranges and defaults come from the server (/web/config,
+// web/services.py), where the API that checks them defines them.
 
 import { t } from "./i18n.js";
 
-export const FIELDS = [
-  { name: "temperature", min: 0.05, max: 5, step: 0.05, value: 1.2 },
-  { name: "min_p", min: 0, max: 1, step: 0.01, value: 0.05 },
-  { name: "presence_penalty", min: 0, max: 10, step: 0.1, value: 0.2 },
-  { name: "tau", min: 0, max: 20, step: 0.1, value: 3 },
-  { name: "rate", min: 0, max: 1, step: 0.01, value: 0.1 },
-];
+let FIELDS = [];
+
+/** The fields as the server's config lists them: [{name, min, max, step, value}]. */
+export function setSamplingFields(fields) {
+  FIELDS = Array.isArray(fields) ? fields : [];
+}
 
 function key(userName, character) {
   return `rpserver.sampling.${userName}.${character}`;

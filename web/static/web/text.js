@@ -24,7 +24,7 @@ export function renderMessageText(element, text) {
 export function nameColour(name) {
   let hash = 0;
   for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
-  return `hsl(${hash % 360} 45% 52%)`;
+  return `hsl(${hash % 360} 45% 32%)`; // dark enough for white letters (4.5:1 at every hue)
 }
 
 /** Fill an avatar element: the image, or the name's first letter on its colour. */
