@@ -17,15 +17,16 @@ then, until --minutes are over, picks at random one of:
 
 Each client keeps its own record of its conversation (what it sent, the
 final frame of every stream) and at the end compares it with what the
-server answers on /characters/load; it also reads /debug/token and checks
-the context keeps the documented format (no blank line run, no turn that
-starts with spaces after a blank line). A failed request is an error;
-after a transport error (no answer) the client re-reads its conversation
-and counts the round as an error.
+server answers on /characters/load. After every operation it reads
+/debug/token and checks the invariant: the context the model has read is
+exactly its chat's text in the documented format (docs/legacy-api.md, "What
+the model reads"; inference/prompt.py), built from the client's own record.
+A failed request is an error; after a transport error (no answer) the client
+re-reads its conversation and counts the round as an error.
 
 Printed: requests and errors per kind, latency percentiles (p50/p90/p99 of
 the whole request; of the first frame for streams), mismatched
-conversations, context format violations, the server's RSS after warm-up,
+conversations, contexts that differ from their chat (the first difference), the server's RSS after warm-up,
 at the end and its peak (sampled every 50 ms), and the error/traceback lines
 of the server log.
 
@@ -37,13 +38,12 @@ reliability, not the limits): --keep-limits leaves them on.
     .venv/bin/python bench/soak.py --minutes 2 --layers 12 --embd 768  # a 0.1B-shaped model
 
 Exit status 1 if any request failed, any conversation differs from the
-client's record, the context format was broken, or the server would not start.
+client's record, any context differs from its chat, or the server would not start.
 """
 
 import argparse
 import asyncio
 import random
-import re
 import sys
 import tempfile
 import time
@@ -51,6 +51,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # inference.prompt: the documented format
 
 from client import Client  # noqa: E402
 from machine import machine_note, wait_for_quiet  # noqa: E402
@@ -59,6 +60,8 @@ from server import Server, ensure_model  # noqa: E402
 from stats import fmt, percentile, table  # noqa: E402
 from text import filler_text  # noqa: E402
 
+from inference import prompt as prompt_format  # noqa: E402
+
 USER = "Ann"
 GREETING = "Hello Ann, it is good to see you again. What shall we talk about today?"
 PERSONA = ("{{char}} is a cheerful lighthouse keeper on a windy island. {{char}} loves the sea, old maps "
@@ -66,9 +69,6 @@ PERSONA = ("{{char}} is a cheerful lighthouse keeper on a windy island. {{char}}
 ACTIONS = {"reply": 50, "resay": 15, "tamper": 15, "back": 12, "reset": 5, "load": 3}
 STREAMS = ("reply", "resay")
 
-# The documented context: turns separated by exactly one blank line, and a turn
-# starts with its speaker's name, never with spaces (issue 7 saw "\n\n   Quill:").
-FORMAT_BREAKS = re.compile(r"\n\n\n|\n\n[ \t]")
 
 
 class Record:
@@ -79,7 +79,8 @@ class Record:
         self.first_frame = defaultdict(list)  # stream kind -> seconds to the first frame
         self.errors = defaultdict(list)  # kind -> messages
         self.mismatches = []
-        self.format_breaks = []
+        self.context_breaks = []  # (bot, after which action, where the context and the chat part)
+        self.context_checks = 0
 
 
 class Person:
@@ -117,6 +118,7 @@ class Person:
                 self.record.errors["load"].append(f"after a failed {kind}: {type(again).__name__}: {again}")
             return
         self.record.latency[kind].append(time.monotonic() - started)
+        await self.check_context(f"after {kind} (round {len(self.chat) - 1})")
 
     async def stream(self, route, **fields):
         """Stream to the end: the final reply text; records the first frame's latency."""
@@ -172,12 +174,29 @@ class Person:
         if stored != self.chat:
             self.record.mismatches.append((self.bot, when, first_difference(self.chat, stored)))
 
-    async def check(self):
-        """The end: the server's chat equals the client's record; the context keeps its format."""
-        self.compare(await self.client.load(self.bot), "at the end")
+    def expected_context(self):
+        """The client's chat as the model must have read it: the documented format."""
+        user, bot = prompt_format.speaker_names(USER, self.bot, False)
+        parts = [prompt_format.character_header(user, bot, PERSONA, ""), prompt_format.reply_part(self.chat[0][1])]
+        for user_text, bot_text in self.chat[1:]:
+            parts += [prompt_format.user_turn(user, bot, user_text), prompt_format.reply_part(bot_text)]
+        return "".join(parts)
+
+    async def check_context(self, when):
+        """The invariant: what the model has read (/debug/token) is exactly the chat in the documented format."""
         context = (await self.client.call("/debug/token", character_name=self.bot))["token_state"]
-        for match in FORMAT_BREAKS.finditer(context):
-            self.record.format_breaks.append((self.bot, context[max(0, match.start() - 30):match.end() + 30]))
+        self.record.context_checks += 1
+        expected = self.expected_context()
+        if context != expected:
+            at = next((i for i, (a, b) in enumerate(zip(context, expected)) if a != b), min(len(context), len(expected)))
+            self.record.context_breaks.append(
+                (self.bot, when, f"at char {at}: context {context[max(0, at - 40):at + 40]!r} "
+                                 f"!= chat {expected[max(0, at - 40):at + 40]!r}"))
+
+    async def check(self):
+        """The end: the server's chat equals the client's record, and the context is the chat."""
+        self.compare(await self.client.load(self.bot), "at the end")
+        await self.check_context("at the end")
 
 
 def first_difference(expected, stored):
@@ -237,7 +256,8 @@ def report(records, wall, rss, problems):
         for kind, values in record.errors.items():
             merged.errors[kind] += values
         merged.mismatches += record.mismatches
-        merged.format_breaks += record.format_breaks
+        merged.context_breaks += record.context_breaks
+        merged.context_checks += record.context_checks
     rows = []
     for kind in ACTIONS:
         done = merged.latency.get(kind, [])
@@ -259,16 +279,17 @@ def report(records, wall, rss, problems):
           f"{len({m[0] for m in merged.mismatches})}")
     for bot, when, what in merged.mismatches[:10]:
         print(f"  {bot} {when}: {what}")
-    print(f"contexts breaking the documented format: {len({b[0] for b in merged.format_breaks})}")
-    for bot, excerpt in merged.format_breaks[:5]:
-        print(f"  {bot}: ...{excerpt!r}...")
+    print(f"contexts checked against the chat (/debug/token after every operation): {merged.context_checks}, "
+          f"differing: {len(merged.context_breaks)} (of {len({b[0] for b in merged.context_breaks})} users)")
+    for bot, when, what in merged.context_breaks[:10]:
+        print(f"  {bot} {when}: {what}")
     start_mb, end_mb, peak_mb = (kb / 1024 for kb in rss)
     print(f"server RSS: {start_mb:.0f} MB after warm-up, {end_mb:.0f} MB at the end "
           f"({end_mb - start_mb:+.0f} MB), peak {peak_mb:.0f} MB")
     print(f"server log: {len(problems)} error/traceback lines")
     for line in problems[:10]:
         print(f"  {line}")
-    return errors == 0 and not merged.mismatches and not merged.format_breaks
+    return errors == 0 and not merged.mismatches and not merged.context_breaks
 
 
 def main():

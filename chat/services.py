@@ -441,32 +441,59 @@ class ReplyStream:
     it); if the client goes away (the iteration is cancelled), generation
     stops and nothing is stored. The lock and the user's engine share are
     given back either way.
+
+    The text is the reply as one turn of the prompt format (lines stripped,
+    no blank line: prompt_format.clean_turn), as it grows; and what the round
+    stores as read is that text spelled as the format spells it. When the
+    model wrote it otherwise (no space after the colon, spaces around a line
+    break, a blank line that is not "\n\n" such as "\r\n\r\n"), the reply is
+    read again in that spelling from the state before it, so that the context
+    is always exactly the chat (/debug/token) and the state the one it gives.
     """
 
-    def __init__(self, lease, generation, round_, pre_state=None, replayed=0):
+    def __init__(self, lease, generation, round_, pre_state=None, replayed=0, start_state=None):
         self.lease = lease
         self.generation = generation
         self.round = round_
         self.pre_state = pre_state  # to store, when it had to be rebuilt
         self.replayed = replayed  # tokens of earlier rounds the job re-read before this round's
+        # The state before the round's last prompt token, when the job started there (a regeneration);
+        # else the job's snapshot at that point.
+        self.start_state = start_state
         self.text = ""
 
     def __aiter__(self):
         return self._run()
 
+    async def as_read(self, reply):
+        """(the reply's tokens, the state after them), in the format's spelling of the reply's text."""
+        engine = get_engine()
+        tokens = engine.tokenizer.encode(prompt_format.reply_part(self.text))
+        if tokens == reply.tokens:
+            return reply.tokens, reply.state
+        round_ = self.round
+        start = self.start_state
+        if start is None:
+            start = reply.snapshots[self.replayed + round_.reply_start - 1]
+        last_prompt_token = round_.token_list[round_.reply_start - 1:round_.reply_start]
+        state, _ = await engine.read(start, last_prompt_token + tokens)
+        return tokens, state
+
     async def _run(self):
         finished = False
         try:
             async for text in self.generation:
-                self.text = text
-                yield text
+                self.text = prompt_format.clean_turn(text)
+                yield self.text
             reply = self.generation.reply
+            self.text = prompt_format.clean_turn(reply.text)
+            tokens, state = await self.as_read(reply)
             round_ = self.round
-            round_.bot_text = reply.text
-            round_.set_tokens(round_.token_list[:round_.reply_start] + reply.tokens)
+            round_.bot_text = self.text
+            round_.set_tokens(round_.token_list[:round_.reply_start] + tokens)
             pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
             remembered = (round_.index - 1, reply.snapshots[self.replayed]) if self.replayed else None
-            await store_round(self.lease, round_, pre_state, reply.state, get_engine().backend, remembered)
+            await store_round(self.lease, round_, pre_state, state, get_engine().backend, remembered)
             finished = True
         finally:
             if not finished:
@@ -548,7 +575,8 @@ async def start_resay(owner, name, sampling, seed=None):
         last_prompt_token = round_.token_list[round_.reply_start - 1:round_.reply_start]
         generation = engine.generate(pre_state, last_prompt_token, sampling,
                                      settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
-        return ReplyStream(lease, generation, round_, pre_state=pre_state if rebuilt else None)
+        return ReplyStream(lease, generation, round_, pre_state=pre_state if rebuilt else None,
+                           start_state=pre_state)
 
     return await start_stream(lease, make_stream)
 

@@ -2,12 +2,16 @@
 
 import threading
 
+import torch
+
 import pytest
 from safetensors.torch import load as load_safetensors
 
 from chat.models import Round
 from chat.services import BUSY
-from conftest import CHARACTER, ENDLESS_MODEL, Api, Server, assert_same_state, server_precision
+from conftest import CHARACTER, DATA_DIR, ENDLESS_MODEL, TINY_MODEL, Api, Server, assert_same_state, server_precision
+from inference import prompt as prompt_format
+from inference.tokenizer import world_tokenizer
 from statecache.models import SpilledState
 from statecache.services import tokens_digest
 
@@ -300,3 +304,70 @@ def test_a_reply_after_a_lost_snapshot_rereads_and_remembers_it(mira):
     assert [pair[0] for pair in mira.chat("Mira")] == [None, "first", "second"]
     context = mira.context("Mira")
     assert context["token_count"] == sum(len(r.token_list) for r in rounds(mira.user_name))
+
+
+# ---- what the model read is the chat -------------------------------------------
+
+
+def write_untidy_model(path):
+    """The tiny model, changed so that it writes only "Hi" and "\r\n\r\n": no space after the
+    speaker's colon, and a blank line that is not "\n\n" (the engine's end of a turn), so every
+    reply is one the documented format spells otherwise ("Mira: Hi\nHi"). The trick of the
+    endless model (tests/conftest.py): a pinned component of the final norm's output, and a head
+    column that is +1 for these two tokens and -1 for every other."""
+    weights = torch.load(TINY_MODEL)
+    favoured = [world_tokenizer().encode(piece)[0] for piece in ("Hi", "\r\n\r\n")]
+    weights["ln_out.weight"][0] = 0
+    weights["ln_out.bias"][0] = 100
+    weights["head.weight"][:, 0] = -1
+    weights["head.weight"][favoured, 0] = 1
+    torch.save(weights, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def untidy_server():
+    running = Server(model=write_untidy_model(DATA_DIR / "model" / "untidy-rwkv7.pth"), name="untidy-server").start()
+    yield running
+    running.stop()
+
+
+def chat_as_read(chat, user="friend", bot="Mira"):
+    """The chat in the documented format (inference/prompt.py): what the model must have read."""
+    parts = [prompt_format.character_header(user, bot, CHARACTER["bot_persona"].replace("{{char}}", bot)
+                                            .replace("{{user}}", user),
+                                            prompt_format.substitute(CHARACTER["example_message"], user, bot)),
+             prompt_format.reply_part(chat[0][1])]
+    for user_text, bot_text in chat[1:]:
+        parts += [prompt_format.user_turn(user, bot, user_text), prompt_format.reply_part(bot_text)]
+    return "".join(parts)
+
+
+def post_state(user_name, index):
+    state = load_safetensors(rounds(user_name).get(index=index).post_state.read())
+    return [state[key] for key in sorted(state)]
+
+
+def test_the_context_is_the_chat_in_the_documented_format_whatever_the_model_wrote(untidy_server):
+    # The model writes "Hi" and "\r\n\r\n" only: as it wrote them, "Mira:Hi\r\n\r\nHi" (no space after
+    # the colon, a blank line inside the turn), where the chat shows "Hi\nHi". The context must be the
+    # chat spelled as documented, after a reply and a regeneration, and the state the one it gives.
+    guest = long_guest(untidy_server)
+    guest.ok("/characters/save", **CHARACTER)
+    guest.chat("Mira")
+    frames, _ = guest.stream("/chat/reply", character_name="Mira", prompt="Hello, Mira")
+    for before, after in zip(frames, frames[1:]):
+        assert after.startswith(before)
+    chat = guest.chat("Mira")
+    assert chat[1] == ["Hello, Mira", frames[-1]] and "Hi" in frames[-1] and "\r" not in frames[-1]
+    assert guest.context("Mira")["token_state"] == chat_as_read(chat)
+    # The state after the reply is the one its text gives: overwriting the reply with its own text
+    # (which reads " <text>\n\n" from the state before it) leaves the same state.
+    replied = post_state(guest.user_name, 1)
+    guest.ok("/chat/tamper", character_name="Mira", message=chat[1][1])
+    assert_same_state(post_state(guest.user_name, 1), replied, server_precision())
+    frames, _ = guest.stream("/chat/resay", character_name="Mira")
+    guest.reply("Mira", "And again")
+    chat = guest.chat("Mira")
+    assert chat[1][1] == frames[-1] and len(chat) == 3
+    assert guest.context("Mira")["token_state"] == chat_as_read(chat)
