@@ -8,7 +8,7 @@ from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
 
 from locks import services as locks
-from rpserver.errors import BUSY, ApiError
+from rpserver.errors import ApiError
 from rpserver.files import delete_file_on_commit
 
 from . import cards
@@ -24,19 +24,6 @@ def get_character(owner, name):
     if character is None:
         raise ApiError("character does not exist")
     return character
-
-
-@contextlib.contextmanager
-def character_locked(character):
-    """Hold the character's lock (the one its conversation's changes take); BUSY if a reply runs."""
-    try:
-        key = locks.acquire(character.lock_name)
-    except locks.Busy:
-        raise ApiError(BUSY)
-    try:
-        yield
-    finally:
-        locks.release(character.lock_name, key)
 
 
 def check_guest_quota(owner, creating, image):
@@ -67,7 +54,7 @@ def save_character(owner, name, user_name, greeting, persona, example_message=""
         character = Character(owner=owner, name=name)
         lock = contextlib.nullcontext()
     else:
-        lock = character_locked(character)
+        lock = locks.held(character.lock_name)
     with lock, transaction.atomic():
         if character.pk is not None:
             character_changed.send(sender=Character, character=character)
@@ -92,7 +79,7 @@ def delete_character(owner, name):
     """Delete a character with its conversation and every stored state and avatar
     (the rows go by cascade, their files with them)."""
     character = get_character(owner, name)
-    with character_locked(character), transaction.atomic():
+    with locks.held(character.lock_name), transaction.atomic():
         character_changed.send(sender=Character, character=character)
         character.delete()
 

@@ -18,6 +18,7 @@ release); state blobs are read and written beside it (chat.snapshots).
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 
@@ -31,7 +32,7 @@ from inference import prompt as prompt_format
 from inference.runtime import get_engine
 from limits import services as limits
 from locks import services as locks
-from rpserver.errors import BUSY, ApiError
+from rpserver.errors import ApiError
 from rpserver.files import delete_file_on_commit
 
 from statecache.services import state_cache
@@ -144,24 +145,19 @@ class Lease:
 
 
 def acquire(owner, name, admit=None):
-    """Lock the owner's conversation with `name` (opened if new); ApiError(BUSY) if it is taken.
+    """Lock the owner's conversation with `name` (opened if new); locks.Busy if it is taken.
 
     `admit(character)`, when given, runs under the lock before the conversation
     is opened (a new one is written with its round 0): a request it refuses
     (ApiError) leaves nothing written.
     """
     character = get_character(owner, name)
-    try:
-        key = locks.acquire(character.lock_name)
-    except locks.Busy:
-        raise ApiError(BUSY)
-    try:
+    with contextlib.ExitStack() as until_leased:
+        key = until_leased.enter_context(locks.held(character.lock_name))
         if admit is not None:
             admit(character)
         conversation, last = latest_round(character)
-    except BaseException:
-        locks.release(character.lock_name, key)
-        raise
+        until_leased.pop_all()  # leased: commit_and_release or release lets go of it
     return Lease(conversation, character, key, last)
 
 

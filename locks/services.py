@@ -35,10 +35,11 @@ from django.conf import settings
 from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
+from rpserver.errors import BUSY, ApiError
+
 from .models import Lock, ServerInstance
 
 logger = logging.getLogger(__name__)
-
 
 
 def dead_after():
@@ -55,8 +56,12 @@ def host():
     return settings.RPSERVER["INSTANCE_HOST"] or socket.gethostname()
 
 
-class Busy(Exception):
-    """The lock is held by a live request."""
+class Busy(ApiError):
+    """The lock is held by a live request: the request that wanted it is refused (code 400, BUSY)."""
+
+    def __init__(self, name):
+        super().__init__(BUSY)
+        self.name = name
 
 
 class Lost(Exception):
@@ -161,6 +166,27 @@ def acquire(name):
             if attempt == 2 or not reap_holder_if_dead(name):
                 raise Busy(name)
     raise Busy(name)
+
+
+class held:
+    """`with held(name) as key:` holds the lock `name` for the block; Busy if a live request holds it.
+
+    The lock is released when the block ends, however it ends. A holder that
+    keeps it past the block (a reply's lease) takes the release over with
+    contextlib.ExitStack.pop_all. (A class, not a generator: a discarded
+    generator's `finally` would release the kept lock when it is collected.)
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.key = None
+
+    def __enter__(self):
+        self.key = acquire(self.name)
+        return self.key
+
+    def __exit__(self, *exc_info):
+        release(self.name, self.key)
 
 
 def reap_holder_if_dead(name):

@@ -317,7 +317,7 @@ def until_not_busy(call, deadline_seconds=120):
     """`call()`'s answer once it is not the busy envelope: for a request that must wait until a
     conversation's lock is let go of (after running_reply's reader left, or its process died).
     Polled, with a deadline far beyond any wait the suite expects on a loaded machine."""
-    from chat.services import BUSY
+    from rpserver.errors import BUSY
 
     deadline = time.monotonic() + deadline_seconds
     while True:

@@ -8,10 +8,10 @@ import pytest
 from safetensors.torch import load as load_safetensors
 
 from chat.models import Round
-from chat.services import BUSY
 from conftest import CHARACTER, DATA_DIR, ENDLESS_MODEL, TINY_MODEL, Api, Server, assert_same_state, server_precision
 from inference import prompt as prompt_format
 from inference.tokenizer import world_tokenizer
+from rpserver.errors import BUSY
 from statecache.models import SpilledState
 from statecache.services import tokens_digest
 

@@ -1,15 +1,19 @@
 """Locks that die with their holder: crashes, restarts, a clean stop, two processes on one database."""
 
+import contextlib
+import gc
 import random
 import signal
 import time
 
 import httpx
+import pytest
 
 from chat.models import Round
-from chat.services import BUSY
 from conftest import CHARACTER, ENDLESS_MODEL, Api, Server
+from locks import services as locks
 from locks.models import Lock, ServerInstance
+from rpserver.errors import BUSY
 
 # Replies that run until stopped: the endless model never ends its turn by itself.
 LONG = {"RPSERVER_MAX_REPLY_TOKENS": "100000"}
@@ -49,6 +53,34 @@ def assert_consistent(guest):
     assert [r.index for r in rounds] == list(range(len(chat)))
     assert [[r.user_text, r.bot_text] for r in rounds] == chat
     assert guest.context("Mira")["token_count"] == sum(len(r.token_list) for r in rounds)
+
+
+def test_held_refuses_a_second_holder_with_busy_and_releases_when_its_block_ends():
+    try:
+        with locks.held("test-held"):
+            with pytest.raises(locks.Busy) as refused, locks.held("test-held"):
+                pass
+            assert (refused.value.message, refused.value.code) == (BUSY, 400)
+        assert not locks.is_held("test-held")
+        with pytest.raises(ValueError), locks.held("test-held"):
+            raise ValueError("the block failed")
+        assert not locks.is_held("test-held")
+    finally:
+        locks.stop_instance()
+
+
+def test_a_lock_taken_over_from_held_stays_held_after_the_block_and_a_collection():
+    # chat.services.acquire keeps the conversation's lock for its lease this way.
+    try:
+        with contextlib.ExitStack() as until_leased:
+            key = until_leased.enter_context(locks.held("test-lease"))
+            until_leased.pop_all()
+        gc.collect()
+        assert locks.is_held("test-lease")
+        locks.release("test-lease", key)
+        assert not locks.is_held("test-lease")
+    finally:
+        locks.stop_instance()
 
 
 def test_a_server_killed_during_a_reply_frees_the_conversation_at_restart():

@@ -24,10 +24,10 @@ import time
 
 import pytest
 
-from chat.services import BUSY
 from conftest import (CHARACTER, ENDLESS_MODEL, ONE_CORE, UNTIL_THE_READER_LEAVES, Api, Server, at_once,
                       first_frame, running_reply, until_not_busy)
 from postgres import PrivatePostgres
+from rpserver.errors import BUSY
 
 # locks.services: a dead process's locks free within DEAD_AFTER_SECONDS (20)
 # + HEARTBEAT_SECONDS (5) on another machine; issue 7 asks for 30 s at most.
