@@ -31,7 +31,7 @@ import zlib
 
 from django.conf import settings
 
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 from rpserver.pipeline import checked_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
