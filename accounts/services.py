@@ -48,7 +48,17 @@ def revoke_token(key):
 
 
 def log_in(user_name, password, address):
-    """Check a password and issue a token, or raise ApiError (400 wrong, 429 backing off)."""
+    """Check a password and issue a token, or raise ApiError (400 wrong, 429 backing off).
+
+    The answers tell nothing about which names have accounts: a wrong password
+    and a name no account has (or a guest's, which has no password) get the
+    same message and code, count the same failures against the name and the
+    address (so the backoff starts at the same attempt for both), and cost
+    the same work: Django's authenticate() runs the password hasher once for
+    an unknown name or an unusable password too (ModelBackend and
+    verify_password), and in a backoff nothing is hashed for either
+    (tests/test_accounts.py holds all of it).
+    """
     limits.check_login_allowed(user_name, address)
     user = authenticate(username=user_name, password=password)
     if user is None or user.is_guest:

@@ -186,3 +186,56 @@ def test_an_api_key_works_as_a_bearer_token_and_does_not_expire(alice):
     ApiToken.objects.filter(pk=token.pk).update(last_used=timezone.now() - timedelta(days=3650))
     answer = alice.http.post("/characters/list", headers={"authorization": f"Bearer {key}"})
     assert answer.json()["code"] == 200
+
+
+# ---- log-in answers tell nothing about which accounts exist ----------------------
+
+
+def log_in_answers(user_name, address, attempts, monkeypatch):
+    """Wrong passwords for `user_name`: per attempt, (code, message, PBKDF2 iterations run)."""
+    import django.contrib.auth.hashers as hashers
+
+    from accounts.services import log_in
+    from rpserver.errors import ApiError
+
+    real_pbkdf2 = hashers.pbkdf2
+    iterations = []
+
+    def counted_pbkdf2(password, salt, rounds, *args, **kwargs):
+        iterations.append(rounds)
+        return real_pbkdf2(password, salt, rounds, *args, **kwargs)
+
+    monkeypatch.setattr(hashers, "pbkdf2", counted_pbkdf2)
+    answers = []
+    for _ in range(attempts):
+        iterations.clear()
+        try:
+            log_in(user_name, "not-the-password", address)
+            answers.append(("logged in",))
+        except ApiError as refused:
+            answers.append((refused.code, refused.message.split(":")[0], list(iterations)))
+    return answers
+
+
+def test_an_unknown_name_is_answered_and_hashed_like_an_account(monkeypatch):
+    # The same wrong-password attempts against an account, a guest's name and a name no account
+    # has: the same answers one by one (the failures counted for each, the backoff starting at the
+    # same attempt), and the same password hashing work (one PBKDF2 run of the default iterations
+    # until the backoff, none in it), so neither the answers nor their time tell which names exist.
+    from django.conf import settings
+
+    from accounts.services import create_guest, create_user
+
+    monkeypatch.setitem(settings.RPSERVER, "LIMITS", {**settings.RPSERVER["LIMITS"],
+                                                      "LOGIN_FREE_FAILURES_PER_ACCOUNT": 2,
+                                                      "LOGIN_FREE_FAILURES_PER_ADDRESS": 1000})
+    account = create_user(f"kim-{uuid.uuid4().hex[:8]}", "lantern-harbour-7").username
+    guest = create_guest(f"10.9.{uuid.uuid4().int % 250}.1")[0].username
+    unknown = f"kim-{uuid.uuid4().hex[:8]}"
+    answers = {name: log_in_answers(name, f"10.8.{uuid.uuid4().int % 250}.{index}", 5, monkeypatch)
+               for index, name in enumerate((account, guest, unknown))}
+    rounds = PBKDF2PasswordHasher.iterations
+    wrong, blocked = (400, "wrong user name or password", [rounds]), (429, "too many failed log-ins", [])
+    assert answers[account] == [wrong, wrong, wrong, blocked, blocked]
+    assert answers[guest] == answers[account]
+    assert answers[unknown] == answers[account]
