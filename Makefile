@@ -34,15 +34,20 @@ run: install
 	$(PY) manage.py collectstatic --noinput --verbosity 0
 	$(PY) manage.py serve --host $(HOST) --port $(PORT) --strategy "$(STRATEGY)" $(if $(MODEL),--model "$(MODEL)")
 
-test: install
+test: install tests/node_modules/axe-core/axe.min.js
 	scripts/ensure-chromium
 	$(PY) -m pytest
 
 # The suite on a private PostgreSQL server the run starts itself (tests/postgres.py);
 # the files whose outcome does not depend on the database are reported as deselected.
-test-postgres: install
+test-postgres: install tests/node_modules/axe-core/axe.min.js
 	scripts/ensure-chromium
 	RPSERVER_TEST_DATABASE=postgres $(PY) -m pytest
+
+# axe-core for the browser tests' accessibility check, at the version tests/package-lock.json pins (npm).
+tests/node_modules/axe-core/axe.min.js: tests/package.json tests/package-lock.json
+	npm ci --prefix tests --no-audit --no-fund --silent
+	touch $@
 
 bench: install
 	$(PY) bench/forward.py

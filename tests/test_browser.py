@@ -29,6 +29,9 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+# axe-core, pinned in tests/package.json (and its lock), installed by npm into tests/node_modules: a test tool,
+# never part of the page.
+AXE = Path(__file__).resolve().parent / "node_modules" / "axe-core" / "axe.min.js"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 360, "height": 740}
 
@@ -753,6 +756,50 @@ def test_the_layout_fits_phones_and_desktops(open_page, web, viewport, scheme, l
     # The language switch changes the words at once.
     page.click("#app [data-action=switch-language]")
     expect(page.locator("#send")).to_have_text("Send" if locale == "zh-CN" else "发送")
+
+
+# ---------------------------------------------------------------- accessibility
+
+
+@pytest.fixture(scope="module")
+def axe_source():
+    if not AXE.is_file():  # make test installs it; a bare pytest run does it here
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(AXE.parents[2])], check=True)
+    return AXE.read_text()
+
+
+def axe_problems(page, source):
+    """axe-core's serious and critical violations on the page as it is now: ["rule: element", ...].
+    (Evaluated through the DevTools protocol, which the page's CSP does not govern; nothing is added to it.)"""
+    page.evaluate(source)
+    violations = page.evaluate("""async () => (await axe.run(document, {resultTypes: ["violations"]})).violations""")
+    return [f"{v['id']} ({v['impact']}): {node['target']}" for v in violations
+            if v["impact"] in ("serious", "critical") for node in v["nodes"]]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_no_serious_accessibility_problems_on_any_view(open_page, web, axe_source, scheme):
+    api = guest_with_mira(web)
+    api.chat("Mira")
+    api.reply("Mira", "Hello! How is the sea tonight?")
+    page = open_page(color_scheme=scheme)
+    found = {}
+    expect(page.locator("#auth")).to_be_visible()
+    found["log-in"] = axe_problems(page, axe_source)
+    log_in_as(page, api)
+    expect(page.locator("#cards .card-desc").first).not_to_be_empty()
+    found["gallery"] = axe_problems(page, axe_source)
+    page.goto(web.url + "/#/edit/Mira")
+    expect(page.locator("#editor-form")).to_have_attribute("aria-busy", "false")
+    found["editor"] = axe_problems(page, axe_source)
+    page.goto(web.url + "/#/chat/Mira")
+    expect(page.locator("#messages .message.user")).to_have_count(1)
+    wait_idle(page)
+    found["chat"] = axe_problems(page, axe_source)
+    page.click("#view-chat [data-action=settings]")
+    expect(page.locator("#settings-dialog")).to_be_visible()
+    found["settings"] = axe_problems(page, axe_source)
+    assert {view: problems for view, problems in found.items() if problems} == {}
 
 
 # ---------------------------------------------------------------- a demo server with sign-up turned off
