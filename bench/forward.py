@@ -1,4 +1,4 @@
-"""Micro-benchmark: our batched RWKV-7 forward (inference/rwkv7.py) against the rwkv package.
+"""Micro-benchmark: our batched RWKV-7 forward (inference/rwkv7/) against the rwkv package.
 
     .venv/bin/python bench/forward.py [--layers 12 --embd 768] [--repeats 3] [--prompt 1000]
 
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from inference import rwkv7  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
-from inference.rwkv7 import RWKV7Model  # noqa: E402
+from inference.rwkv7 import RWKV7Model, ops  # noqa: E402
 
 from baseline import baseline_subprocess  # noqa: E402
 
@@ -216,7 +216,9 @@ def main():
                         help="also time the pass with its matrix products replaced by constants")
     args = parser.parse_args()
     if args.fused == "off":
-        rwkv7._shift_mix, rwkv7._prepare, rwkv7._finish = rwkv7._shift_mix_ops, rwkv7._prepare_ops, rwkv7._finish_ops
+        # The model's layers call these names (TorchScript reads them when a model is compiled).
+        rwkv7.model._shift_mix, rwkv7.model._prepare, rwkv7.model._finish = (
+            ops._shift_mix_ops, ops._prepare_ops, ops._finish_ops)
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = tuple(int(b) for b in args.batches.split(","))
@@ -262,7 +264,7 @@ def main():
         print(f"{'  ratio ' + precision:18}" + "".join(f"{r:13.2f}x" for r in ratios))
     print()
     print(f"accuracy against cpu fp32 over a {len(PROBE)}-token prompt and {len(PROBE_STEPS)} decode steps "
-          f"(the bound is PRECISION_TOLERANCE in inference/rwkv7.py):")
+          f"(the bound is PRECISION_TOLERANCE in inference/rwkv7/model.py):")
     for precision, res in rows:
         print(f"  {precision:5} max relative logit error {100 * res['error']:.2f} %, top token agrees "
               f"{res['top1']} of {len(PROBE_STEPS) + 1}")

@@ -6,7 +6,7 @@ For the 0.1B shape (64-wide heads), on one thread and on every core, the
 median time of:
 
 * one decode step of 32 sequences (384 heads, one token each): the
-  compiled `wkv7_step` against inference/rwkv7.py's `_step` (a bmm, a scale
+  compiled `wkv7_step` against inference/rwkv7/ops.py's `_step` (a bmm, a scale
   and a rank-2 update: what the forward pass runs without the build);
 * one sequence reading a 256-token prompt (12 heads, 256 tokens in a row):
   `wkv7_steps` (one call, each head's state kept in the L1 cache) against
@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from inference import kernels  # noqa: E402
-from inference.rwkv7 import (_Fp32KernelLinear, _Fp32Linear, _Int8KernelLinear, _Int8Linear, _step,  # noqa: E402
-                              _steps)
+from inference.rwkv7.linear import _Fp32KernelLinear, _Fp32Linear, _Int8KernelLinear, _Int8Linear  # noqa: E402
+from inference.rwkv7.ops import _step, _steps  # noqa: E402
 
 HEAD_SIZE = 64
 # Multiply-adds of one token in the 0.1B model's int8 products: 12 layers of four 768 x 768 and

@@ -18,7 +18,7 @@ state's tensors of:
 * the state one token earlier against the state (what a wrong rebuild gives).
 
 The suite's check (`assert_same_state` in tests/conftest.py) allows the
-precision's bound (inference/rwkv7.py PRECISION_TOLERANCE) for the first two.
+precision's bound (inference/rwkv7/model.py PRECISION_TOLERANCE) for the first two.
 Defaults: the suite's tiny model shape, written to a temp dir if not there.
 """
 
@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.forward import model_path  # noqa: E402
-from inference import rwkv7  # noqa: E402
 from inference.checkpoint import load_weights  # noqa: E402
-from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Model  # noqa: E402
+from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Model, linear  # noqa: E402
 
 NUDGE = 1e-6
 
@@ -54,7 +53,7 @@ def read(model, token_lists):
 class nudged:
     """Within: every activation entering a lossy matrix product is multiplied by 1 + NUDGE * noise."""
 
-    CLASSES = (rwkv7._Int8Linear, rwkv7._Int8KernelLinear, rwkv7._HalfLinear)
+    CLASSES = (linear._Int8Linear, linear._Int8KernelLinear, linear._HalfLinear)
 
     def __enter__(self):
         generator = torch.Generator().manual_seed(1)

@@ -223,7 +223,7 @@ class RwkvPackageBackend(Backend):
 
 
 class Rwkv7Backend(Backend):
-    """RWKV-7 through our own batched PyTorch forward (inference/rwkv7.py).
+    """RWKV-7 through our own batched PyTorch forward (inference/rwkv7/).
 
     A sequence's state is the model's state with batch size 1; stored, it is
     the same list of tensors as the rwkv package's RWKV-7 state (no batch

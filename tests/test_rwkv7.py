@@ -1,4 +1,4 @@
-"""Our batched RWKV-7 forward (inference/rwkv7.py) against the rwkv package's RWKV_x070."""
+"""Our batched RWKV-7 forward (inference/rwkv7/) against the rwkv package's RWKV_x070."""
 
 import os
 
@@ -16,10 +16,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import ROOT, assert_same_state  # noqa: E402
-from inference import kernels, rwkv7  # noqa: E402
+from inference import kernels  # noqa: E402
 from inference.checkpoint import load_weights, write_demo_model  # noqa: E402
-from inference.rwkv7 import (PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, _Fp32KernelLinear,  # noqa: E402
-                             _Int8KernelLinear, _step, _steps)
+from inference.rwkv7 import PRECISION_TOLERANCE, RWKV7Config, RWKV7Model, layout, ops  # noqa: E402
+from inference.rwkv7.linear import _Fp32KernelLinear, _Int8KernelLinear  # noqa: E402
+from inference.rwkv7.model import _DECAY_SCALE, _GROUP_NORM_EPS  # noqa: E402
+from inference.rwkv7.ops import _step, _steps  # noqa: E402
 
 PROMPT = [5, 300, 1000, 25, 7777, 12, 65000, 33, 4096, 261, 0, 65535]
 TIGHT = dict(rtol=1e-4, atol=1e-4)
@@ -324,7 +326,7 @@ def test_products_side_by_side_in_one_call_equal_each_product_alone(kernel):
 @pytest.mark.skipif(not kernels.vectorised(), reason="the fused time mix needs the kernels built with AVX2")
 @pytest.mark.parametrize("first", [True, False])
 def test_the_fused_time_mix_equals_its_torch_operations_and_each_row_is_computed_alone(first):
-    """inference/kernels/time_mix.cpp against rwkv7._prepare_ops / _finish_ops (float rounding
+    """inference/kernels/time_mix.cpp against ops._prepare_ops / _finish_ops (float rounding
     apart), on inputs shaped as the model makes them (r, k, v and the LoRA outputs as column
     slices of wider tensors); a row's result is the same alone as among 37."""
     generator = torch.Generator().manual_seed(11)
@@ -337,26 +339,26 @@ def test_the_fused_time_mix_equals_its_torch_operations_and_each_row_is_computed
     rkv, up, v_first = rand(37, 3 * C) * 2, rand(37, 4 * C), rand(37, C)
     vectors = [rand(2 * C), rand(C), rand(C), torch.rand(C, generator=generator), rand(C)]  # wa0 v0 k_k k_a r_k
     o, coef_in, lnx_w, lnx_b = rand(37, H, 2, N), rand(37, H, 3), rand(C), rand(C)
-    fused = rwkv7._prepare(rkv, up, v_first, *vectors, rwkv7._DECAY_SCALE, H, first)
-    plain = rwkv7._prepare_ops(rkv, up, v_first, *vectors, rwkv7._DECAY_SCALE, H, first)
+    fused = ops._prepare(rkv, up, v_first, *vectors, _DECAY_SCALE, H, first)
+    plain = ops._prepare_ops(rkv, up, v_first, *vectors, _DECAY_SCALE, H, first)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     g = up[:, 2 * C:3 * C]
-    fused_y = rwkv7._finish(o, coef_in, plain[2], g, lnx_w, lnx_b, rwkv7._GROUP_NORM_EPS)
-    torch.testing.assert_close(fused_y, rwkv7._finish_ops(o, coef_in, plain[2], g, lnx_w, lnx_b,
-                                                          rwkv7._GROUP_NORM_EPS), rtol=1e-5, atol=1e-5)
+    fused_y = ops._finish(o, coef_in, plain[2], g, lnx_w, lnx_b, _GROUP_NORM_EPS)
+    torch.testing.assert_close(fused_y, ops._finish_ops(o, coef_in, plain[2], g, lnx_w, lnx_b, _GROUP_NORM_EPS),
+                               rtol=1e-5, atol=1e-5)
     for rows in (slice(0, 1), slice(5, 7), slice(20, 37)):
-        alone = rwkv7._prepare(rkv[rows], up[rows], v_first[rows], *vectors, rwkv7._DECAY_SCALE, H, first)
+        alone = ops._prepare(rkv[rows], up[rows], v_first[rows], *vectors, _DECAY_SCALE, H, first)
         assert all(torch.equal(a, b[rows]) for a, b in zip(alone, fused))
-        assert torch.equal(rwkv7._finish(o[rows], coef_in[rows], plain[2][rows], g[rows], lnx_w, lnx_b,
-                                         rwkv7._GROUP_NORM_EPS), fused_y[rows])
+        assert torch.equal(ops._finish(o[rows], coef_in[rows], plain[2][rows], g[rows], lnx_w, lnx_b,
+                                       _GROUP_NORM_EPS), fused_y[rows])
 
 
 @pytest.mark.skipif(not kernels.vectorised(), reason="the fused token shift needs the kernels built with AVX2")
 @pytest.mark.parametrize("lengths", [[1, 1, 1], [5, 1, 3], [7]])
 def test_the_fused_token_shift_and_mixes_equal_their_torch_operations(lengths):
     """rwkv7_shift_mix (layer norm, token shift, six mixes side by side) against
-    rwkv7._shift_mix_ops, float rounding apart: the same outputs and the same state
+    ops._shift_mix_ops, float rounding apart: the same outputs and the same state
     left behind (each sequence's last xx), for one token per sequence and for runs."""
     generator = torch.Generator().manual_seed(13)
     C, M, B = 64, sum(lengths), len(lengths)
@@ -364,10 +366,10 @@ def test_the_fused_token_shift_and_mixes_equal_their_torch_operations(lengths):
     ln_w, ln_b, mixes = torch.randn(C, generator=generator), torch.randn(C, generator=generator), \
         torch.rand(6, C, generator=generator)
     prev = torch.randn(B, C, generator=generator)
-    rows = rwkv7.layout(lengths, torch.device("cpu"))
+    rows = layout(lengths, torch.device("cpu"))
     fused_prev, plain_prev = prev.clone(), prev.clone()
-    fused = rwkv7._shift_mix(x, ln_w, ln_b, 1e-5, fused_prev, mixes, rows)
-    plain = rwkv7._shift_mix_ops(x, ln_w, ln_b, 1e-5, plain_prev, mixes, rows)
+    fused = ops._shift_mix(x, ln_w, ln_b, 1e-5, fused_prev, mixes, rows)
+    plain = ops._shift_mix_ops(x, ln_w, ln_b, 1e-5, plain_prev, mixes, rows)
     for a, b in zip(fused + (fused_prev,), plain + (plain_prev,)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.equal(fused_prev, prev)

@@ -19,7 +19,7 @@ Loading never compiles: a server starts in seconds whether or not the build
 is there.
 
 Without a build (no C++ compiler, or RPSERVER_KERNELS=off) the forward pass
-uses the same maths as TorchScript operations (inference/rwkv7.py `_step`,
+uses the same maths as TorchScript operations (inference/rwkv7/ops.py `_step`,
 `_steps`) and fbgemm's int8 products: results equal up to float rounding
 (int8: within its bound), only slower; the sampler uses numpy and PyTorch
 operations with the same float32 arithmetic (the same tokens kept).
