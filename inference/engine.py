@@ -41,12 +41,11 @@ import threading
 import time
 from typing import Any
 
+from . import replytext
 from .sampling import Sampler, banned_tokens, sample_batch
 from .threads import ThreadPolicy
 
 logger = logging.getLogger(__name__)
-
-TURN_END = b"\n\n"
 
 # Every prompt being read gets at least this many tokens per step (see Engine._read_sizes).
 READ_FLOOR = 8
@@ -228,9 +227,7 @@ class Engine:
             raise ValueError("a reply needs at least one token to read")
         if logit_bias and not all(0 <= int(t) < self.backend.vocab_size for t in logit_bias):
             raise ValueError(f"logit_bias names a token outside the vocabulary (0-{self.backend.vocab_size - 1})")
-        if isinstance(stop, str):
-            stop = (stop,)
-        stop = tuple(dict.fromkeys(s.encode("utf-8") for s in stop if s))
+        stop = replytext.stop_strings(stop)
         sampler = Sampler(sampling, self._banned, seed, logit_bias)
         job = self._submit(state, tokens, snapshot_at, sampler=sampler, max_tokens=max_tokens, stop=stop)
         return Generation(self, job)
@@ -433,10 +430,11 @@ class Engine:
         job.generated.append(token)
         job.decoder.push(token)
         self.tokens_generated += 1
-        end = self._find_end(job)
+        end = replytext.find_end(job.decoder.raw, len(self.tokenizer.pieces.get(token, b"")), job.stop)
         if end is not None:
             job.finish_reason = FinishReason.STOP
-            job.text_end, keep, job.closing = end
+            job.text_end, keep, closed = end
+            job.closing = [] if closed else self.turn_end_tokens
             raw = job.decoder.raw
             if keep < len(raw):
                 # The last token holds more than the reply: read only its bytes up to the end.
@@ -450,32 +448,10 @@ class Engine:
             job.status = JobStatus.CLOSING
             job.unread = job.generated[read:] + job.closing
 
-    def _find_end(self, job):
-        """(text end, kept bytes, closing tokens) once the reply's bytes hold
-        its end, else None.
-
-        The end is the first blank line (kept, nothing closes it) or stop
-        string (kept, "\n\n" closes it), whichever ends first. Only the
-        bytes the last token could have completed a match with are searched.
-        """
-        raw = job.decoder.raw
-        piece = len(self.tokenizer.pieces.get(job.generated[-1], b""))
-        best = None
-        for marker in (TURN_END, *job.stop):
-            start = raw.find(marker, max(0, len(raw) - piece - len(marker) + 1))
-            if start >= 0 and (best is None or start + len(marker) < best[1]):
-                best = (start, start + len(marker), [] if marker == TURN_END else self.turn_end_tokens)
-        return best
-
     def _shown_text(self, job):
-        """The visible reply so far; while it runs, a tail that may begin a stop string is held back."""
-        if job.finish_reason is FinishReason.STOP:
-            return bytes(job.decoder.raw[:job.text_end]).decode("utf-8", errors="replace").strip()
-        final = job.finish_reason is not None
-        text = visible_text(job.decoder, final=final)
-        if not final and job.stop:
-            text = hold_back(text, job.stop)
-        return text
+        """The visible reply so far (replytext.shown_text)."""
+        ended_at = job.text_end if job.finish_reason is FinishReason.STOP else None
+        return replytext.shown_text(job.decoder, job.stop, ended_at, final=job.finish_reason is not None)
 
     def _finish(self, job):
         if job.sampler is None:
@@ -505,25 +481,6 @@ def deliver(items):
     """On the event loop: put each event into its job's queue."""
     for job, event in items:
         job.events.put_nowait(event)
-
-
-def visible_text(decoder, final):
-    """The reply as shown: what comes before the first blank line, stripped."""
-    text = decoder.finish() if final else decoder.text
-    cut = text.find("\n\n")
-    return (text if cut < 0 else text[:cut]).strip()
-
-
-def hold_back(text, stops):
-    """`text` without a tail that is the beginning of one of the stop strings (UTF-8 bytes)."""
-    raw = text.encode("utf-8")
-    held = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(raw)), held, -1):
-            if raw.endswith(stop[:size]):
-                held = size
-                break
-    return raw[:len(raw) - held].decode("utf-8", errors="ignore").rstrip() if held else text
 
 
 class Generation:

@@ -11,7 +11,7 @@ from django.conf import settings
 
 from conftest import assert_same_state
 from inference.backends import Rwkv7Backend, RwkvPackageBackend
-from inference.engine import Engine, FinishReason, Job, JobStatus, hold_back
+from inference.engine import Engine, FinishReason, Job, JobStatus
 from inference.runtime import demo_model_path
 from inference.sampling import SamplingSettings
 from inference.tokenizer import world_tokenizer
@@ -266,12 +266,6 @@ def test_a_stop_string_ends_the_reply_and_the_text_is_cut_before_it(engine):
     assert engine.tokenizer.decode(reply.tokens) == "UserUs\n\n"
     expected, _ = run(engine.read(None, prompt + reply.tokens))
     assert_same_state(reply.state, expected)
-
-
-def test_held_back_text_is_only_a_possible_start_of_a_stop_string():
-    assert hold_back("Hello\nUs", [b"\nUser:"]) == "Hello"
-    assert hold_back("Hello\nUx", [b"\nUser:"]) == "Hello\nUx"
-    assert hold_back("caf\u00e9", ["\u00e9t\u00e9".encode()]) == "caf"
 
 
 def test_a_logit_bias_outside_the_vocabulary_is_refused(engine):

@@ -1,7 +1,6 @@
 """The prompt format and the tokenizer's decoding."""
 
 from inference import prompt
-from inference.engine import visible_text
 from inference.tokenizer import world_tokenizer
 
 
@@ -40,14 +39,6 @@ def test_the_stream_decoder_never_shows_half_a_character():
     assert texts == ["", "", "你", "你", "你", "你好"]
     stream.push(single_bytes[b"\xe4"])
     assert stream.text == "你好" and stream.finish() == "你好\ufffd"
-
-
-def test_the_visible_reply_ends_at_the_first_blank_line():
-    tokenizer = world_tokenizer()
-    stream = tokenizer.stream()
-    for token in tokenizer.encode(" Hello there.\n\nfriend: more"):
-        stream.push(token)
-    assert visible_text(stream, final=True) == "Hello there."
 
 
 def test_the_chat_template_names_the_speakers_and_cleans_the_turns():
