@@ -2,17 +2,14 @@
 
     zero_state() / copy_state(state)
     read(tokens, state) -> (logits [vocab] float32, new state)    one sequence
-    new_batch() -> the sequences being served:
-        add(key, state), remove(key) -> state, discard(key), state(key) -> a copy,
-        keys() -> the keys in row order,
-        step({key: [tokens]}, {key: n}) -> (logits [n, vocab] after each key's tokens, in the
-            dict's order, {key: a copy of its state after its first n tokens}) (0 < n < its tokens)
+    new_batch() -> a Batch: the sequences being served (its interface is declared there)
     state_tensors(state) / state_from_tensors(tensors)             for storage
 
 A state is whatever the backend keeps per sequence; for storage it becomes a
 list of float32 tensors whose shapes are checked when it is read back.
 """
 
+import abc
 import logging
 import os
 import sys
@@ -25,7 +22,49 @@ from .checkpoint import CheckpointError, detect_version, fingerprint, load_weigh
 logger = logging.getLogger(__name__)
 
 
-class SequentialBatch:
+class Batch(abc.ABC):
+    """The sequences a backend serves together, one row each, named by keys (the engine's job ids)."""
+
+    @abc.abstractmethod
+    def __len__(self):
+        """How many sequences are in the batch."""
+
+    @abc.abstractmethod
+    def __contains__(self, key):
+        """Whether the sequence `key` is in the batch."""
+
+    @abc.abstractmethod
+    def keys(self):
+        """The keys, in row order."""
+
+    @abc.abstractmethod
+    def add(self, key, state):
+        """The sequence `key` joins from `state` (None: the zero state), which stays as it is."""
+
+    @abc.abstractmethod
+    def remove(self, key):
+        """The sequence `key` leaves; returns its state."""
+
+    def discard(self, key):
+        """The sequence `key` leaves, if it is in the batch; its state is dropped."""
+        if key in self:
+            self.remove(key)
+
+    @abc.abstractmethod
+    def state(self, key):
+        """A copy of the sequence `key`'s state."""
+
+    @abc.abstractmethod
+    def step(self, tokens, snapshot_after=None):
+        """Feed each key its own tokens ({key: [tokens]}), all in one step.
+
+        Returns (logits [len(tokens), vocab] after each key's last token, in
+        the dict's order, {key: a copy of its state after its first n tokens}
+        for each {key: n} of `snapshot_after`, 0 < n < its tokens).
+        """
+
+
+class SequentialBatch(Batch):
     """A batch for models with no batched forward (the `rwkv` package): each
     step runs its sequences one after another, so every stream still progresses."""
 
@@ -48,9 +87,6 @@ class SequentialBatch:
     def remove(self, key):
         return self.states.pop(key)
 
-    def discard(self, key):
-        self.states.pop(key, None)
-
     def state(self, key):
         return self.backend.copy_state(self.states[key])
 
@@ -67,7 +103,7 @@ class SequentialBatch:
         return torch.stack(rows), snapshots
 
 
-class SlotBatch:
+class SlotBatch(Batch):
     """A batch for a batched model: every step is one forward pass for all.
 
     The sequences' states are the first rows of one batched state with room
@@ -112,10 +148,6 @@ class SlotBatch:
         if not self._keys:
             self._slots = None
         return state
-
-    def discard(self, key):
-        if key in self._keys:
-            self.remove(key)
 
     def state(self, key):
         row = self._keys.index(key)
