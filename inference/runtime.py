@@ -85,3 +85,8 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
 def get_engine():
     """The process's engine, loaded from the settings on first use."""
     return _engine or load_engine()
+
+
+def loaded():
+    """The process's engine if it is loaded, else None: for what reports on it without loading it."""
+    return _engine

@@ -32,7 +32,7 @@ def serving_demo_model():
     equals the demo file's. Serving the demo writes that file first, so a
     missing file means a real model.
     """
-    engine = runtime._engine
+    engine = runtime.loaded()
     demo = Path(settings.RPSERVER["DEMO_MODEL"])
     if engine is None or not demo.is_file():
         return False
@@ -60,7 +60,7 @@ def sampling_fields():
 
 
 def client_config():
-    engine = runtime._engine
+    engine = runtime.loaded()
     return {
         "sampling": sampling_fields(),
         "guest_max_avatar_bytes": settings.RPSERVER["LIMITS"]["GUEST_MAX_AVATAR_BYTES"],
