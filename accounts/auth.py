@@ -3,6 +3,7 @@
 from rest_framework import authentication, exceptions
 
 from rpserver.errors import ApiError
+from rpserver.pipeline import note_caller
 
 from . import services
 
@@ -43,6 +44,7 @@ class LegacyTokenAuthentication(authentication.BaseAuthentication):
             user = authenticate_legacy(request.headers.get("Authorization"), request.data)
         except ApiError as exc:
             raise exceptions.AuthenticationFailed(exc.message)
+        note_caller(getattr(request._request, "scope", {}), user)
         return user, None
 
     def authenticate_header(self, request):

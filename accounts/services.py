@@ -131,6 +131,8 @@ def user_for_token(key):
         User.objects.filter(pk=token.user_id).update(last_seen=now)
     if not token.user.is_active:
         raise ApiError("this account is disabled", code=403)
+    # Which key, for the access log (rpserver/pipeline.py): an API key's name; a login token has none.
+    token.user.api_key_name = token.name if token.kind == ApiToken.API_KEY else None
     return token.user
 
 

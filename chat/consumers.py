@@ -10,6 +10,7 @@ from channels.db import database_sync_to_async
 from accounts.auth import authenticate_legacy
 from rpserver.envelope import validation_message
 from rpserver.errors import ApiError
+from rpserver.pipeline import note_caller
 from rpserver.streams import ApiConsumer
 
 from . import services
@@ -36,6 +37,7 @@ class StreamConsumer(ApiConsumer):
 
     async def respond(self, fields):
         user = await database_sync_to_async(authenticate_legacy)(self.header(b"authorization"), fields)
+        note_caller(self.scope, user)
         form = self.serializer_class(data=fields)
         if not form.is_valid():
             raise ApiError(validation_message(form.errors))

@@ -112,6 +112,9 @@ class Job:
     text_end: int = -1  # once it ended with STOP: where the shown text ends in decoder.raw
     closing: list = dataclasses.field(default_factory=list)  # once it ended: the tokens read after `generated`
     unread: list = dataclasses.field(default_factory=list)  # CLOSING: what it still reads before it leaves
+    # A reply with n choices: the other n - 1 replies, which start from this job's state once it has
+    # read its tokens (one read of the prompt, forked into n rows of the batch).
+    forks: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +215,8 @@ class Engine:
             raise payload
         return payload
 
-    def generate(self, state, tokens, sampling, max_tokens, seed=None, snapshot_at=(), stop=(), logit_bias=None):
+    def generate(self, state, tokens, sampling, max_tokens, seed=None, snapshot_at=(), stop=(), logit_bias=None,
+                 history=(), top_logprobs=None):
         """Start a reply: read `tokens` (at least one) from `state`, then sample.
 
         The reply ends at its first blank line, at the first of the `stop`
@@ -221,19 +225,43 @@ class Engine:
         iterator of the visible reply text (cumulative, re-sent as it grows;
         text that may be the start of a stop string is held back) whose
         `reply` is set at the end. `logit_bias` ({token id: value}) is added
-        to the logits before sampling.
+        to the logits before sampling. `history`: the tokens before `tokens`
+        (the prompt's), for the samplers that look back (DRY, a penalty
+        window). With `top_logprobs` (a count), each sampled token's log
+        probability and the most likely ones' come with the text
+        (Generation.logprobs).
         """
+        return self.generate_choices(1, state, tokens, sampling, max_tokens, seed=seed, snapshot_at=snapshot_at,
+                                     stop=stop, logit_bias=logit_bias, history=history,
+                                     top_logprobs=top_logprobs)[0]
+
+    def generate_choices(self, n, state, tokens, sampling, max_tokens, seed=None, snapshot_at=(), stop=(),
+                         logit_bias=None, history=(), top_logprobs=None):
+        """n replies to one prompt (generate's arguments): the prompt is read once, and its state
+        forked into n rows of the batch. Returns n Generations; the first holds the snapshots (the
+        others share them). With a seed, choice i draws from seed + i."""
         if not tokens:
             raise ValueError("a reply needs at least one token to read")
         if logit_bias and not all(0 <= int(t) < self.backend.vocab_size for t in logit_bias):
             raise ValueError(f"logit_bias names a token outside the vocabulary (0-{self.backend.vocab_size - 1})")
         stop = replytext.stop_strings(stop)
-        sampler = Sampler(sampling, self._banned, seed, logit_bias)
-        job = self._submit(state, tokens, snapshot_at, sampler=sampler, max_tokens=max_tokens, stop=stop)
-        return Generation(self, job)
+        history = list(history) + list(tokens)
+        samplers = [Sampler(sampling, self._banned, None if seed is None else (seed + i) % 2**64, logit_bias,
+                            history=history, top_logprobs=top_logprobs) for i in range(n)]
+        forks = [self._job(state, tokens, (), sampler=sampler, max_tokens=max_tokens, stop=stop)
+                 for sampler in samplers[1:]]
+        job = self._job(state, tokens, snapshot_at, sampler=samplers[0], max_tokens=max_tokens, stop=stop,
+                        forks=forks)
+        self._inbox.put(job)
+        return [Generation(self, each) for each in [job, *forks]]
 
     def _submit(self, state, tokens, snapshot_at, **kwargs):
         """Queue a job. Its state is only read (copied into the batch), never changed."""
+        job = self._job(state, tokens, snapshot_at, **kwargs)
+        self._inbox.put(job)
+        return job
+
+    def _job(self, state, tokens, snapshot_at, **kwargs):
         self.start()
         job = Job(
             id=next(self._ids), tokens=list(tokens), state=state, snapshot_at=frozenset(snapshot_at),
@@ -241,7 +269,6 @@ class Engine:
         )
         if job.sampler is not None:
             job.decoder = self.tokenizer.stream()
-        self._inbox.put(job)
         return job
 
     def cancel(self, job):
@@ -273,8 +300,9 @@ class Engine:
                     # goes), never the engine, which serves the next jobs.
                     logger.exception("engine step failed")
                     for job in members.values():
-                        job.status = JobStatus.FAILED
-                        self._emit(job, "error", exc)
+                        for each in [job, *job.forks]:
+                            each.status = JobStatus.FAILED
+                            self._emit(each, "error", exc)
                     members.clear()
                     batch = self.backend.new_batch()
             self._running, self._waiting = len(members), len(waiting)
@@ -303,8 +331,13 @@ class Engine:
         else:
             job = next((j for j in waiting if j.id == job_id), None)
             if job is None:
-                return  # already finished
-            waiting.remove(job)
+                # Perhaps a choice not yet forked from its first (it never will be), else already finished.
+                job = next((fork for j in [*members.values(), *waiting] for fork in j.forks if fork.id == job_id),
+                           None)
+                if job is None:
+                    return
+            else:
+                waiting.remove(job)
         job.status = JobStatus.ABORTED
 
     def _step(self, batch, members):
@@ -365,13 +398,16 @@ class Engine:
                     leaving.append(job)
                     continue
                 job.status = JobStatus.GENERATING
+                for fork in self._fork(batch, members, job):  # its other choices sample from the same logits
+                    sampling.append(fork)
+                    rows.append(row)
             elif job.status is JobStatus.CLOSING:
                 leaving.append(job)
                 continue
             sampling.append(job)
             rows.append(row)
         if sampling:
-            if len(rows) < len(feed):
+            if rows != list(range(len(feed))):
                 logits = logits[rows]
             for job, token in zip(sampling, sample_batch([job.sampler for job in sampling], logits)):
                 self._accept(job, token)
@@ -380,6 +416,16 @@ class Engine:
             job.state = batch.remove(job.id)
             job.status = JobStatus.FINISHED
             self._finish(job)
+
+    @staticmethod
+    def _fork(batch, members, job):
+        """A reply's other choices join the batch with a copy of its state after the prompt."""
+        forks, job.forks = [fork for fork in job.forks if fork.status is JobStatus.WAITING], []
+        for fork in forks:
+            batch.add(fork.id, batch.state(job.id))
+            fork.read, fork.snapshots, fork.status = len(fork.tokens), job.snapshots, JobStatus.GENERATING
+            members[fork.id] = fork
+        return forks
 
     def _read_sizes(self, readers):
         """How many tokens each reading job (oldest first) reads this step.
@@ -428,6 +474,8 @@ class Engine:
         """
         read = len(job.generated)  # every earlier sampled token has been read; this one is read next step
         job.generated.append(token)
+        if job.sampler.logprobs is not None:
+            self._emit(job, "logprobs", job.sampler.logprobs)
         job.decoder.push(token)
         self.tokens_generated += 1
         end = replytext.find_end(job.decoder.raw, len(self.tokenizer.pieces.get(token, b"")), job.stop)
@@ -490,6 +538,9 @@ class Generation:
         self._engine = engine
         self._job = job
         self.reply = None
+        # With top_logprobs: (token, logprob, [(token, logprob), ...]) for each sampled token so far,
+        # as they come with the text.
+        self.logprobs = []
 
     def __aiter__(self):
         return self._texts()
@@ -498,9 +549,15 @@ class Generation:
         events = self._job.events
         while True:
             kind, payload = await events.get()
+            if kind == "logprobs":
+                self.logprobs.append(payload)
+                continue
             # Frames are cumulative: when the client fell behind, the newest text says it all.
             while kind == "text" and not events.empty():
                 next_kind, next_payload = events.get_nowait()
+                if next_kind == "logprobs":
+                    self.logprobs.append(next_payload)
+                    continue
                 if next_kind != "text":
                     yield payload
                 kind, payload = next_kind, next_payload

@@ -21,7 +21,7 @@ from django.conf import settings
 from accounts.services import user_for_token
 from limits import services as limits
 from rpserver.errors import ApiError
-from rpserver.pipeline import request_fields
+from rpserver.pipeline import note_access, note_caller, request_fields
 from rpserver.streams import SSE_HEADERS, ApiConsumer
 
 from . import serializers, services
@@ -68,10 +68,13 @@ class OpenAIConsumer(ApiConsumer):
                 raise OpenAIError(f"method {method} is not allowed here, use {' or '.join(self.methods)}",
                                   status=405)
             user = await database_sync_to_async(authenticate)(self.header(b"authorization"))
+            note_caller(self.scope, user)
             await self.answer(user, request_fields(self.scope))
         except OpenAIError as exc:
+            note_access(self.scope, error=exc.message)
             await self.send_json(exc.body(), status=exc.status)
         except ApiError as exc:  # the rate limits
+            note_access(self.scope, error=exc.message)
             await self.send_error(exc.message, exc.code)
         except Exception:
             logger.exception("OpenAI route %s failed", self.scope["path"])
@@ -105,6 +108,7 @@ class OpenAIConsumer(ApiConsumer):
             async for _ in completion.deltas():
                 pass
             await completion.finish()
+            self.note_usage(completion)
         except Exception:
             logger.exception("completion %s failed", completion.id)
             await self.send_json(OpenAIError("internal server error", status=500).body(), status=500)
@@ -113,17 +117,25 @@ class OpenAIConsumer(ApiConsumer):
 
     async def chunks(self, completion, chunk):
         try:
-            await self.event(chunk(completion, None, first=True))
-            async for delta in completion.deltas():
-                await self.event(chunk(completion, delta))
-            rest = await completion.finish()
-            await self.event(chunk(completion, rest, finish=True))
+            for choice in completion.choices:
+                await self.event(chunk(completion, choice, None, first=True))
+            async for choice, delta in completion.deltas():
+                await self.event(chunk(completion, choice, delta))
+            rests = await completion.finish()
+            self.note_usage(completion)
+            for choice in completion.choices:
+                await self.event(chunk(completion, choice, rests[choice.index], finish=True))
             if completion.options.include_usage:
                 await self.event({**envelope(completion, chunk_object(chunk)), "choices": [],
                                   "usage": completion.usage.as_dict()})
             await self.send_body(b"data: [DONE]\n\n", more_body=True)
         finally:
             await self.send_body(b"", more_body=False)
+
+    def note_usage(self, completion):
+        usage = completion.usage
+        note_access(self.scope, prompt=usage.prompt_tokens, cached=usage.cached_tokens,
+                    generated=usage.completion_tokens)
 
     async def event(self, payload):
         if payload is None:
@@ -158,33 +170,40 @@ def envelope(completion, kind):
             "system_fingerprint": completion.fingerprint}
 
 
-def chat_chunk(completion, delta, first=False, finish=False):
+def logprobs(completion, choice):
+    """The logprobs of the choice's tokens not yet sent, in the API's shape (None when not asked for)."""
+    return choice.new_logprobs(completion.kind) if completion.options.top_logprobs is not None else None
+
+
+def chat_chunk(completion, choice, delta, first=False, finish=False):
     if first:
-        content = {"role": "assistant", "content": ""}
+        content, choice_logprobs = {"role": "assistant", "content": ""}, None
     else:
-        content = {"content": delta} if delta else {}
-    choice = {"index": 0, "delta": content, "logprobs": None,
-              "finish_reason": completion.finish_reason if finish else None}
-    return {**envelope(completion, "chat.completion.chunk"), "choices": [choice]}
+        content, choice_logprobs = ({"content": delta} if delta else {}), logprobs(completion, choice)
+    body = {"index": choice.index, "delta": content, "logprobs": choice_logprobs,
+            "finish_reason": choice.finish_reason if finish else None}
+    return {**envelope(completion, "chat.completion.chunk"), "choices": [body]}
 
 
 def chat_whole(completion):
-    choice = {"index": 0, "message": {"role": "assistant", "content": completion.text, "refusal": None},
-              "logprobs": None, "finish_reason": completion.finish_reason}
-    return {**envelope(completion, "chat.completion"), "choices": [choice], "usage": completion.usage.as_dict()}
+    choices = [{"index": choice.index, "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "logprobs": logprobs(completion, choice), "finish_reason": choice.finish_reason}
+               for choice in completion.choices]
+    return {**envelope(completion, "chat.completion"), "choices": choices, "usage": completion.usage.as_dict()}
 
 
-def text_chunk(completion, delta, first=False, finish=False):
+def text_chunk(completion, choice, delta, first=False, finish=False):
     if first:  # a raw completion's stream has no role chunk
         return None
-    choice = {"index": 0, "text": delta or "", "logprobs": None,
-              "finish_reason": completion.finish_reason if finish else None}
-    return {**envelope(completion, "text_completion"), "choices": [choice]}
+    body = {"index": choice.index, "text": delta or "", "logprobs": logprobs(completion, choice),
+            "finish_reason": choice.finish_reason if finish else None}
+    return {**envelope(completion, "text_completion"), "choices": [body]}
 
 
 def text_whole(completion):
-    choice = {"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason}
-    return {**envelope(completion, "text_completion"), "choices": [choice], "usage": completion.usage.as_dict()}
+    choices = [{"index": choice.index, "text": choice.text, "logprobs": logprobs(completion, choice),
+                "finish_reason": choice.finish_reason} for choice in completion.choices]
+    return {**envelope(completion, "text_completion"), "choices": choices, "usage": completion.usage.as_dict()}
 
 
 class ChatCompletionsConsumer(OpenAIConsumer):
@@ -206,6 +225,16 @@ class ModelsConsumer(OpenAIConsumer):
         await self.send_json({"object": "list", "data": services.models()})
 
 
+class TokenizeConsumer(OpenAIConsumer):
+    async def answer(self, user, data):
+        await self.send_json(services.tokenize(serializers.tokenize_request(data)))
+
+
+class DetokenizeConsumer(OpenAIConsumer):
+    async def answer(self, user, data):
+        await self.send_json(services.detokenize(serializers.detokenize_request(data)))
+
+
 class DebugStatsConsumer(OpenAIConsumer):
     """The engine's counters and the state cache's, for tests and operators (any valid key)."""
 
@@ -220,4 +249,5 @@ class NotFoundConsumer(OpenAIConsumer):
 
     async def handle(self, body):  # noqa: ARG002 - every method, every body
         error = OpenAIError(f"no such route: {self.scope['method']} {self.scope['path']}", status=404)
+        note_access(self.scope, error=error.message)
         await self.send_json(error.body(), status=404)

@@ -15,6 +15,7 @@ model spelled a word differently, a stop string cut the reply), that state
 is read from the pre-reply state.
 """
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -102,15 +103,39 @@ class Usage:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
+@dataclasses.dataclass
+class Choice:
+    """One of a completion's n replies, as the client sees it."""
+
+    index: int
+    generation: object  # the engine's Generation
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs_sent: int = 0  # of generation.logprobs, already in a chunk
+    logprobs_offset: int = 0  # where the next token's text starts (completions' text_offset)
+
+    def new_logprobs(self, kind):
+        """The logprobs of the sampled tokens not yet sent, in the shape of the API (chat or text)."""
+        entries = self.generation.logprobs[self.logprobs_sent:]
+        self.logprobs_sent += len(entries)
+        if kind == "chat":
+            return chat_logprobs(entries)
+        answer = text_logprobs(entries, self.logprobs_offset)
+        self.logprobs_offset += sum(len(text) for text in answer["tokens"])
+        return answer
+
+
 class Completion:
-    """A reply in progress: iterate for the new text as it comes (deltas), then `await finish()`.
+    """A reply in progress, with its n choices: iterate for the new text as it comes
+    (`deltas`: (choice, text) pairs), then `await finish()`.
 
     Cancel it (`cancel()`) when the client goes away: the engine frees the
-    reply and nothing is cached after the prompt.
+    replies and nothing is cached after the prompt.
     """
 
     def __init__(self, kind, options, tokens, cached, state, keep_at, canonical):
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.kind = kind
         self.created = int(time.time())
         self.model = model_name()
         self.fingerprint = get_engine().model_id
@@ -118,36 +143,80 @@ class Completion:
         self.tokens = tokens
         self.usage = Usage(len(tokens), cached)
         self.canonical = canonical  # chat: cache the state after the reply as it is re-sent
-        self.text = ""
-        self.finish_reason = None
         self._start = state  # the cached state the job starts from (after `cached` tokens)
         # States to keep, as positions in the job's tokens: message ends, and the state before the last token.
         self._keep_at = keep_at
         self._pre_reply = len(tokens) - 1 - cached
-        self.generation = get_engine().generate(
-            state, tokens[cached:], options.sampling, options.max_tokens, seed=options.seed,
-            snapshot_at=set(keep_at) | {self._pre_reply}, stop=options.stop, logit_bias=options.logit_bias or None)
+        generations = get_engine().generate_choices(
+            options.n, state, tokens[cached:], options.sampling, options.max_tokens, seed=options.seed,
+            snapshot_at=set(keep_at) | {self._pre_reply}, stop=options.stop, logit_bias=options.logit_bias or None,
+            history=tokens[:cached], top_logprobs=options.top_logprobs)
+        self.choices = [Choice(index, generation) for index, generation in enumerate(generations)]
+
+    @property
+    def text(self):
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self):
+        return self.choices[0].finish_reason
 
     async def deltas(self):
-        """The reply's new text, piece by piece, as the engine streams it."""
-        async for text in self.generation:
-            if text.startswith(self.text) and len(text) > len(self.text):
-                delta, self.text = text[len(self.text):], text
+        """(choice, new text) as the engine streams each choice's reply, choices interleaved."""
+        if len(self.choices) == 1:
+            async for delta in self._choice_deltas(self.choices[0]):
+                yield self.choices[0], delta
+            return
+        merged = asyncio.Queue()
+
+        async def pump(choice):
+            try:
+                async for delta in self._choice_deltas(choice):
+                    await merged.put((choice, delta, None))
+            except Exception as exc:  # noqa: BLE001 - raised on the reader's side
+                await merged.put((choice, None, exc))
+            await merged.put((choice, None, None))
+
+        pumps = [asyncio.ensure_future(pump(choice)) for choice in self.choices]
+        try:
+            running = len(pumps)
+            while running:
+                choice, delta, error = await merged.get()
+                if error is not None:
+                    raise error
+                if delta is None:
+                    running -= 1
+                else:
+                    yield choice, delta
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    @staticmethod
+    async def _choice_deltas(choice):
+        async for text in choice.generation:
+            if text.startswith(choice.text) and len(text) > len(choice.text):
+                delta, choice.text = text[len(choice.text):], text
                 yield delta
 
     def cancel(self):
-        self.generation.cancel()
+        for choice in self.choices:
+            choice.generation.cancel()
 
     async def finish(self):
-        """After the last delta: the final text (any rest is yielded by deltas() first), cache the states."""
-        reply = self.generation.reply
-        self.finish_reason = "length" if reply.finish_reason is FinishReason.LENGTH else "stop"
-        self.usage.completion_tokens = min(len(reply.tokens), self.options.max_tokens)
-        rest = reply.text[len(self.text):] if reply.text.startswith(self.text) else ""
-        self.text = reply.text if reply.text.startswith(self.text) else self.text
+        """After the last delta: each choice's final text and the rest of it not yet yielded
+        ({choice index: rest}); the states are cached."""
+        rests = {}
+        self.usage.completion_tokens = 0
+        for choice in self.choices:
+            reply = choice.generation.reply
+            choice.finish_reason = "length" if reply.finish_reason is FinishReason.LENGTH else "stop"
+            self.usage.completion_tokens += min(len(reply.tokens), self.options.max_tokens)
+            rests[choice.index] = reply.text[len(choice.text):] if reply.text.startswith(choice.text) else ""
+            choice.text = reply.text if reply.text.startswith(choice.text) else choice.text
         counters["replies"] += 1
-        await self._remember(reply)
-        return rest
+        await self._remember(self.choices[0].generation.reply)
+        return rests
 
     async def _remember(self, reply):
         cache, engine = state_cache(), get_engine()
@@ -166,6 +235,40 @@ class Completion:
             counters["canonical_reads"] += 1
             counters["canonical_tokens"] += 1 + len(canonical)
         cache.put(self.tokens + canonical, after)
+
+
+def token_text(token):
+    """A token's text for logprobs, and its bytes (a token can hold part of a character)."""
+    piece = world_tokenizer().pieces.get(token, b"")
+    return piece.decode("utf-8", errors="replace"), list(piece)
+
+
+def chat_logprobs(entries):
+    """OpenAI's chat `logprobs.content` for engine entries (token, logprob, [(token, logprob)])."""
+    content = []
+    for token, logprob, top in entries:
+        text, raw = token_text(token)
+        alternatives = []
+        for other, other_logprob in top:
+            other_text, other_raw = token_text(other)
+            alternatives.append({"token": other_text, "logprob": other_logprob, "bytes": other_raw})
+        content.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alternatives})
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries, offset):
+    """The completions API's `logprobs` for engine entries; offset: where the first token's text starts
+    in the choice's text."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for token, logprob, top in entries:
+        text, _ = token_text(token)
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        top_logprobs.append({token_text(other)[0]: other_logprob for other, other_logprob in top})
+        text_offset.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
 
 
 def check_length(tokens, param):
@@ -192,10 +295,41 @@ async def start_completion(request):
     return Completion("text", request.options, tokens, cached, state, [], canonical=False)
 
 
+def context_window():
+    """The longest prompt rpserver reads (an RNN has no window of its own: only this limit)."""
+    return settings.RPSERVER["OPENAI_MAX_PROMPT_TOKENS"]
+
+
 def models():
-    engine = get_engine()
+    """/v1/models' entry, with the context window in the fields clients read: vLLM's max_model_len,
+    context_length (OpenRouter, LM Studio), llama-server's meta.n_ctx_train."""
+    engine, window = get_engine(), context_window()
     return [{"id": model_name(), "object": "model", "created": 0, "owned_by": "rpserver",
-             "rwkv_version": engine.backend.version, "fingerprint": engine.model_id}]
+             "rwkv_version": engine.backend.version, "fingerprint": engine.model_id,
+             "max_model_len": window, "context_length": window, "meta": {"n_ctx_train": window,
+                                                                          "n_vocab": engine.backend.vocab_size}}]
+
+
+def tokenize(request):
+    """The tokens of a text, or of the prompt a chat request would read, in llama-server's shape
+    ({"tokens"}) and vLLM's ({"tokens", "count", "max_model_len"}) at once."""
+    if request.chat is not None:
+        tokens, _ = chat_prompt(request.chat.turns, request.chat.reply_speaker)
+    else:
+        tokens = list(world_tokenizer().encode(request.text))
+    listed = tokens
+    if request.with_pieces:
+        listed = [{"id": token, "piece": token_text(token)[0]} for token in tokens]
+    return {"tokens": listed, "count": len(tokens), "max_model_len": context_window()}
+
+
+def detokenize(tokens):
+    """The text of token ids: llama-server's {"content"} and vLLM's {"prompt"}."""
+    vocab = get_engine().backend.vocab_size
+    if any(not 0 <= t < vocab for t in tokens):
+        raise OpenAIError(f"token ids must be in [0, {vocab - 1}]", param="tokens")
+    text = world_tokenizer().decode(tokens)
+    return {"content": text, "prompt": text}
 
 
 def debug_stats():

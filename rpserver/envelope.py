@@ -29,6 +29,8 @@ def envelope(data=None, message=SUCCESS, code=200):
 
 
 OPENAI_PREFIX = "/v1/"
+# Routes outside /v1/ that OpenAI-compatible servers answer (llama-server's and vLLM's), in OpenAI's error shape.
+OPENAI_ROOT_ROUTES = ("/tokenize", "/detokenize")
 REST_PREFIX = "/api/"
 
 # OpenAI's error `type` for each status.
@@ -49,7 +51,7 @@ def openai_error(message, status, param=None, code=None):
 
 def error_payload(path, message, code, param=None):
     """(HTTP status, body) of an error on the route `path`."""
-    if path.startswith(OPENAI_PREFIX):
+    if path.startswith(OPENAI_PREFIX) or path in OPENAI_ROOT_ROUTES:
         status = 401 if code == 403 and "token" in message else code
         return status, openai_error(message, status, param)
     if path.startswith(REST_PREFIX):  # rpserver's own REST API: the envelope at the real status

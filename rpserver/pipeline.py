@@ -17,7 +17,12 @@ Django/DRF views and the Channels stream consumers get, from one place:
   legacy envelope, or OpenAI's error shape under /v1/);
 * the headers: CORS on every route (preflights answered here), and
   X-Content-Type-Options/Referrer-Policy on every answer, streams included;
-* a count of requests in flight, for a clean stop (rpserver/server.py).
+* a count of requests in flight, for a clean stop (rpserver/server.py);
+* the access log: one line per request on the `rpserver.access` logger
+  (method, path, status, the caller, prompt / cached / generated tokens,
+  milliseconds), refusals included. Routes add what they learn (the caller,
+  the tokens) with note_access(); the line is written as the answer's last
+  byte goes out, so a client that has its answer finds the line logged.
 
 Authentication is one function per credential (accounts.auth), used by the
 DRF authentication class and the consumers alike.
@@ -26,6 +31,7 @@ DRF authentication class and the consumers alike.
 import io
 import json
 import logging
+import time
 from urllib.parse import parse_qsl
 
 from django.conf import settings
@@ -38,8 +44,10 @@ from .envelope import error_response
 from .errors import ApiError
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("rpserver.access")
 
 SCOPE_KEY = "rpserver.fields"
+ACCESS_KEY = "rpserver.access"  # the request's access-log facts (a dict routes add to)
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -236,6 +244,58 @@ def client_address(request):
     return request.META.get("REMOTE_ADDR") or "unknown"
 
 
+# ---- the access log ----------------------------------------------------------------
+
+
+def note_access(scope, **facts):
+    """Add facts to the request's access-log line: user, key (an API key's name), prompt, cached,
+    generated (tokens), error (what was refused)."""
+    record = scope.get(ACCESS_KEY)
+    if record is not None:
+        record.update(facts)
+
+
+def note_caller(scope, user):
+    """The caller of a request, for its access-log line (None: anonymous)."""
+    if user is not None:
+        note_access(scope, user=user.username, key=getattr(user, "api_key_name", None))
+
+
+ACCESS_FIELDS = ("user", "key", "prompt", "cached", "generated")
+
+
+def access_line(scope, status, milliseconds, record):
+    facts = " ".join(f"{name}={record[name]}" for name in ACCESS_FIELDS if record.get(name) is not None)
+    error = f' error="{record["error"]}"' if record.get("error") else ""
+    return f"{scope['method']} {scope['path']} {status} {facts or '-'} ms={milliseconds:.0f}{error}"
+
+
+class AccessLog:
+    """The access log of one request: `send` notes the status, and the line goes out with the last byte."""
+
+    def __init__(self, scope, send):
+        self.scope, self._send = scope, send
+        self.started = time.perf_counter()
+        self.status = None
+        self.logged = False
+
+    async def send(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.write()
+        await self._send(message)
+
+    def write(self):
+        if self.logged:
+            return
+        self.logged = True
+        # 499 (nginx's "client closed request"): the client left before an answer started.
+        status = self.status if self.status is not None else 499
+        access_logger.info("%s", access_line(self.scope, status, 1000 * (time.perf_counter() - self.started),
+                                              self.scope.get(ACCESS_KEY) or {}))
+
+
 # ---- the middleware ----------------------------------------------------------------
 
 
@@ -250,9 +310,12 @@ class Pipeline:
             return await self.app(scope, receive, send)
         global in_flight
         in_flight += 1
+        scope = {**scope, ACCESS_KEY: {}}
+        access = AccessLog(scope, send)
         try:
-            await self.handle(scope, receive, send)
+            await self.handle(scope, receive, access.send)
         finally:
+            access.write()  # if no last byte went out (the client left)
             in_flight -= 1
 
     async def handle(self, scope, receive, send):
@@ -268,6 +331,7 @@ class Pipeline:
             if is_api_path(path):
                 scope = {**scope, SCOPE_KEY: parse_fields(scope, body)}
         except ApiError as exc:
+            note_access(scope, error=exc.message)
             await answer_error(send, path, exc.message, exc.code)
             return
         sent = False

@@ -153,10 +153,10 @@ def test_a_wrong_key_gets_401_in_openai_shape(oa_server):
 
 
 @pytest.mark.parametrize("fields, param, words", [
-    ({"temperature": 5}, "temperature", "temperature must be in [0, 2]"),
+    ({"temperature": 5.5}, "temperature", "temperature must be in [0, 5]"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens must be in [1"),
-    ({"n": 2}, "n", "n must be 1"),
-    ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+    ({"n": 9}, "n", "n must be in [1, 8]"),
+    ({"top_p": 1.5}, "top_p", "top_p must be in [0, 1]"),
     ({"frequency_penalty": 3}, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
     ({"stop": [1, 2]}, "stop", "stop must be a string or a list of strings"),
     ({"messages": []}, "messages", "messages must be a non-empty list"),

@@ -160,14 +160,23 @@ def test_the_compiled_draw_is_the_numpy_one():
     and flat rows, with and without top_p, mu cutting some candidates and a mu keeping only the top."""
     generator = torch.Generator().manual_seed(5)
     settings = [SamplingSettings(), SamplingSettings(temperature=0.4, top_p=0.8),
-                SamplingSettings(min_p=0.0, temperature=2.5, tau=6.0), SamplingSettings(min_p=0.02, top_p=0.3)]
-    compiled = [Sampler(settings[row % len(settings)], BANNED, seed=row) for row in range(16)]
-    reference = [Sampler(settings[row % len(settings)], BANNED, seed=row) for row in range(16)]
+                SamplingSettings(min_p=0.0, temperature=2.5, tau=6.0), SamplingSettings(min_p=0.02, top_p=0.3),
+                # The OpenAI door's steps: penalties over a window reaching into the prompt, DRY, top_k,
+                # typical_p, XTC (which draws from the reply's random numbers too).
+                SamplingSettings(min_p=0.0, presence_penalty=0.0, presence_offset=-0.7, frequency_penalty=0.3,
+                                 repetition_penalty=1.3, penalty_range=40, top_k=50, xtc_probability=0.5,
+                                 xtc_threshold=0.02, dry_multiplier=0.8, dry_breakers=frozenset({3})),
+                SamplingSettings(min_p=0.0, temperature=0.8, typical_p=0.7, top_k=200, dry_multiplier=2.0,
+                                 dry_allowed_length=1, dry_range=30)]
+    history = torch.randint(1, 12, (60,), generator=generator).tolist()  # a repetitive prompt, for DRY
+    compiled = [Sampler(settings[row % len(settings)], BANNED, seed=row, history=history) for row in range(16)]
+    reference = [Sampler(settings[row % len(settings)], BANNED, seed=row, history=history) for row in range(16)]
     compiled[3].mu = reference[3].mu = 0.0  # only the most likely token is allowed
     drawn = set()
     for step in range(60):
         logits = torch.randn(len(compiled), 1031, generator=generator) * (0.5 + step % 4)
         logits[::5, 7] = 9.0  # some rows peaked
+        logits[:, 1:12] += 2.0  # the prompt's tokens likely, so that repeats (DRY) happen
         tokens = sampling.sample_batch(compiled, logits.clone())
         want = [sampler.draw(ids, probs)
                 for sampler, (ids, probs) in zip(reference, sampling.candidates_batch(reference, logits.clone()))]
@@ -184,3 +193,77 @@ def test_the_compiled_draw_refuses_a_row_without_candidates():
     with pytest.raises(RuntimeError, match="at least one candidate"):
         torch.ops.rpserver.sampling_draw(
             torch.tensor([3]), torch.ones(1), torch.tensor([1, 0]), *[torch.ones(2, dtype=torch.float64)] * 4)
+
+
+def probabilities(sampler, logits):
+    ids, probs = sampler.candidates(torch.tensor(logits))
+    return dict(zip(ids.tolist(), probs.tolist()))
+
+
+NEUTRAL = {"min_p": 0.0, "temperature": 1.0, "presence_penalty": 0.0}
+
+
+def test_top_k_keeps_the_k_most_likely():
+    odds = probabilities(Sampler(SamplingSettings(**NEUTRAL, top_k=2), BANNED), [50.0, 1.0, 3.0, 2.0, 0.5])
+    assert set(odds) == {2, 3} and odds[2] == pytest.approx(math.e / (math.e + 1))
+
+
+def test_typical_p_keeps_the_tokens_closest_to_the_entropy():
+    probs = numpy.array([0.5, 0.3, 0.15, 0.05])
+    entropy = -(probs * numpy.log(probs)).sum()  # 1.14 nats; surprises 0.69, 1.20, 1.90, 3.00
+    assert sorted(abs(-numpy.log(probs) - entropy).argsort()[:2].tolist()) == [0, 1]
+    odds = probabilities(Sampler(SamplingSettings(**NEUTRAL, typical_p=0.5), BANNED),
+                         [50.0, *numpy.log(probs).tolist()])
+    # 0.3 (closest) then 0.5 reach 0.5: those two stay.
+    assert set(odds) == {1, 2} and odds[1] == pytest.approx(0.5 / 0.8)
+
+
+def test_xtc_removes_the_likely_tokens_but_the_least_of_them():
+    logits = [50.0, *numpy.log([0.4, 0.3, 0.2, 0.1]).tolist()]
+    sampler = Sampler(SamplingSettings(**NEUTRAL, xtc_threshold=0.15, xtc_probability=1.0), BANNED)
+    assert set(probabilities(sampler, logits)) == {3, 4}  # 0.4 and 0.3 go; 0.2 (the least above) stays
+    never = Sampler(SamplingSettings(**NEUTRAL, xtc_threshold=0.15, xtc_probability=0.0), BANNED)
+    assert set(probabilities(never, logits)) == {1, 2, 3, 4}
+
+
+def test_openai_penalties_subtract_and_the_repetition_penalty_divides_over_the_window():
+    settings = SamplingSettings(**NEUTRAL, presence_offset=0.5, frequency_penalty=0.25, repetition_penalty=2.0,
+                                penalty_range=3)
+    sampler = Sampler(settings, BANNED, history=[1, 1, 2, 9, 9])
+    assert sampler.window == {2: 1, 9: 2}  # the last three tokens
+    sampler.accept(1, 0.0)
+    assert sampler.window == {9: 2, 1: 1}
+    logits = [50.0, 4.0, 4.0, -4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0]
+    odds = probabilities(sampler, logits)
+    # 1: 4 / 2 - 0.5 - 0.25; 9: 4 / 2 - 0.5 - 0.5; 2 (left the window) keeps 4; 3 (not in it) -4.
+    assert math.log(odds[1] / odds[2]) == pytest.approx(1.25 - 4.0, rel=1e-5)
+    assert math.log(odds[9] / odds[2]) == pytest.approx(1.0 - 4.0, rel=1e-5)
+    assert math.log(odds[3] / odds[4]) == pytest.approx(-4.0, rel=1e-5)
+
+
+def test_dry_penalises_the_token_that_would_extend_a_repeat():
+    settings = SamplingSettings(**NEUTRAL, dry_multiplier=0.5, dry_base=2.0, dry_allowed_length=2,
+                                dry_breakers=frozenset({8}))
+    # 5 6 7 4 ... 5 6 7: 4 would extend a repeat of three tokens (0.5 x 2^(3-2) = 1); after
+    # 5 6 8 5 6, 8 (a breaker) is never penalised.
+    assert Sampler(settings, BANNED, history=[5, 6, 7, 4, 1, 2, 5, 6, 7]).dry_penalties() == {4: 1.0}
+    assert Sampler(settings, BANNED, history=[5, 6, 3, 1, 5, 6]).dry_penalties() == {3: 0.5}
+    assert Sampler(settings, BANNED, history=[5, 6, 8, 1, 5, 6]).dry_penalties() == {}
+    # A repeat does not extend across a breaker: 8 5 6 ... 8 5 6 counts two tokens, not three.
+    assert Sampler(settings, BANNED, history=[8, 5, 6, 3, 8, 5, 6]).dry_penalties() == {3: 0.5}
+    assert Sampler(settings, BANNED, history=[1, 5, 6, 3, 2, 5, 6]).dry_penalties() == {3: 0.5}
+    long = Sampler(settings, BANNED, history=[1, 5, 6, 3, 1, 5, 6])
+    assert long.dry_penalties() == {3: 1.0}
+    odds = probabilities(long, [50.0, 1.0, 1.0, 1.0])
+    assert math.log(odds[3] / odds[1]) == pytest.approx(-1.0, rel=1e-5)
+
+
+def test_logprobs_are_the_models_distribution_before_the_sampler():
+    sampler = Sampler(SamplingSettings(**NEUTRAL, top_k=1, frequency_penalty=2.0), BANNED, top_logprobs=2)
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    token = sampler.sample(logits)
+    assert token == 1
+    want = torch.log_softmax(logits, dim=0)
+    assert sampler.logprobs[0] == 1 and sampler.logprobs[1] == pytest.approx(want[1].item())
+    assert [t for t, _ in sampler.logprobs[2]] == [1, 2]
+    assert [v for _, v in sampler.logprobs[2]] == pytest.approx([want[1].item(), want[2].item()])
