@@ -79,6 +79,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "channels",
+    "rpserver",  # the project's own commands: serve, remove_orphan_files (rpserver/management/commands)
     "accounts",
     "limits",
     "locks",
