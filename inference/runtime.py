@@ -49,7 +49,8 @@ def load_engine(model=None, strategy=None, jit_on=True, cuda_on=False):
     with _lock:
         if _engine is not None:
             return _engine
-        threads = ThreadPolicy.for_machine(decode=config["THREADS"], wide=config["PREFILL_THREADS"])
+        threads = ThreadPolicy.for_machine(decode=config["THREADS"], wide=config["PREFILL_THREADS"],
+                                           adapt=config["ADAPT_THREADS"])
         serial_thread()  # only the engine thread runs torch on several cores (see inference.threads)
         # A bad value's message names where it came from: the serve flag or the variable.
         model_source = "--model" if model else "RPSERVER_MODEL" if config["MODEL"] else "the demo model"

@@ -16,6 +16,17 @@ with the benchmark client beside it, 256-token replies: 1 user 63.5 tok/s
 with 2 threads and 47.6 with 1, 32 users 259.5 and 235.9). `RPSERVER_THREADS` sets fewer, e.g. to
 keep a core for the event loop on a machine where it is busy. A pass that
 reads many prompt tokens is compute-bound: it gets every core too.
+
+A shared machine: the cores other processes keep busy are left to them
+(RPSERVER_ADAPT_THREADS, on by default). Each of a pass's hundreds of
+parallel regions ends at a barrier that waits for every thread of the team;
+a worker that shares its core with a busy process gets the core only when
+the scheduler gives it a turn (milliseconds), so every region waits that
+long (on 2 cores with one `while True: pass` beside the server, 8 users fell
+from 531 to 5.9 tok/s). So the engine measures, at most every
+`CpuShare.interval` seconds, how many cores the rest of the machine used
+(/proc/stat less this process's own CPU time) and runs its passes on the
+cores left, at least one: a pass on one thread has no barrier to wait at.
 """
 
 import ctypes
@@ -23,6 +34,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 
 import torch
 
@@ -32,21 +44,72 @@ logger = logging.getLogger(__name__)
 WIDE_PASS_TOKENS = 64
 
 
+def busy_ticks():
+    """Clock ticks all CPUs spent busy since boot (/proc/stat: all but idle and iowait); None off Linux."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - fields[4]
+
+
+class CpuShare:
+    """How many cores the rest of the machine keeps busy: all CPUs' busy time
+    less this process's own, over the last `interval` seconds or more."""
+
+    TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, interval=0.5):
+        self.interval = interval
+        self._last = None  # (monotonic time, busy ticks, own CPU seconds)
+        self.others = 0.0
+
+    def update(self, now=None):
+        """Measure again if `interval` has passed; the cores others used (0 where it cannot be measured)."""
+        now = time.monotonic() if now is None else now
+        if self._last is not None and now - self._last[0] < self.interval:
+            return self.others
+        ticks = busy_ticks()
+        if ticks is None:
+            return self.others
+        own = sum(os.times()[:2])
+        if self._last is not None:
+            elapsed = now - self._last[0]
+            busy = (ticks - self._last[1]) / self.TICKS_PER_SECOND - (own - self._last[2])
+            self.others = max(0.0, busy / elapsed)
+        self._last = (now, ticks, own)
+        return self.others
+
+
 @dataclasses.dataclass(frozen=True)
 class ThreadPolicy:
     decode: int = 0  # threads for decode steps (0: leave torch's setting alone)
     wide: int = 0  # threads for passes reading >= wide_pass_tokens prompt tokens (0: as decode)
     wide_pass_tokens: int = WIDE_PASS_TOKENS
+    share: CpuShare | None = None  # when set, the cores others keep busy are left to them
+    cores: int = 0
 
     @classmethod
-    def for_machine(cls, decode=0, wide=0):
-        """Every core for decode steps and wide passes, unless configured."""
+    def for_machine(cls, decode=0, wide=0, adapt=True):
+        """Every core for decode steps and wide passes, unless configured; with `adapt`, only the cores
+        the rest of the machine leaves free."""
         cores = os.cpu_count() or 2
-        return cls(decode=decode or cores, wide=wide or cores)
+        return cls(decode=decode or cores, wide=wide or cores, share=CpuShare() if adapt else None, cores=cores)
+
+    def threads_for(self, prompt_tokens):
+        """The threads for a pass reading `prompt_tokens` prompt tokens (0: leave torch's setting alone)."""
+        wanted = (self.wide or self.decode) if prompt_tokens >= self.wide_pass_tokens else self.decode
+        if wanted > 1 and self.share is not None:
+            # A core counts as taken once others use more than half of it (the benchmark's own client,
+            # ~a quarter of a core, leaves both to the engine; one busy process takes one).
+            free = self.cores - int(self.share.update() + 0.5)
+            wanted = max(1, min(wanted, free))
+        return wanted
 
     def apply(self, prompt_tokens):
         """Set torch's thread count for a pass reading `prompt_tokens` prompt tokens."""
-        wanted = (self.wide or self.decode) if prompt_tokens >= self.wide_pass_tokens else self.decode
+        wanted = self.threads_for(prompt_tokens)
         if wanted and wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
 

@@ -242,6 +242,7 @@ RPSERVER = {
     "SEED": env_int("RPSERVER_SEED", -1),
     "THREADS": env_int("RPSERVER_THREADS", 0, minimum=0),
     "PREFILL_THREADS": env_int("RPSERVER_PREFILL_THREADS", 0, minimum=0),
+    "ADAPT_THREADS": env_bool("RPSERVER_ADAPT_THREADS", True),
     # /metrics answers only with this bearer token; unset, the route does not exist.
     "METRICS_TOKEN": env_str("RPSERVER_METRICS_TOKEN"),
     # The shared state cache (statecache/) and the OpenAI-compatible API (openai_api/).
