@@ -194,15 +194,7 @@ def parse_card_json(payload, where="the card file"):
     """A Card from the bytes of a card's JSON (V1, V2 or V3)."""
     if len(payload) > limit("MAX_CARD_JSON_BYTES"):
         raise CardError(card_too_large())
-    try:
-        card = json.loads(payload.decode("utf-8-sig"))
-    except RecursionError:
-        raise CardError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels)")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CardError(f"{where} is not valid JSON: {exc}")
-    if not isinstance(card, dict):
-        raise CardError(f"{where} is not a character card: its JSON must be an object ({{...}})")
-    check_values(card, 1, where)
+    card = load_json_object(payload, where, "a character card")
     spec = card.get("spec")
     if spec in (V2, V3):
         data = card.get("data")
@@ -214,6 +206,21 @@ def parse_card_json(payload, where="the card file"):
     if "name" not in card or "first_mes" not in card and "description" not in card:
         raise CardError(f"{where} is not a character card: it has no name, description or first_mes")
     return Card(check_data({key: card.get(key, "") for key in V1_FIELDS}), "chara_card_v1")
+
+
+def load_json_object(payload, where, what):
+    """The JSON object in `payload` (bytes, already within its size limit), nesting within
+    MAX_DEPTH and every string storable; CardError naming `where` otherwise."""
+    try:
+        value = json.loads(payload.decode("utf-8-sig"))
+    except RecursionError:
+        raise CardError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels)")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CardError(f"{where} is not valid JSON: {exc}")
+    if not isinstance(value, dict):
+        raise CardError(f"{where} is not {what}: its JSON must be an object ({{...}})")
+    check_values(value, 1, where)
+    return value
 
 
 def check_values(value, depth, where):

@@ -2,6 +2,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.utils.functional import cached_property
 
 MAX_NAME_LENGTH = 64
 
@@ -28,6 +29,9 @@ class Character(models.Model):
     # every field and unknown extension kept, given back on export; {} for a character made here.
     card = models.JSONField(default=dict, blank=True)
     card_spec = models.CharField(max_length=32, blank=True, help_text="chara_card_v1/v2/v3, or empty")
+    # The persona this chat speaks as (personas/), chosen for it; None: the owner's default, if any.
+    chosen_persona = models.ForeignKey("personas.Persona", null=True, blank=True, on_delete=models.SET_NULL,
+                                       related_name="chats")
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -37,6 +41,23 @@ class Character(models.Model):
 
     def __str__(self):
         return f"{self.name} ({self.owner})"
+
+    @cached_property
+    def chat_persona(self):
+        """The Persona this character's chat speaks as: its own choice, else the owner's default, else
+        None (then the character's user_name). characters.services.get_character reads it on the
+        database thread, so that the chat's async code finds it cached."""
+        from personas.services import persona_of_chat
+
+        return persona_of_chat(self)
+
+    @cached_property
+    def chat_lorebooks(self):
+        """The owner's active lorebooks' JSON (lore/), read in this character's chat; read on the
+        database thread by get_character, as chat_persona is."""
+        from lore.services import active_lorebooks
+
+        return active_lorebooks(self.owner_id)
 
     @property
     def lock_name(self):

@@ -23,6 +23,8 @@ def get_character(owner, name):
     character = Character.objects.filter(owner=owner, name=name).first()
     if character is None:
         raise ApiError("character does not exist")
+    # Read here, on the database thread: the chat's async code uses them (personas/, lore/).
+    character.chat_persona, character.chat_lorebooks
     return character
 
 

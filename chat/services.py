@@ -32,6 +32,7 @@ from inference import prompt as prompt_format
 from inference.runtime import get_engine
 from limits import services as limits
 from locks import services as locks
+from lore import services as lore_services
 from rpserver.errors import ApiError
 from rpserver.files import delete_file_on_commit
 
@@ -55,15 +56,19 @@ def db(function):
 
 
 def speaker_names(character):
-    return prompt_format.speaker_names(character.user_name, character.name, character.use_qa)
+    persona = character.chat_persona  # personas/: who the person is in this chat, if they chose
+    user_name = persona.name if persona is not None else character.user_name
+    return prompt_format.speaker_names(user_name, character.name, character.use_qa)
 
 
 def first_round(conversation, character):
     """Round 0: the character header, then the greeting as the character's reply."""
     user, bot = speaker_names(character)
     tokenizer = get_engine().tokenizer
+    persona = character.chat_persona
     header = tokenizer.encode(prompt_format.character_header(
-        user, bot, character.persona, character.example_message))
+        user, bot, character.persona, character.example_message,
+        user_persona=persona.description if persona is not None else ""))
     greeting = prompt_format.substitute(character.greeting, user, bot)
     round_ = Round(conversation=conversation, index=0, user_text=None, bot_text=greeting.strip(),
                    reply_start=len(header))
@@ -545,7 +550,10 @@ async def start_reply(owner, name, prompt, sampling, seed=None):
         if replay is None:  # no stored state was readable: re-read everything
             replay = await db(tokens_between)(lease.conversation, base_index, last)
         user, bot = speaker_names(lease.character)
-        head = engine.tokenizer.encode(prompt_format.user_turn(user, bot, prompt))
+        lore = ""  # lore/: what the lore the turn's messages mention makes the model read first
+        if lore_services.character_books(lease.character):
+            lore = await db(lore_services.lore_for_turn)(lease.character, lease.conversation, prompt, user, bot)
+        head = engine.tokenizer.encode(lore + prompt_format.user_turn(user, bot, prompt))
         round_ = Round(conversation=lease.conversation, index=last + 1, user_text=prompt, reply_start=len(head))
         round_.set_tokens(head)
         tokens = replay + head

@@ -1,6 +1,6 @@
 """What the model reads: the role-play prompt format.
 
-    <example dialogue, names substituted>\n\n<persona>\n\n
+    <example dialogue, names substituted>\n\n<persona>\n\n[<the person's persona>\n\n]
     <Bot>: <greeting>\n\n
     <User>: <prompt>\n\n<Bot>: <reply>\n\n ...
 
@@ -38,9 +38,10 @@ def substitute(text, user, bot):
     return text.replace("{{user}}", user).replace("{{char}}", bot)
 
 
-def character_header(user, bot, persona, example_message):
-    """Round 0's first part: example dialogue, persona, and the greeter's name."""
-    blocks = [clean_block(substitute(example_message, user, bot)), clean_block(substitute(persona, user, bot))]
+def character_header(user, bot, persona, example_message, user_persona=""):
+    """Round 0's first part: example dialogue, persona, the person's persona (personas/), and the
+    greeter's name."""
+    blocks = [clean_block(substitute(text, user, bot)) for text in (example_message, persona, user_persona)]
     return "".join(block + TURN_END for block in blocks if block) + f"{bot}:"
 
 

@@ -84,6 +84,8 @@ INSTALLED_APPS = [
     "limits",
     "locks",
     "characters",
+    "personas",
+    "lore",
     "chat",
     "inference",
     "web",

@@ -7,6 +7,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("accounts.urls")),
     path("", include("characters.urls")),
+    path("", include("personas.urls")),
+    path("", include("lore.urls")),
     path("", include("chat.urls")),
     path("", include("web.urls")),
     path("metrics", metrics_view),

@@ -32,7 +32,7 @@ LORE_BOOK = {
     "entries": [{
         "keys": ["lighthouse", "beacon"], "secondary_keys": ["night"], "content": "The lighthouse is 200 years old.",
         "extensions": {"depth": 4}, "enabled": True, "insertion_order": 100, "case_sensitive": False,
-        "name": "lighthouse", "priority": 10, "id": 1, "comment": "the tower", "selective": True,
+        "name": "lighthouse", "priority": 10, "id": 1, "comment": "the tower", "selective": False,
         "constant": False, "position": "before_char",
     }],
 }
