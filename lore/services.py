@@ -17,7 +17,7 @@ from characters.cards import CardError, check_values, load_json_object
 from characters.serializers import NameField
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 
 from . import entries as lore_entries
 from .models import Lorebook

@@ -24,7 +24,7 @@ from characters.avatars import parse_avatar
 from characters.models import Character
 from characters.services import character_locked, get_character
 from characters.signals import character_changed
-from rpserver.envelope import ApiError
+from rpserver.errors import ApiError
 from rpserver.files import delete_file_on_commit
 
 from .models import Persona
