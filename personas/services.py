@@ -22,8 +22,9 @@ from django.db import IntegrityError, transaction
 
 from characters.avatars import parse_avatar
 from characters.models import Character
-from characters.services import character_locked, get_character
+from characters.services import get_character
 from characters.signals import character_changed
+from locks import services as locks
 from rpserver.errors import ApiError
 from rpserver.files import delete_file_on_commit
 
@@ -64,7 +65,7 @@ def restarting(characters):
     (their header is read again, with the new persona) when the block completes without error."""
     with contextlib.ExitStack() as stack:
         for character in characters:
-            stack.enter_context(character_locked(character))
+            stack.enter_context(locks.held(character.lock_name))
         with transaction.atomic():
             yield
             for character in characters:
