@@ -10,6 +10,7 @@ would read. Everything else is the page as a person sees it.
 import base64
 import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from PIL import Image, ImageDraw  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from conftest import Api, Server  # noqa: E402
+from conftest import ROOT, Api, Server  # noqa: E402
 from test_browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -64,9 +65,13 @@ def lighthouse_avatar():
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
+    # The static files as a release serves them (web/storage.py), as `make run` does.
+    subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "--verbosity", "0"],
+                   cwd=ROOT, check=True)
     server = Server(name="readme-shots").start()
     try:
-        guest = Api(server.url).ok("/login/tmp")
+        # An English guest, as the English page makes one: the starter characters speak English.
+        guest = Api(server.url).http.post("/login/tmp", headers={"Accept-Language": "en-US"}).json()["data"]
         api = Api(server.url, guest["user_name"], guest["token"])
         api.ok("/characters/save", **CHARACTER, avatar=lighthouse_avatar())
         api.chat("Mira")
@@ -78,10 +83,13 @@ def main():
             for name, viewport, scheme, route in [
                 ("chat", DESKTOP, "light", "#/chat/Mira"),
                 ("editor", DESKTOP, "light", "#/edit/Mira"),
+                ("gallery", DESKTOP, "dark", "#/"),
                 ("chat-phone-dark", PHONE, "dark", "#/chat/Mira"),
+                ("gallery-phone", PHONE, "light", "#/"),
             ]:
+                # Reduced motion: no animation is caught half-way (the page turns them off for it).
                 context = browser.new_context(viewport=viewport, color_scheme=scheme, locale="en-US",
-                                              device_scale_factor=1)
+                                              device_scale_factor=1, reduced_motion="reduce")
                 page = context.new_page()
                 page.goto(server.url + "/")
                 expect(page.locator("#auth")).to_be_visible()
@@ -93,11 +101,15 @@ def main():
                 if "chat" in route:
                     expect(page.locator("#messages .message.user")).to_have_count(len(ROUNDS))
                     page.fill("#prompt", "What is in the logbook?")
+                elif route == "#/":
+                    expect(page.locator("#cards .card-desc")).to_have_count(3)
+                    expect(page.locator("#cards img")).to_have_count(1)
+                    page.locator("#cards img").evaluate("(image) => image.decode()")
                 else:
                     expect(page.locator("#editor-form [name=greeting]")).not_to_have_value("")
                     page.locator("#view-editor").evaluate("(view) => view.scrollTo(0, 0)")
                     page.locator("#editor-form [name=bot]").blur()
-                page.wait_for_timeout(300)
+                page.evaluate("document.fonts.ready.then(() => true)")
                 page.screenshot(path=str(OUT / f"{name}.png"))
                 context.close()
             browser.close()
