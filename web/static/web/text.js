@@ -2,22 +2,13 @@
 // as text nodes, never as HTML: a reply holding "<img onerror=...>" shows
 // those characters and nothing runs.
 
-// *an action* and （an action） are shown in italics, as the Vue UI does.
-const ACTION = /\*([^*\n]+)\*|（[^（）\n]*）/g;
+// Markdown (markdown.js): *actions* and （actions） in italics as before, and
+// **strong**, `code`, lists, quotes and http(s) links, all built as nodes.
+import { markdownFragment } from "./markdown.js";
 
-/** Replace `element`'s children with `text`, actions in <em>. */
+/** Replace `element`'s children with `text`, its markdown formatted. */
 export function renderMessageText(element, text) {
-  const fragment = document.createDocumentFragment();
-  let at = 0;
-  for (const match of text.matchAll(ACTION)) {
-    if (match.index > at) fragment.append(document.createTextNode(text.slice(at, match.index)));
-    const em = document.createElement("em");
-    em.textContent = match[1] !== undefined ? match[1] : match[0];
-    fragment.append(em);
-    at = match.index + match[0].length;
-  }
-  if (at < text.length) fragment.append(document.createTextNode(text.slice(at)));
-  element.replaceChildren(fragment);
+  element.replaceChildren(markdownFragment(text));
 }
 
 /** A colour for a name, so letter avatars are told apart at a glance. */
