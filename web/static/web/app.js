@@ -6,6 +6,7 @@
 import { ApiError, call, get, session, stream, whenExpired } from "./api.js";
 import { fromServer, otherLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { fillAvatar, renderMessageText } from "./text.js";
+import { exportCard, installCardImport } from "./cards.js";
 import { loadSampling, openSettings, setSamplingFields } from "./settings.js";
 import { readAvatar } from "./avatar.js";
 
@@ -269,6 +270,7 @@ async function openEditor(name) {
     title.textContent = t("editor.new_title");
   }
   $("#editor-delete").hidden = !name;
+  $("#export-png").hidden = $("#export-json").hidden = !name;
   $("#editor-overwrite").hidden = !name;
   showView("view-editor");
   if (name) {
@@ -715,6 +717,12 @@ function wire() {
     showEditorAvatar();
   });
   $("#editor-delete").addEventListener("click", deleteCharacter);
+  $("#export-png").addEventListener("click", () => exportCard(state.editing.name, "png").catch(showError));
+  $("#export-json").addEventListener("click", () => exportCard(state.editing.name, "json").catch(showError));
+  installCardImport($("#card-file"), $("#view-gallery"), (name) => {
+    toast(t("cards.imported", { name }));
+    refreshCharacters();
+  }, showError);
   $("#composer").addEventListener("submit", send);
   $("#prompt").addEventListener("keydown", onPromptKey);
   $("#prompt").addEventListener("input", fitComposer);
