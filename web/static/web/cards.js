@@ -1,9 +1,11 @@
-// Character cards in the web client: import by the file picker or by dropping
-// files onto the gallery, export as PNG or JSON (docs/cards.md). The files go
+import { ApiError, session } from "./api.js";
+
+// Character cards in the web client: importing by the file picker or by dropping
+// files onto the gallery, exporting as PNG or JSON (docs/cards.md). (The module
+// line stays first: collectstatic's hashing reads "import"/"export" in a comment
+// above it as the start of a statement and rewrites its URL twice.) The files go
 // to /api/v1/characters/..., which answers the envelope at the real HTTP
 // status; the token travels in the Authorization header, never in a URL.
-
-import { ApiError, session } from "./api.js";
 
 function authorization() {
   const current = session.load();
