@@ -26,6 +26,18 @@ Each server is fresh (`manage.py serve`, its own temp data dir, anonymous
     .venv/bin/python bench/openai.py                      # full run (~5 min on 2 cores)
     .venv/bin/python bench/openai.py --quick              # smoke run (tiny model, 10/20 turns)
     .venv/bin/python bench/openai.py --strategy "cpu int8" --turns 10,50,200 --clients 1,4,8
+
+4. With --sillytavern, instead: SillyTavern-shaped traffic, as SillyTavern
+   1.12 sends it by default: a character card as the first system message, a
+   lorebook entry as the second that changes as the story moves on, and a
+   context budget (--budget, 4,095 tokens by the server's own /tokenize
+   count) that drops the oldest messages once the chat is longer. --st-turns
+   turns (30) of Chat Completion, then the same story as Text Completion
+   (one prompt string, trimmed at the head alike). Per turn: prompt tokens,
+   tokens read (not cached) and the cached fraction. The counts do not depend
+   on the model's size (a tiny model by default here).
+
+    .venv/bin/python bench/openai.py --sillytavern
 """
 
 import argparse
@@ -189,6 +201,126 @@ def throughput_phase(model, data_root, args, clients):
             "ttft_p50": median([t.ttft for t in turns]), "read_share": read / sent, "others": others}
 
 
+# ---- SillyTavern-shaped traffic -----------------------------------------------------------------------
+
+CARD = ("{{char}} is Mira, the keeper of the Greywater lighthouse. She is patient, dry-humoured and curious, "
+        "keeps a logbook of every ship that passes, and brews strong tea for anyone who climbs the stairs. ") * 3
+LORE = [
+    "[Lore: The Greywater light has burned for two hundred years; its lens came from a wrecked frigate.]",
+    "[Lore: The harbour town below trades in salt cod and rope; its mayor distrusts the keeper.]",
+    "[Lore: A storm season begins each autumn; ships anchor in the lee of the northern cliffs.]",
+    "[Lore: The old smugglers' tunnel runs from the cellar of the lighthouse to the cove.]",
+]
+NEVER_ENDING = None  # a logit_bias that keeps a reply from ending early (no token holding a blank line)
+
+
+def never_ending():
+    global NEVER_ENDING
+    if NEVER_ENDING is None:
+        from text import tokenizer
+        NEVER_ENDING = {str(t): -100 for t, piece in tokenizer().idx2token.items() if b"\n\n" in piece}
+    return NEVER_ENDING
+
+
+def lore_for(turn):
+    """The lorebook entry a keyword in the latest messages triggers: it changes every few turns."""
+    return LORE[(turn // 3) % len(LORE)]
+
+
+async def token_count(http, text):
+    answer = await http.post("/tokenize", json={"content": text})
+    answer.raise_for_status()
+    return answer.json()["count"]
+
+
+async def trimmed_history(http, fixed_tokens, history, budget):
+    """The newest messages of `history` that fit the budget with the fixed parts (SillyTavern's trim)."""
+    kept, used = [], fixed_tokens
+    for message in reversed(history):
+        cost = await token_count(http, message["content"]) + 4  # the speaker's name and the turn's end
+        if used + cost > budget:
+            break
+        kept.insert(0, message)
+        used += cost
+    return kept
+
+
+async def sillytavern_chat(http, args):
+    """Chat Completion: card, lore, trimmed history. Returns [(prompt tokens, cached tokens)] per turn, and
+    the story (the messages) for the text completion run."""
+    history, rows = [], []
+    card = CARD.replace("{{char}}", "Mira")
+    for turn in range(1, args.st_turns + 1):
+        history.append({"role": "user", "name": "Ann", "content": user_message(turn, args.st_user_words)})
+        lore = lore_for(turn)
+        fixed = await token_count(http, card) + await token_count(http, lore) + 12
+        kept = await trimmed_history(http, fixed, history, args.budget)
+        if args.lore_at_end:  # SillyTavern's "in-chat @ depth 0": after the history, before the reply
+            messages = [{"role": "system", "content": card}, *kept, {"role": "system", "content": lore}]
+        else:  # its default, "before the character's definitions": the second system message
+            messages = [{"role": "system", "content": card}, {"role": "system", "content": lore}, *kept]
+        body = {"model": "rwkv", "messages": messages, "max_tokens": args.st_reply_tokens, "seed": turn,
+                "logit_bias": never_ending()}
+        answer = (await http.post("/v1/chat/completions", json=body)).json()
+        usage = answer["usage"]
+        rows.append((usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]))
+        history.append({"role": "assistant", "name": "Mira", "content": answer["choices"][0]["message"]["content"]})
+        print(f"  chat turn {turn}: {rows[-1][0]} prompt tokens, {rows[-1][0] - rows[-1][1]} read", flush=True)
+    return rows, history
+
+
+async def sillytavern_text(http, args, story):
+    """Text Completion (Oobabooga mode): the same story as one string, trimmed at the head alike."""
+    rows = []
+    card = CARD.replace("{{char}}", "Mira")
+    lines = []
+    for turn in range(1, args.st_turns + 1):
+        lines.append(f"Ann: {story[2 * (turn - 1)]['content']}\n\n")
+        lore = f"{lore_for(turn)}\n\n"
+        head = f"{card}\n\n" if args.lore_at_end else f"{card}\n{lore}"
+        budget = args.budget - await token_count(http, card + lore) - 4
+        kept, used = [], 0
+        for line in reversed(lines):
+            cost = await token_count(http, line)
+            if used + cost > budget:
+                break
+            kept.insert(0, line)
+            used += cost
+        prompt = head + "".join(kept) + (lore if args.lore_at_end else "") + "Mira:"
+        body = {"model": "rwkv", "prompt": prompt, "max_tokens": args.st_reply_tokens, "seed": -1,
+                "logit_bias": never_ending(), "temperature": 0.7, "repetition_penalty": 1.1, "top_k": 40}
+        answer = (await http.post("/v1/completions", json=body)).json()
+        usage = answer["usage"]
+        rows.append((usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]))
+        lines.append(f"Mira:{answer['choices'][0]['text'] and ' ' + answer['choices'][0]['text']}\n\n")
+        print(f"  text turn {turn}: {rows[-1][0]} prompt tokens, {rows[-1][0] - rows[-1][1]} read", flush=True)
+    return rows
+
+
+def sillytavern_phase(model, data_root, args):
+    print(f"\n[4] SillyTavern-shaped traffic: {args.st_turns} turns, a {args.budget}-token budget trimming the head, "
+          "lore that changes", flush=True)
+    with Server(model, Path(data_root) / "sillytavern", args.strategy, server_env(True)) as server:
+        async def run():
+            async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+                chat_rows, story = await sillytavern_chat(http, args)
+                text_rows = await sillytavern_text(http, args, story)
+                return chat_rows, text_rows
+
+        chat_rows, text_rows = asyncio.run(run())
+    table_rows = []
+    for turn, ((chat_prompt, chat_cached), (text_prompt, text_cached)) in enumerate(zip(chat_rows, text_rows), 1):
+        table_rows.append([turn, chat_prompt, chat_prompt - chat_cached, f"{100 * chat_cached / chat_prompt:.0f}%",
+                           text_prompt, text_prompt - text_cached, f"{100 * text_cached / text_prompt:.0f}%"])
+    print("\nPrompt tokens per turn: sent, read (not cached), cached fraction")
+    print(table(["turn", "chat prompt", "chat read", "chat cached", "text prompt", "text read", "text cached"],
+                table_rows))
+    for name, rows in (("chat", chat_rows), ("text", text_rows)):
+        sent, cached = sum(p for p, _ in rows), sum(c for _, c in rows)
+        print(f"{name}: {sent:,} prompt tokens sent over {len(rows)} turns, {sent - cached:,} read, "
+              f"{100 * cached / sent:.0f}% cached")
+
+
 def main():
     install_sigterm_handler()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,7 +340,20 @@ def main():
     parser.add_argument("--embd", type=int, default=768)
     parser.add_argument("--quick", action="store_true", help="tiny model, 10/20 turns, 1 and 2 clients")
     parser.add_argument("--quiet-wait", type=int, default=60, help="seconds to wait for idle CPUs first")
+    parser.add_argument("--sillytavern", action="store_true", help="only the SillyTavern-shaped phase ([4])")
+    parser.add_argument("--budget", type=int, default=4095, help="SillyTavern's context budget in tokens")
+    parser.add_argument("--st-turns", type=int, default=30)
+    parser.add_argument("--lore-at-end", action="store_true",
+                        help="the lore entry after the history (SillyTavern's in-chat @ depth 0) instead of second")
+    parser.add_argument("--st-user-words", type=int, default=60, help="words per user message ([4])")
+    parser.add_argument("--st-reply-tokens", type=int, default=120, help="tokens per reply ([4])")
     args = parser.parse_args()
+    if args.sillytavern:
+        model = Path(args.model) if args.model else ensure_model(2, 128)
+        print(machine_note())
+        with tempfile.TemporaryDirectory(prefix="rpbench-openai-") as data_root:
+            sillytavern_phase(model, data_root, args)
+        return
     if args.quick:
         args.layers, args.embd, args.turns, args.clients, args.throughput_turns = 2, 128, "10,20", "1,2", 4
     checkpoints = sorted({int(t) for t in args.turns.split(",")})

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 # never cached does not re-read it all.
 SNAPSHOT_SPACING = 1024
 
+# A raw completion's prompt keeps a state every this many tokens (start_completion).
+CHECKPOINT_SPACING = 256
+
 # Tokens read to turn a reply into the state after its canonical form (for tests and /v1/debug/stats).
 counters = {"canonical_reads": 0, "canonical_tokens": 0, "replies": 0}
 
@@ -288,11 +291,17 @@ async def start_chat(request):
 
 
 async def start_completion(request):
-    """Begin a raw text completion (serializers.CompletionRequest); returns a Completion."""
+    """Begin a raw text completion (serializers.CompletionRequest); returns a Completion.
+
+    A raw prompt has no message boundaries: a state is kept every CHECKPOINT_SPACING tokens of it, so
+    that a story re-sent with more at its end (a client's Text Completion mode) resumes from the last one
+    it shares and reads at most CHECKPOINT_SPACING tokens it had read before."""
     tokens = completion_prompt(request)
     check_length(tokens, "prompt")
-    cached, state = await state_cache().longest(tokens, [len(tokens) - 1])
-    return Completion("text", request.options, tokens, cached, state, [], canonical=False)
+    marks = list(range(CHECKPOINT_SPACING, len(tokens) - 1, CHECKPOINT_SPACING))
+    cached, state = await state_cache().longest(tokens, marks + [len(tokens) - 1])
+    keep_at = [mark - cached for mark in marks if mark > cached]
+    return Completion("text", request.options, tokens, cached, state, keep_at, canonical=False)
 
 
 def context_window():

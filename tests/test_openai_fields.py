@@ -402,3 +402,19 @@ def test_every_request_and_every_refusal_gets_one_access_log_line(fields_server)
     marker = f"/v1/nowhere-{uuid.uuid4().hex}"
     httpx.post(f"{fields_server.url}{marker}", content=b"{bad json", headers={"content-type": "application/json"})
     assert len(access_lines(fields_server, f"POST {marker} 400 - ms=")) == 1
+
+
+# ---- the cache for raw completions ---------------------------------------------------------------------
+
+
+def test_a_story_re_sent_with_more_at_its_end_resumes_from_its_last_checkpoint(client):
+    from openai_api.services import CHECKPOINT_SPACING
+
+    story = f"{uuid.uuid4().hex} " + "The keeper climbed the stairs and lit the lamp again. " * 60
+    first = client.completions.create(model="rwkv", prompt=story, max_tokens=2, logit_bias=NO_LINE_BREAKS)
+    assert first.usage.prompt_tokens > 2 * CHECKPOINT_SPACING + 8
+    longer = client.completions.create(model="rwkv", prompt=story + "Then she wrote in her logbook.",
+                                       max_tokens=2, logit_bias=NO_LINE_BREAKS)
+    # Everything up to the last checkpoint inside the first prompt was cached.
+    last_mark = (first.usage.prompt_tokens - 2) // CHECKPOINT_SPACING * CHECKPOINT_SPACING
+    assert longer.usage.prompt_tokens_details.cached_tokens == last_mark
