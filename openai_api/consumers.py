@@ -11,17 +11,17 @@ format ending with `data: [DONE]`; a client that goes away cancels its reply
 in the engine.
 """
 
-import asyncio
 import json
 import logging
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from accounts.auth import token_from
 from accounts.services import user_for_token
 from limits import services as limits
 from rpserver.errors import ApiError
-from rpserver.pipeline import note_access, note_caller, request_fields
+from rpserver.pipeline import note_access, note_caller
 from rpserver.streams import SSE_HEADERS, ApiConsumer
 
 from . import serializers, services
@@ -29,20 +29,17 @@ from .errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
 def authenticate(authorization):
     """The user behind `Authorization: Bearer <key>` (an API key or a login token);
     None when no key is given and RPSERVER_OPENAI_ANONYMOUS allows that."""
-    parts = (authorization or "").split()
-    if len(parts) != 2 or parts[0].lower() != "bearer":
-        if not parts and settings.RPSERVER["OPENAI_ANONYMOUS"]:
+    key = token_from(authorization, {})
+    if not key:
+        if not (authorization or "").strip() and settings.RPSERVER["OPENAI_ANONYMOUS"]:
             return None
         raise OpenAIError("missing API key: send the header 'Authorization: Bearer <key>' "
                           "(make a key with `manage.py createapikey USER`)", status=401, code="invalid_api_key")
     try:
-        return user_for_token(parts[1])
+        return user_for_token(key)
     except ApiError as exc:
         raise OpenAIError(f"incorrect API key: {exc.message}", status=401, code="invalid_api_key")
 
@@ -54,31 +51,22 @@ def check_reply_allowed(user):
 
 
 class OpenAIConsumer(ApiConsumer):
-    """Shared parts: methods, authentication, errors in OpenAI's shape."""
+    """/v1/'s part of a consumer: authentication, and errors with their field (param) in OpenAI's shape.
+    The method check, the error handler, the JSON sender and the disconnect race are ApiConsumer's."""
 
     methods = ("POST",)
+    method_status = 405
 
-    async def send_json(self, body, status=200):
-        await self.send_response(status, json.dumps(body, ensure_ascii=False).encode(), headers=JSON_HEADERS)
-
-    async def handle(self, body):
-        method = self.scope["method"]
-        try:
-            if method not in self.methods:
-                raise OpenAIError(f"method {method} is not allowed here, use {' or '.join(self.methods)}",
-                                  status=405)
-            user = await database_sync_to_async(authenticate)(self.header(b"authorization"))
-            note_caller(self.scope, user)
-            await self.answer(user, request_fields(self.scope))
-        except OpenAIError as exc:
-            note_access(self.scope, error=exc.message)
+    async def refuse(self, exc):
+        if isinstance(exc, OpenAIError):
             await self.send_json(exc.body(), status=exc.status)
-        except ApiError as exc:  # the rate limits
-            note_access(self.scope, error=exc.message)
-            await self.send_error(exc.message, exc.code)
-        except Exception:
-            logger.exception("OpenAI route %s failed", self.scope["path"])
-            await self.send_json(OpenAIError("internal server error", status=500).body(), status=500)
+        else:  # the rate limits, in OpenAI's shape through envelope.error_response
+            await super().refuse(exc)
+
+    async def respond(self, fields):
+        user = await database_sync_to_async(authenticate)(self.header(b"authorization"))
+        note_caller(self.scope, user)
+        await self.answer(user, fields)
 
     async def answer(self, user, data):
         raise NotImplementedError
@@ -96,9 +84,9 @@ class OpenAIConsumer(ApiConsumer):
             completion = await start(request)
             if completion.options.stream:
                 await self.send_headers(status=200, headers=SSE_HEADERS)
-                await self.until_disconnect(completion, self.chunks(completion, chunk))
+                await self.until_disconnect(self.chunks(completion, chunk), completion.cancel)
             else:
-                await self.until_disconnect(completion, self.whole(completion, whole))
+                await self.until_disconnect(self.whole(completion, whole), completion.cancel)
         finally:
             if owner is not None:
                 limits.engine_share.give_back(owner)
@@ -141,24 +129,6 @@ class OpenAIConsumer(ApiConsumer):
         if payload is None:
             return
         await self.send_body(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n", more_body=True)
-
-    async def until_disconnect(self, completion, work):
-        """Run `work`; if the client disconnects first, cancel the reply in the engine."""
-        working = asyncio.ensure_future(work)
-        disconnect = asyncio.ensure_future(self.wait_for_disconnect())
-        await asyncio.wait([working, disconnect], return_when=asyncio.FIRST_COMPLETED)
-        if not working.done():
-            logger.info("client disconnected: completion %s cancelled", completion.id)
-            completion.cancel()
-            working.cancel()
-        disconnect.cancel()
-        for task in (working, disconnect):
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                logger.exception("completion %s failed", completion.id)
 
 
 def chunk_object(chunk):
@@ -250,4 +220,4 @@ class NotFoundConsumer(OpenAIConsumer):
     async def handle(self, body):  # noqa: ARG002 - every method, every body
         error = OpenAIError(f"no such route: {self.scope['method']} {self.scope['path']}", status=404)
         note_access(self.scope, error=error.message)
-        await self.send_json(error.body(), status=404)
+        await self.refuse(error)

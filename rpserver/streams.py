@@ -17,7 +17,7 @@ from channels.generic.http import AsyncHttpConsumer
 
 from .envelope import error_response
 from .errors import ApiError
-from .pipeline import header, request_fields
+from .pipeline import header, note_access, request_fields
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,11 @@ SSE_HEADERS = [
 
 
 class ApiConsumer(AsyncHttpConsumer):
+    """One door's consumer (the legacy streams, OpenAI's /v1/): the method check, the error handler,
+    the JSON sender and the race between a running reply and the client's disconnect live here once."""
+
     methods = ("POST",)
+    method_status = 400  # the status of a method not allowed (the legacy envelope's code; /v1/: 405)
 
     async def __call__(self, scope, receive, send):
         self._receive = receive  # read directly while streaming, to see a disconnect
@@ -47,13 +51,19 @@ class ApiConsumer(AsyncHttpConsumer):
         method = self.scope["method"]
         try:
             if method not in self.methods:
-                raise ApiError(f"method {method} is not allowed here, use {' or '.join(self.methods)}")
+                raise ApiError(f"method {method} is not allowed here, use {' or '.join(self.methods)}",
+                               code=self.method_status)
             await self.respond(request_fields(self.scope))
         except ApiError as exc:
-            await self.send_error(exc.message, exc.code)
+            note_access(self.scope, error=exc.message)
+            await self.refuse(exc)
         except Exception:
             logger.exception("server fault on %s", self.scope["path"])
             await self.send_error("internal server error", 500)
+
+    async def refuse(self, exc):
+        """Answer an ApiError in the route's shape (envelope.error_response)."""
+        await self.send_error(exc.message, exc.code)
 
     async def respond(self, fields):
         raise NotImplementedError
@@ -65,20 +75,27 @@ class ApiConsumer(AsyncHttpConsumer):
         """Send `frames` (an async iterator of bytes) as an event stream; if the
         client disconnects first, stop iterating it (which cancels its work)."""
         await self.send_headers(status=200, headers=SSE_HEADERS)
-        sending = asyncio.ensure_future(self.send_frames(frames))
+        await self.until_disconnect(self.send_frames(frames))
+
+    async def until_disconnect(self, work, on_disconnect=None):
+        """Run `work` (a coroutine answering the request); if the client disconnects first, call
+        `on_disconnect` (e.g. cancel the reply in the engine) and cancel the work."""
+        working = asyncio.ensure_future(work)
         disconnect = asyncio.ensure_future(self.wait_for_disconnect())
-        await asyncio.wait([sending, disconnect], return_when=asyncio.FIRST_COMPLETED)
-        if not sending.done():
+        await asyncio.wait([working, disconnect], return_when=asyncio.FIRST_COMPLETED)
+        if not working.done():
             logger.info("client disconnected: %s cancelled", self.scope["path"])
-            sending.cancel()
+            if on_disconnect is not None:
+                on_disconnect()
+            working.cancel()
         disconnect.cancel()
-        for task in (sending, disconnect):
+        for task in (working, disconnect):
             try:
                 await task
             except asyncio.CancelledError:
                 pass
             except Exception:
-                logger.exception("stream on %s failed", self.scope["path"])
+                logger.exception("answer on %s failed", self.scope["path"])
 
     async def send_frames(self, frames):
         try:
