@@ -313,6 +313,17 @@ def at_once(work, arguments):
     return results
 
 
+def wait_for(condition, what, seconds=120, every=0.05):
+    """condition()'s first true value, polled every `every` s: for a test that waits for an event it
+    cannot be told of. Fails after `seconds` (far beyond any wait on a loaded machine), saying `what`
+    it waited for."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(every)
+    return value
+
+
 def until_not_busy(call, deadline_seconds=120):
     """`call()`'s answer once it is not the busy envelope: for a request that must wait until a
     conversation's lock is let go of (after running_reply's reader left, or its process died).
@@ -371,6 +382,15 @@ def s3_bucket(endpoint, name):
 @pytest.fixture(scope="session")
 def server():
     running = Server().start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def endless_server():
+    """A server whose replies run until their reader leaves (the endless model, UNTIL_THE_READER_LEAVES):
+    for every test that needs a reply still running while it does something else."""
+    running = Server(model=ENDLESS_MODEL, env=UNTIL_THE_READER_LEAVES, name="endless").start()
     yield running
     running.stop()
 

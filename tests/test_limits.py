@@ -1,13 +1,12 @@
 """Abuse limits, on by default: log-in backoff, guest and sign-up rates, reply rate, engine share, guest quotas."""
 
 import os
-import threading
 
 import pytest
 
 from PIL import Image
 
-from conftest import CHARACTER, Api, Server, make_user
+from conftest import CHARACTER, Api, Server, make_user, running_reply
 from test_avatars import data_url, encoded
 from limits.models import Counter
 
@@ -66,27 +65,16 @@ def test_replies_are_limited_per_user_and_minute(limited):
     assert results[4]["code"] == 429 and results[4]["message"].startswith("too many replies in a minute")
 
 
-def test_one_user_gets_only_their_share_of_the_engine(limited):
-    # MAX_REPLIES_PER_USER=1: a second reply at once, to another character, waits its turn.
-    user = make_user(Api(limited.url), "gus", password="lantern-harbour-7")
-    user.ok("/characters/save", **CHARACTER)
-    user.ok("/characters/save", **{**CHARACTER, "bot": "Nia"})
-    results, start = {}, threading.Barrier(2)
-
-    def reply(name):
-        client = Api(user.url, user.user_name, user.token)
-        start.wait()
-        results[name] = client.stream("/chat/reply", character_name=name, prompt="hello")[0]
-
-    threads = [threading.Thread(target=reply, args=(name,)) for name in ("Mira", "Nia")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    refused = [r for r in results.values() if isinstance(r, dict)]
-    # Both may also fit one after the other; when they overlap, the second is told why.
-    for body in refused:
-        assert body["code"] == 429 and "replies being generated" in body["message"]
+def test_one_user_gets_only_their_share_of_the_engine(endless_server):
+    # RPSERVER_MAX_REPLIES_PER_USER=2 (the default): while two replies of one user run, to two
+    # characters, until their reader leaves, a third, to a third character, is told why it waits.
+    user = make_user(Api(endless_server.url), "gus", password="lantern-harbour-7")
+    for name in ("Mira", "Nia", "Ola"):
+        user.ok("/characters/save", **{**CHARACTER, "bot": name})
+    with running_reply(user, character_name="Mira", prompt="hello"), \
+            running_reply(user, character_name="Nia", prompt="hello"):
+        body, _ = user.stream("/chat/reply", character_name="Ola", prompt="hello")
+    assert body["code"] == 429 and "replies being generated" in body["message"], body
 
 
 def test_guests_have_a_character_quota(limited):

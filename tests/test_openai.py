@@ -1,14 +1,13 @@
 """The OpenAI-compatible API (/v1/), driven by the official `openai` client against the real server."""
 
 import json
-import threading
-import time
 import uuid
+from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-from conftest import Api, Server, make_user
+from conftest import UNTIL_THE_READER_LEAVES, Api, Server, make_user, wait_for
 
 from inference.tokenizer import world_tokenizer
 from openai_api.services import chat_prompt
@@ -19,8 +18,9 @@ NO_LINE_BREAKS = {str(token): -100 for token, piece in world_tokenizer().pieces.
 
 @pytest.fixture(scope="module")
 def oa_server():
-    """A server whose replies may be long (a random model rarely ends its turn)."""
-    running = Server(env={"RPSERVER_MAX_REPLY_TOKENS": "4000", "RPSERVER_REPLIES_PER_MINUTE": "1000",
+    """A server whose replies run until their reader leaves when they never end their turn (see
+    running_completion): every other request here gives its max_tokens."""
+    running = Server(env={**UNTIL_THE_READER_LEAVES, "RPSERVER_REPLIES_PER_MINUTE": "1000",
                           "RPSERVER_OPENAI_MAX_PROMPT_TOKENS": "2000"},
                      name="openai-server").start()
     yield running
@@ -41,6 +41,36 @@ def stats(oa_server, key):
     answer = httpx.get(f"{oa_server.url}/v1/debug/stats", headers={"Authorization": f"Bearer {key}"})
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+@contextmanager
+def running_completion(url, key, content="Speak at length."):
+    """A streamed chat completion on `url` with `key`'s account, begun: a first piece of its reply has
+    come, so it is in the engine's batch. It never ends its turn (no line break can be written) and
+    asks for as many tokens as the server allows, so on oa_server it runs until the block ends and
+    this reader leaves. Yields the rest of its lines."""
+    body = {"model": "rwkv", "stream": True, "max_tokens": 2**31 - 1, "logit_bias": NO_LINE_BREAKS,
+            "messages": [system(), {"role": "user", "content": content}]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=120) as answer:
+        assert answer.status_code == 200, answer.read()
+        lines = answer.iter_lines()  # (kept until the block ends: a dropped iterator closes the stream)
+        for line in lines:
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+        else:
+            raise AssertionError("the stream ended before its first words")
+        yield lines
+
+
+def until_engine_idle(oa_server, key):
+    """The engine's stats once no job is in it or waiting (a reply whose reader left is cancelled
+    soon, not at once)."""
+    def idle():
+        engine = stats(oa_server, key)["engine"]
+        return engine if not engine["running"] and not engine["waiting"] else None
+
+    return wait_for(idle, "the engine to finish its jobs")
 
 
 def system(text="You are a terse lighthouse keeper."):
@@ -182,21 +212,13 @@ def test_a_body_that_is_not_json_and_an_unknown_route_get_openai_errors(oa_serve
 
 
 def test_a_client_that_disconnects_frees_the_engine(oa_server, key, client):
-    before = stats(oa_server, key)["engine"]["tokens_generated"]
-    body = {"model": "rwkv", "max_tokens": 4000, "stream": True, "logit_bias": never_ending(),
-            "messages": [system(), {"role": "user", "content": "Speak at length."}]}
-    with httpx.stream("POST", f"{oa_server.url}/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {key}"}, timeout=60) as answer:
-        lines = answer.iter_lines()
-        for _ in range(4):
-            next(lines)
-    deadline = time.monotonic() + 10
-    while stats(oa_server, key)["engine"]["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    engine = stats(oa_server, key)["engine"]
-    assert engine["running"] == 0
-    time.sleep(0.3)
-    assert stats(oa_server, key)["engine"]["tokens_generated"] == engine["tokens_generated"] < before + 1000
+    before = until_engine_idle(oa_server, key)["tokens_generated"]
+    with running_completion(oa_server.url, key):
+        assert stats(oa_server, key)["engine"]["running"] == 1
+    # Its reader left: the reply is cancelled, and the engine generates nothing more.
+    engine = until_engine_idle(oa_server, key)
+    assert engine["tokens_generated"] > before
+    assert stats(oa_server, key)["engine"]["tokens_generated"] == engine["tokens_generated"]
     assert "cancelled" in oa_server.log()
 
 
@@ -267,43 +289,31 @@ def test_names_name_the_speakers(client):
     assert answer.usage.prompt_tokens == len(tokens)
 
 
-def test_clients_of_different_users_share_the_batch(oa_server):
-    clients = [openai.OpenAI(base_url=f"{oa_server.url}/v1", api_key=make_user(Api(oa_server.url), f"c{i}").token,
-                             max_retries=0) for i in range(4)]
-    results = []
+def test_clients_of_different_users_share_the_batch(oa_server, key):
+    keys = [make_user(Api(oa_server.url), f"c{i}").token for i in range(4)]
+    until_engine_idle(oa_server, key)
+    with running_completion(oa_server.url, keys[0], "Client 0"), running_completion(oa_server.url, keys[1], "Client 1"), \
+            running_completion(oa_server.url, keys[2], "Client 2"), running_completion(oa_server.url, keys[3], "Client 3"):
+        # All four are in the batch (each has written), and stay until their readers leave:
+        # every pass from here on reads one row for each.
+        begun = stats(oa_server, key)["engine"]["steps"]
 
-    def one(i):
-        results.append(chat(clients[i], [system(), {"role": "user", "content": f"Client {i}"}], max_tokens=30, seed=i))
+        def two_passes_later():
+            engine = stats(oa_server, key)["engine"]
+            return engine if engine["steps"] >= begun + 2 else None
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 4 and all(r.usage.completion_tokens >= 1 for r in results)
-
-
-def never_ending():
-    """A logit_bias that keeps the model from ever ending its turn (no token holding a blank line)."""
-    from inference.tokenizer import world_tokenizer
-
-    return {str(t): -100 for t, piece in world_tokenizer().pieces.items() if b"\n\n" in piece}
+        engine = wait_for(two_passes_later, "two more forward passes")
+    assert engine["running"] == 4 and engine["waiting"] == 0
+    assert engine["last_batch_size"] == 4
 
 
-def test_one_user_gets_at_most_their_share_of_the_engine(oa_server, client):
+def test_one_user_gets_at_most_their_share_of_the_engine(oa_server):
     key = make_user(Api(oa_server.url), "share").token
-    body = {"model": "rwkv", "max_tokens": 4000, "stream": True, "logit_bias": never_ending(),
-            "messages": [system(), {"role": "user", "content": "Speak at length."}]}
-    headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=oa_server.url, timeout=60) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as first, \
-                http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as second:
-            # Both are running (RPSERVER_MAX_REPLIES_PER_USER=2); the line iterators stay referenced
-            # (dropping one closes its connection, which would cancel its reply).
-            streams = [first.iter_lines(), second.iter_lines()]
-            assert [next(lines).startswith("data: ") for lines in streams] == [True, True]
-            third = httpx.post(f"{oa_server.url}/v1/chat/completions", json={**body, "stream": False},
-                               headers=headers, timeout=60)
+    # Both are running (RPSERVER_MAX_REPLIES_PER_USER=2, the default) until the block ends.
+    with running_completion(oa_server.url, key), running_completion(oa_server.url, key):
+        third = httpx.post(f"{oa_server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "rwkv", "max_tokens": 4, "messages": [system(), {"role": "user", "content": "hi"}]},
+                           timeout=60)
     assert third.status_code == 429
     error = third.json()["error"]
     assert error["type"] == "rate_limit_error" and "replies being generated" in error["message"]
@@ -315,5 +325,13 @@ def test_top_p_and_frequency_penalty_are_used(client):
     nucleus = client.chat.completions.create(**request, top_p=0.01)
     greedy = client.chat.completions.create(**request, temperature=0)
     assert nucleus.choices[0].message.content == greedy.choices[0].message.content  # only the top token
-    penalised = client.chat.completions.create(**request, top_p=0.9, frequency_penalty=1.5)
-    assert penalised.choices[0].finish_reason in ("stop", "length")  # (the arithmetic: test_sampling.py)
+    # Greedy replies (deterministic) with " sea" favoured by 20 (a logit's own spread is a few units):
+    # alone, it is the whole reply; with a strong frequency penalty (2 per use) it wins only until its
+    # uses have cost about its favour, at most ~10 times, and other tokens come in between (the
+    # arithmetic: test_sampling.py).
+    sea = world_tokenizer().encode(" sea")[0]
+    request = {**request, "max_tokens": 24, "temperature": 0, "logit_bias": {**NO_LINE_BREAKS, str(sea): 20}}
+    plain = client.chat.completions.create(**request).choices[0].message.content
+    penalised = client.chat.completions.create(**request, frequency_penalty=2).choices[0].message.content
+    assert plain == " ".join(["sea"] * 24)
+    assert penalised.startswith("sea") and penalised.count("sea") <= 12, penalised
