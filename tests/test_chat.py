@@ -8,7 +8,8 @@ import pytest
 from safetensors.torch import load as load_safetensors
 
 from chat.models import Round
-from conftest import CHARACTER, DATA_DIR, ENDLESS_MODEL, TINY_MODEL, Api, Server, assert_same_state, server_precision
+from conftest import (CHARACTER, DATA_DIR, TINY_MODEL, Api, Server, answer_held, assert_same_state,
+                      at_once, running_reply, server_precision, until_not_busy)
 from inference import prompt as prompt_format
 from inference.tokenizer import world_tokenizer
 from rpserver.errors import BUSY
@@ -236,63 +237,41 @@ def test_everything_survives_a_restart(server, mira):
     assert len(again.chat("Mira")) == 3
 
 
-@pytest.fixture(scope="module")
-def long_server():
-    """A server whose replies are long: 1,000 tokens, the endless model never ends its turn sooner."""
-    running = Server(model=ENDLESS_MODEL, env={"RPSERVER_MAX_REPLY_TOKENS": "1000"}, name="long-server").start()
-    yield running
-    running.stop()
-
-
-def long_guest(long_server):
-    api = Api(long_server.url)
+def long_guest(server):
+    api = Api(server.url)
     data = api.ok("/login/tmp")
-    return Api(long_server.url, data["user_name"], data["token"])
+    return Api(server.url, data["user_name"], data["token"])
 
 
-def test_two_requests_on_one_conversation_never_corrupt_it(long_server):
-    guest = long_guest(long_server)
+def test_two_requests_on_one_conversation_never_corrupt_it(endless_server):
+    # Four replies sent at once; one that begins runs until its reader leaves, and each is held until
+    # all four have their answer, so they overlap for certain (a long reply may end first).
+    guest = long_guest(endless_server)
     guest.ok("/characters/save", **CHARACTER)
     guest.chat("Mira")
-    results = []
-
-    def reply(i):
-        client = Api(guest.url, guest.user_name, guest.token)
-        results.append(client.stream("/chat/reply", character_name="Mira", prompt=f"message {i}")[0])
-
-    threads = [threading.Thread(target=reply, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    streamed = [r for r in results if isinstance(r, list)]
-    refused = [r for r in results if isinstance(r, dict)]
-    assert streamed and refused
-    assert all(r == {"data": None, "message": BUSY, "code": 400} for r in refused)
-    chat = guest.chat("Mira")
-    assert len(chat) == 1 + len(streamed)
+    answered = threading.Barrier(4, timeout=120)
+    fields = [{"character_name": "Mira", "prompt": f"message {i}"} for i in range(4)]
+    answers = at_once(answer_held, [(Api(guest.url, guest.user_name, guest.token), "/chat/reply", each, answered)
+                                    for each in fields])
+    assert sorted(map(str, answers)) == sorted(map(str, ["running"] + [{"data": None, "message": BUSY, "code": 400}] * 3))
+    # The one that ran was left by its reader: nothing of it is stored, and the conversation is whole.
+    assert until_not_busy(lambda: guest.call("/chat/tamper", character_name="Mira", message="ok"))["code"] == 200
+    assert guest.chat("Mira") == [[None, "ok"]]
     context = guest.context("Mira")
     assert context["token_count"] == sum(len(r.token_list) for r in rounds(guest.user_name))
-    for user_text, bot_text in chat[1:]:
-        assert f"friend: {user_text}\n\nMira:" in context["token_state"]
+    assert context["token_state"].endswith("Mira: ok\n\n")
 
 
-def test_a_client_that_disconnects_stops_its_reply(long_server):
-    guest = long_guest(long_server)
+def test_a_client_that_disconnects_stops_its_reply(endless_server):
+    guest = long_guest(endless_server)
     guest.ok("/characters/save", **CHARACTER)
     guest.chat("Mira")
-    with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
-                                                        "prompt": "tell me everything"}) as answer:
-        next(answer.iter_raw())
+    with running_reply(guest, character_name="Mira", prompt="tell me everything"):
+        pass  # the reply runs until its reader leaves: here
     # The lock is released and nothing half-generated is stored.
-    for _ in range(200):
-        body, _ = guest.stream("/chat/tamper", character_name="Mira", message="ok")
-        if body["code"] == 200:
-            break
-        threading.Event().wait(0.05)
-    assert body["code"] == 200
+    assert until_not_busy(lambda: guest.call("/chat/tamper", character_name="Mira", message="ok"))["code"] == 200
     assert guest.chat("Mira") == [[None, "ok"]]
-    assert "client disconnected: /chat/reply cancelled" in long_server.log()
+    assert "client disconnected: /chat/reply cancelled" in endless_server.log()
 
 
 def test_a_reply_after_a_lost_snapshot_rereads_and_remembers_it(mira):

@@ -86,13 +86,23 @@ def test_a_reply_takes_its_snapshot_inside_the_pass_that_reads_its_prompt(engine
 
 
 def test_a_reply_cut_at_the_limit_still_reads_the_closing_blank_line(engine):
-    _, reply = generate(engine, None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=3, seed=1)
-    if reply.finish_reason is FinishReason.LENGTH:
-        assert len(reply.tokens) == 3 + len(engine.turn_end_tokens)
-        assert reply.tokens[-len(engine.turn_end_tokens):] == engine.turn_end_tokens
-    else:
-        assert b"\n\n" in engine.tokenizer.decode_bytes(reply.tokens)
-    assert engine.tokenizer.decode(reply.tokens).endswith("\n\n") or reply.finish_reason is FinishReason.STOP
+    # No token holding a line break can be written: the reply cannot end its turn, and is cut.
+    no_breaks = {token: -100 for token, piece in engine.tokenizer.pieces.items() if b"\n" in piece}
+    _, reply = generate(engine, None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=3, seed=1,
+                        logit_bias=no_breaks)
+    assert reply.finish_reason is FinishReason.LENGTH
+    assert len(reply.tokens) == 3 + len(engine.turn_end_tokens)
+    assert reply.tokens[-len(engine.turn_end_tokens):] == engine.turn_end_tokens
+    assert engine.tokenizer.decode(reply.tokens).endswith("\n\n")
+
+
+def test_a_reply_that_ends_its_turn_reads_its_own_blank_line_only(engine):
+    # The blank line's token is favoured far above all others: the reply writes it at once, and ends.
+    blank_line = {token: 100 for token in engine.turn_end_tokens}
+    _, reply = generate(engine, None, engine.tokenizer.encode(PROMPT), SamplingSettings(), max_tokens=3, seed=1,
+                        logit_bias=blank_line)
+    assert reply.finish_reason is FinishReason.STOP
+    assert reply.tokens == engine.turn_end_tokens and reply.text == ""
 
 
 def test_a_reply_alone_equals_the_same_reply_among_others(engine):

@@ -18,12 +18,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 
 import httpx
 import pytest
 
-from conftest import CHARACTER, ENDLESS_MODEL, ONE_CORE, ROOT, Api, Server, free_port
+from conftest import CHARACTER, ENDLESS_MODEL, ONE_CORE, ROOT, Api, Server, free_port, wait_until_listening
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CONFIG = ROOT / "deploy" / "nginx.conf"
@@ -95,14 +94,8 @@ http {{
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
         self.process = subprocess.Popen([NGINX, "-p", self.dir, "-c", self.config, "-e", f"{self.dir}/error.log"])
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(self.url, timeout=1)
-                return self
-            except httpx.HTTPError:
-                assert self.process.poll() is None and time.monotonic() < deadline, self.log()
-                time.sleep(0.05)
+        wait_until_listening(self.port, self.process, self.log)
+        return self
 
     def stop(self):
         if self.process is not None:

@@ -15,7 +15,7 @@ from django.core.management import call_command
 from django.test import override_settings
 
 from characters.models import Character
-from conftest import ROOT, S3_CREDENTIALS, s3_bucket
+from conftest import ROOT, S3_CREDENTIALS, s3_bucket, wait_for
 from rpserver.orphans import find_orphans, referenced_names, remove_orphans, start_sweeping, sweep
 from test_characters import PNG_URL
 
@@ -97,10 +97,7 @@ def test_the_server_side_sweep_removes_orphans_on_its_own(mira):
     owner = Character.objects.get(owner__username=mira.user_name, name="Mira").owner_id
     name = orphan(f"states/{owner}/{uuid.uuid4().hex}.safetensors")
     start_sweeping(first_after=datetime.timedelta(0))
-    deadline = time.monotonic() + 30
-    while default_storage.exists(name) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not default_storage.exists(name)
+    wait_for(lambda: not default_storage.exists(name), "the sweep to remove the orphan")
 
 
 def test_it_works_through_the_storage_api_not_the_disk(mira):

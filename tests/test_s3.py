@@ -11,12 +11,11 @@ import base64
 import io
 import os
 import tempfile
-import time
 
 import pytest
 from PIL import Image
 
-from conftest import CHARACTER, S3_CREDENTIALS, Api, Server, s3_bucket
+from conftest import CHARACTER, S3_CREDENTIALS, Api, Server, s3_bucket, wait_for
 
 BUCKET = "rpserver-states"
 
@@ -89,8 +88,5 @@ def test_states_and_avatars_live_in_the_bucket(s3, s3_server, local_media):
     # a state keyed by its exact tokens stays for whoever starts with them).
     again.ok("/characters/del", character_name="Mira")
     own = {key for key in added if not key.startswith("states/cache/")}
-    deadline = time.monotonic() + 10
-    while keys(bucket) & own and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not keys(bucket) & own
+    wait_for(lambda: not keys(bucket) & own, "the character's objects to leave the bucket")  # (deleted after the answer)
     assert "Traceback" not in s3_server.log()

@@ -15,7 +15,6 @@ reader leaves (endless_pair, whose processes the last two tests kill): never
 on a reply that is merely long, which a loaded machine may finish first.
 """
 
-import json
 import os
 import signal
 import tempfile
@@ -24,8 +23,8 @@ import time
 
 import pytest
 
-from conftest import (CHARACTER, ENDLESS_MODEL, ONE_CORE, UNTIL_THE_READER_LEAVES, Api, Server, at_once,
-                      first_frame, running_reply, until_not_busy)
+from conftest import (CHARACTER, ENDLESS_MODEL, ONE_CORE, UNTIL_THE_READER_LEAVES, Api, Server, answer_held, at_once,
+                      running_reply, until_not_busy)
 from postgres import PrivatePostgres
 from rpserver.errors import BUSY
 
@@ -180,27 +179,11 @@ def test_simultaneous_replies_on_both_processes_exactly_one_runs(cluster, endles
     c, d = endless_pair
     on_c, on_d = guest_on(c, d)
     on_c.chat("Mira")
-    start = threading.Barrier(4, timeout=120)
     answered = threading.Barrier(4, timeout=120)
-
-    def reply(client, i):
-        """The answer to one of four replies sent at once, two to each process: "running" when it
-        streams (its reader stays until all four are answered, so the lock is held meanwhile), else
-        the refusal."""
-        client = Api(client.url, client.user_name, client.token)
-        start.wait()
-        fields = {**client.auth(), "character_name": "Mira", "prompt": f"message {i}"}
-        with client.http.stream("POST", "/chat/reply", data=fields) as answer:
-            if answer.headers["content-type"].startswith("text/event-stream"):
-                rest = first_frame(answer)  # (kept: a dropped iterator closes the stream)
-                answered.wait()
-                del rest
-                return "running"
-            body = json.loads(answer.read())
-            answered.wait()
-            return body
-
-    answers = at_once(reply, [(client, i) for i, client in enumerate([on_c, on_d] * 2)])
+    # Two to each process, each held until all four have their answer: one that began still runs.
+    answers = at_once(answer_held, [(Api(client.url, client.user_name, client.token), "/chat/reply",
+                                     {"character_name": "Mira", "prompt": f"message {i}"}, answered)
+                                    for i, client in enumerate([on_c, on_d] * 2)])
     assert sorted(map(str, answers)) == sorted(map(str, ["running", BUSY_ANSWER, BUSY_ANSWER, BUSY_ANSWER]))
     # The one that ran was left by its reader: nothing of it is stored, and the conversation is free.
     on_b = Api(b.url, on_c.user_name, on_c.token)
