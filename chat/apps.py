@@ -6,11 +6,14 @@ class ChatConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self):
+        from django.db.models.signals import post_delete
+
         from characters.signals import character_changed
-        from rpserver.files import connect_file_cleanup
 
         from .models import Round
         from .services import discard_conversations
+        from .states import release_round_blobs
 
-        connect_file_cleanup(Round)
+        # A round's blobs may be shared (alternatives, forks): they go once no round points to them.
+        post_delete.connect(release_round_blobs, sender=Round, dispatch_uid="files-Round")
         character_changed.connect(discard_conversations, dispatch_uid="discard-conversations")

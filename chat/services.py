@@ -1,618 +1,88 @@
-"""Conversations: what the model reads, which state to load, what to store, when to lock.
+"""Conversations: the operations on a chat, each one function (views and consumers call these).
 
-Every rule about a conversation lives here, once. A conversation is a list
-of rounds; each round records exactly the tokens the model read for it (see
-chat.models.Round), so the context can always be rebuilt, and keeps state
-snapshots so that it usually need not be.
+A conversation is a tree of rounds with one current path (chat.tree); the
+legacy API sees the path as its rounds. Its states are kept, loaded and
+rebuilt by chat.states, replies stream from chat.replies, and every change
+runs under the character's lock (chat.lease). The rules live in those
+modules, once; this module is the list of what can be done to a chat.
 
-Locking: every change (reply, regenerate, overwrite, back, reset, and saving
-or deleting the character) runs under the character's lock (locks.services:
-a lock held by a live server process, freed when it dies). A second request
-meanwhile gets code 400 at once instead of racing the first. The holder
-re-checks the lock in the transaction that stores its result, and that
-transaction also releases it.
-
-A reply costs two trips to the database thread: `prepare_reply` (rate limit,
-lock, conversation, where its state is) and `commit_round` (store, prune,
-release); state blobs are read and written beside it (chat.snapshots).
+Every change that stores something re-checks the lock in its transaction,
+which also makes the last deletion final (undo is offered until another
+change) and releases the lock.
 """
 
-import asyncio
-import contextlib
-import dataclasses
-import logging
-
-from asgiref.sync import sync_to_async
-from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from characters.services import get_character
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
 from limits import services as limits
-from locks import services as locks
-from lore import services as lore_services
 from rpserver.errors import ApiError
-from rpserver.files import delete_file_on_commit
 
-from statecache.services import state_cache
-
-from .models import Conversation, Round, decode_tokens
-from .snapshots import blob_io, delete_states, load_state, save_state
-
-logger = logging.getLogger(__name__)
-
-LOST = "this conversation was changed by another request meanwhile, please reload it"
-
-
-def db(function):
-    """Run a sync ORM function from async code, on Django's sync thread (state
-    blobs are written and read beside it, see chat.snapshots.blob_io)."""
-    return sync_to_async(function, thread_sensitive=True)
-
-
-# ---- reading ----------------------------------------------------------------
-
-
-def speaker_names(character):
-    persona = character.chat_persona  # personas/: who the person is in this chat, if they chose
-    user_name = persona.name if persona is not None else character.user_name
-    return prompt_format.speaker_names(user_name, character.name, character.use_qa)
-
-
-def first_round(conversation, character):
-    """Round 0: the character header, then the greeting as the character's reply."""
-    user, bot = speaker_names(character)
-    tokenizer = get_engine().tokenizer
-    persona = character.chat_persona
-    header = tokenizer.encode(prompt_format.character_header(
-        user, bot, character.persona, character.example_message,
-        user_persona=persona.description if persona is not None else ""))
-    greeting = prompt_format.substitute(character.greeting, user, bot)
-    round_ = Round(conversation=conversation, index=0, user_text=None, bot_text=greeting.strip(),
-                   reply_start=len(header))
-    round_.set_tokens(header + tokenizer.encode(prompt_format.reply_part(greeting)))
-    return round_
-
-
-def open_conversation(owner, name):
-    """The owner's conversation with a character, created with round 0 if there is none."""
-    return conversation_of(get_character(owner, name))
-
-
-def latest_round(character):
-    """(conversation, its last round) of a character's conversation, opened if new: one query
-    (a join) when it has rounds, which is every time but the first."""
-    last = Round.objects.filter(conversation__character=character).select_related("conversation") \
-        .order_by("-index").first()
-    if last is not None:
-        return last.conversation, last
-    conversation = conversation_of(character)
-    return conversation, conversation.rounds.order_by("-index").first()
-
-
-def last_round_index(character):
-    """The index of the last round of the character's conversation; 0 (its greeting) if it is not opened yet."""
-    last = Round.objects.filter(conversation__character=character).order_by("-index") \
-        .values_list("index", flat=True).first()
-    return last or 0
-
-
-def conversation_of(character):
-    conversation = Conversation.objects.filter(character=character).first()
-    if conversation is not None and conversation.rounds.exists():
-        return conversation
-    try:
-        with transaction.atomic():
-            conversation, _ = Conversation.objects.get_or_create(character=character, owner=character.owner)
-            if not conversation.rounds.exists():
-                first_round(conversation, character).save()
-    except IntegrityError:  # another request created it meanwhile
-        conversation = Conversation.objects.get(character=character)
-    return conversation
-
-
-def chat_log(conversation):
-    """[[user_msg, bot_msg], ...] as the UI shows it; round 0 is [None, greeting]."""
-    return [list(pair) for pair in conversation.rounds.order_by("index").values_list("user_text", "bot_text")]
-
-
-def load_chat(owner, name):
-    return chat_log(open_conversation(owner, name))
-
-
-def context(owner, name):
-    """(token count, text) of everything the model has read in this conversation."""
-    conversation = open_conversation(owner, name)
-    tokens = []
-    for round_ in conversation.rounds.order_by("index"):
-        tokens += round_.token_list
-    return len(tokens), get_engine().tokenizer.decode(tokens)
-
-
-# ---- the lock ------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Lease:
-    """A held conversation lock, with what the holder needs to know."""
-
-    conversation: Conversation
-    character: object
-    key: str
-    last: Round
-    released: bool = False
-
-    @property
-    def lock_name(self):
-        return self.character.lock_name
-
-
-def acquire(owner, name, admit=None):
-    """Lock the owner's conversation with `name` (opened if new); locks.Busy if it is taken.
-
-    `admit(character)`, when given, runs under the lock before the conversation
-    is opened (a new one is written with its round 0): a request it refuses
-    (ApiError) leaves nothing written.
-    """
-    character = get_character(owner, name)
-    with contextlib.ExitStack() as until_leased:
-        key = until_leased.enter_context(locks.held(character.lock_name))
-        if admit is not None:
-            admit(character)
-        conversation, last = latest_round(character)
-        until_leased.pop_all()  # leased: commit_and_release or release lets go of it
-    return Lease(conversation, character, key, last)
-
-
-def release(lease):
-    if not lease.released:
-        locks.release(lease.lock_name, lease.key)
-        lease.released = True
-
-
-async def let_go(lease):
-    """Release the lease's lock, unless the commit that stored its round already did (then without a
-    trip to the database thread)."""
-    if not lease.released:
-        await db(release)(lease)
-
-
-def check_lease(lease):
-    """Inside the storing transaction: the lock is still ours."""
-    try:
-        locks.check(lease.lock_name, lease.key)
-    except locks.Lost:
-        raise ApiError(LOST)
-
-
-def commit_and_release(lease):
-    """Inside the storing transaction: release the lock with the commit (one trip for both)."""
-    locks.release(lease.lock_name, lease.key)
-    transaction.on_commit(lambda: setattr(lease, "released", True))
+from .lease import BUSY, LOST, Lease, acquire, acquire_chat, check_lease, commit_and_release, db, let_go, \
+    release, run_locked  # noqa: F401 (the lock's names, for callers and tests)
+from .models import Conversation, Round
+from .replies import ReplyStream, alternative_of, start_impersonate, start_reply, start_resay, \
+    start_swipe  # noqa: F401
+from .states import finish_undo, make_current, state_after, state_before_reply, state_on_path, \
+    store_round  # noqa: F401
+from .tree import chat_log, chat_of, context, context_of, end_of_branch, first_round, last_round_index, \
+    load_chat, open_conversation, path_of, round_in, siblings_of, speaker_names, tree_view  # noqa: F401
 
 
 def discard_conversations(character, **kwargs):
     """characters.signals.character_changed receiver: the character's prompt changed
-    (or it is deleted), so its conversation goes. (The state after its old
-    prompt stays in the shared state cache, keyed by those exact tokens, for
-    whoever else starts with them, until it is the least recently used.)
+    (or it is deleted), so its conversations go (forks too). (The state after
+    its old prompt stays in the shared state cache, keyed by those exact
+    tokens, for whoever else starts with them, until it is the least
+    recently used.)
 
     The characters service holds the character's lock and a transaction."""
     for conversation in Conversation.objects.filter(character=character):
         conversation.delete()
 
 
-# ---- states --------------------------------------------------------------------
-
-
-def stored_states(conversation, index, backend):
-    """Where usable states at or before round `index` may be stored, newest
-    first: [(round index, blob name)]. (Round 0's state is in the shared
-    state cache: round_zero_state.)"""
-    return list(conversation.rounds.filter(index__lte=index, state_model=backend.model_id)
-                .exclude(post_state="").order_by("-index").values_list("index", "post_state"))
-
-
-def round_tokens(conversation, index):
-    return conversation.rounds.get(index=index).token_list
-
-
-async def round_zero_state(conversation, tokens=None):
-    """The state after round 0 (the character's header and greeting; `tokens`
-    when the caller has them), from the shared state cache (statecache),
-    keyed by those exact tokens: every conversation that starts with the
-    same tokens (the copies of a default character, a reset) shares it, and
-    when several start at once it is read once for all of them."""
-    if tokens is None:
-        tokens = await db(round_tokens)(conversation, 0)
-    engine = get_engine()
-
-    async def read(tokens):
-        state, _ = await engine.read(None, tokens)
-        return state
-
-    return await state_cache().state_after(list(tokens), read)
-
-
-async def first_readable(candidates, backend):
-    """The first of stored_states()'s candidates that loads: (round index, state);
-    (-1, None) when none does (start from the zero state)."""
-    for found_index, name in candidates:
-        state = await blob_io(load_state)(name, backend)
-        if state is not None:
-            return found_index, state
-    return -1, None
-
-
-async def base_state(conversation, index, backend):
-    """The newest readable stored state at or before round `index`: (round index, state);
-    at worst round 0's (round_zero_state)."""
-    found = await first_readable(await db(stored_states)(conversation, index, backend), backend)
-    if found[0] >= 0:
-        return found
-    return 0, await round_zero_state(conversation)
-
-
-def tokens_between(conversation, after, upto):
-    """The tokens of rounds after+1 .. upto, in order."""
-    tokens = []
-    for round_ in conversation.rounds.filter(index__gt=after, index__lte=upto).order_by("index"):
-        tokens += round_.token_list
-    return tokens
-
-
-def keeps_snapshot(conversation, index, last_index):
-    """Which rounds keep their post-round snapshot: the recent ones, and checkpoints.
-
-    Guests keep no checkpoints: that is their stored-state quota (at most
-    STATE_KEEP_RECENT + 2 blobs per character, however long they chat; an
-    old round is rebuilt by re-reading from the nearest one).
-    """
-    config = settings.RPSERVER
-    if index > last_index - config["STATE_KEEP_RECENT"]:
-        return True
-    return index % config["STATE_CHECKPOINT_EVERY"] == 0 and not conversation.owner.is_guest
-
-
-async def remember_state(conversation, index, state, backend):
-    """Store a rebuilt post-round state where it will be found next time."""
-    await asyncio.shield(_remember_state(conversation, index, state, backend))
-
-
-async def _remember_state(conversation, index, state, backend):
-    # Shielded: a client going away mid-way must not leave a written blob unreferenced.
-    name = await blob_io(save_state)(conversation.owner_id, backend, state)
-    try:
-        kept = await db(keep_remembered)(conversation, index, name, backend)
-    except BaseException:
-        await blob_io(delete_states)([name])
-        raise
-    if not kept:
-        await blob_io(delete_states)([name])
-
-
-def keep_remembered(conversation, index, name, backend):
-    """Attach the blob `name` (the state after round `index`); False if it is not kept.
-
-    A round keeps it if it is recent or a checkpoint; never round 0, whose
-    state lives in the shared state cache (round_zero_state).
-    """
-    round_ = conversation.rounds.get(index=index)
-    last_index = conversation.rounds.order_by("-index").values_list("index", flat=True).first()
-    if index == 0 or not keeps_snapshot(conversation, index, last_index):
-        return False
-    old = round_.post_state
-    with transaction.atomic():
-        Round.objects.filter(pk=round_.pk).update(post_state=name, state_model=backend.model_id)
-        delete_file_on_commit(old)
-    return True
-
-
-async def state_after(conversation, index):
-    """The model state right after round `index`, rebuilt and remembered if not stored."""
-    engine = get_engine()
-    base_index, state = await base_state(conversation, index, engine.backend)
-    if base_index == index:
-        return state
-    tokens = await db(tokens_between)(conversation, base_index, index)
-    state, _ = await engine.read(state, tokens)
-    await remember_state(conversation, index, state, engine.backend)
-    return state
-
-
-async def state_before_reply(lease, round_):
-    """The state from which round_'s reply is (re)generated: after all but the
-    last token before the reply. Returns (state, whether it was rebuilt)."""
-    engine = get_engine()
-    if round_.state_model == engine.model_id:
-        state = await blob_io(load_state)(round_.pre_state.name, engine.backend)
-        if state is not None:
-            return state, False
-    base = await state_after(lease.conversation, round_.index - 1) if round_.index > 0 else None
-    state, _ = await engine.read(base, round_.token_list[:round_.reply_start - 1])
-    return state, True
-
-
-# ---- storing rounds ------------------------------------------------------------
-
-
-def prune_snapshots(conversation, last_index):
-    """Keep pre-reply snapshots for the last round only, post-round ones by keeps_snapshot()."""
-    for round_ in conversation.rounds.exclude(pre_state="").exclude(index=last_index):
-        delete_file_on_commit(round_.pre_state)
-        Round.objects.filter(pk=round_.pk).update(pre_state="")
-    for round_ in conversation.rounds.exclude(post_state="").filter(index__lt=last_index):
-        if not keeps_snapshot(conversation, round_.index, last_index):
-            delete_file_on_commit(round_.post_state)
-            Round.objects.filter(pk=round_.pk).update(post_state="")
-
-
-async def store_round(lease, round_, pre_state, post_state, backend, remembered=None):
-    """Write a round's snapshots, then save it and release the lock, in one transaction.
-
-    `pre_state` None keeps the round's stored one. `remembered` (round index,
-    state) is a rebuilt earlier state to keep too. On any failure the new
-    blobs are deleted and the conversation is left as it was.
-    """
-    await asyncio.shield(_store_round(lease, round_, pre_state, post_state, backend, remembered))
-
-
-async def _store_round(lease, round_, pre_state, post_state, backend, remembered):
-    # Shielded: a client going away mid-way must not leave written blobs unreferenced.
-    states = {"pre_state": pre_state, "post_state": post_state, "remembered": remembered and remembered[1]}
-    states = {field: state for field, state in states.items() if state is not None}
-    written = await asyncio.gather(*(blob_io(save_state)(lease.conversation.owner_id, backend, state)
-                                     for state in states.values()), return_exceptions=True)
-    names = [name for name in written if isinstance(name, str)]
-    try:
-        for failure in written:
-            if isinstance(failure, BaseException):
-                raise failure
-        blobs = dict(zip(states, names))
-        remembered_blob = (remembered[0], blobs.pop("remembered")) if remembered else None
-        await db(commit_round)(lease, round_, blobs, backend, remembered_blob)
-    except BaseException:
-        await blob_io(delete_states)(names)
-        raise
-
-
-def commit_round(lease, round_, blobs, backend, remembered=None):
-    """The database part of store_round: point the round at its new blobs
-    ({field: name}), keep a remembered (index, name) if it is wanted, save,
-    prune, release the lock; the blobs it no longer points to go once this commits."""
-    old_files = [getattr(round_, field) for field in blobs]
-    for field, name in blobs.items():
-        setattr(round_, field, name)
-    round_.state_model = backend.model_id
-    with transaction.atomic():
-        check_lease(lease)
-        round_.save()
-        if remembered and not keep_remembered(lease.conversation, *remembered, backend):
-            transaction.on_commit(lambda: delete_states([remembered[1]]))
-        prune_snapshots(lease.conversation, round_.index)
-        Conversation.objects.filter(pk=lease.conversation.pk).update(updated=timezone.now())
-        for old in old_files:
-            delete_file_on_commit(old)
-        commit_and_release(lease)
-
-
-@dataclasses.dataclass
-class ReplyPlan:
-    """What prepare_reply found: the lease, and where the conversation's state is."""
-
-    lease: Lease
-    candidates: list  # stored_states() at the last round, newest first
-    tokens: dict  # {round index: tokens} of every round after the oldest candidate
-
-    def replay_after(self, base_index):
-        """The tokens of the rounds after `base_index`; None if they were not fetched."""
-        indexes = range(base_index + 1, self.lease.last.index + 1)
-        if any(index not in self.tokens for index in indexes):
-            return None
-        return [token for index in indexes for token in self.tokens[index]]
-
-
-def admit_reply(owner):
-    """acquire's `admit` for a reply: refused before the conversation is opened when the user
-    has no room in the engine (the share itself is taken by start_stream)."""
-    return lambda character: limits.engine_share.check(owner.id)
-
-
-def prepare_reply(owner, name, backend):
-    """The database part of a new reply, in one trip: the reply rate limit, the
-    lock, the conversation, where its latest state may be stored."""
-    limits.check_reply_rate(owner)
-    lease = acquire(owner, name, admit_reply(owner))
-    try:
-        candidates = stored_states(lease.conversation, lease.last.index, backend)
-        oldest = min([index for index, _ in candidates], default=-1)
-        rows = lease.conversation.rounds.filter(index__gt=oldest).values_list("index", "tokens")
-        return ReplyPlan(lease, candidates, {index: decode_tokens(raw) for index, raw in rows})
-    except BaseException:
-        release(lease)
-        raise
-
-
-class ReplyStream:
-    """A reply being generated under a lease: iterate for the growing text.
-
-    When the reply ends, the round is stored (and the lock released with
-    it); if the client goes away (the iteration is cancelled), generation
-    stops and nothing is stored. The lock and the user's engine share are
-    given back either way.
-
-    The text is the reply as one turn of the prompt format (lines stripped,
-    no blank line: prompt_format.clean_turn), as it grows; and what the round
-    stores as read is that text spelled as the format spells it. When the
-    model wrote it otherwise (no space after the colon, spaces around a line
-    break, a blank line that is not "\n\n" such as "\r\n\r\n"), the reply is
-    read again in that spelling from the state before it, so that the context
-    is always exactly the chat (/debug/token) and the state the one it gives.
-    """
-
-    def __init__(self, lease, generation, round_, pre_state=None, replayed=0, start_state=None):
-        self.lease = lease
-        self.generation = generation
-        self.round = round_
-        self.pre_state = pre_state  # to store, when it had to be rebuilt
-        self.replayed = replayed  # tokens of earlier rounds the job re-read before this round's
-        # The state before the round's last prompt token, when the job started there (a regeneration);
-        # else the job's snapshot at that point.
-        self.start_state = start_state
-        self.text = ""
-
-    def __aiter__(self):
-        return self._run()
-
-    async def as_read(self, reply):
-        """(the reply's tokens, the state after them), in the format's spelling of the reply's text."""
-        engine = get_engine()
-        tokens = engine.tokenizer.encode(prompt_format.reply_part(self.text))
-        if tokens == reply.tokens:
-            return reply.tokens, reply.state
-        round_ = self.round
-        start = self.start_state
-        if start is None:
-            start = reply.snapshots[self.replayed + round_.reply_start - 1]
-        last_prompt_token = round_.token_list[round_.reply_start - 1:round_.reply_start]
-        state, _ = await engine.read(start, last_prompt_token + tokens)
-        return tokens, state
-
-    async def _run(self):
-        finished = False
-        try:
-            async for text in self.generation:
-                self.text = prompt_format.clean_turn(text)
-                yield self.text
-            reply = self.generation.reply
-            self.text = prompt_format.clean_turn(reply.text)
-            tokens, state = await self.as_read(reply)
-            round_ = self.round
-            round_.bot_text = self.text
-            round_.set_tokens(round_.token_list[:round_.reply_start] + tokens)
-            pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
-            remembered = (round_.index - 1, reply.snapshots[self.replayed]) if self.replayed else None
-            await store_round(self.lease, round_, pre_state, state, get_engine().backend, remembered)
-            finished = True
-        finally:
-            if not finished:
-                self.generation.cancel()
-            limits.engine_share.give_back(self.lease.conversation.owner_id)
-            await let_go(self.lease)
-
-
-async def run_locked(owner, name, work, admit=None):
-    """Run `work(lease)` under the conversation's lock (`admit`: see acquire)."""
-    lease = await db(acquire)(owner, name, admit)
-    try:
-        return await work(lease)
-    finally:
-        await let_go(lease)
-
-
-async def start_stream(lease, make_stream):
-    """Under `lease`: count the reply in its user's share of the engine
-    (limits.engine_share; taken under the lock, so that a second reply to a
-    busy conversation is told it is busy rather than over its share), then
-    `make_stream()`. On any failure the share and the lock are given back."""
-    owner_id = lease.conversation.owner_id
-    shared = False
-    try:
-        limits.engine_share.take(owner_id)
-        shared = True
-        return await make_stream()
-    except BaseException:
-        if shared:
-            limits.engine_share.give_back(owner_id)
-        await let_go(lease)
-        raise
-
-
-async def start_reply(owner, name, prompt, sampling, seed=None):
-    """Begin the character's reply to `prompt`; returns a ReplyStream. Takes the lock."""
-    if not prompt_format.clean_turn(prompt):
-        raise ApiError("prompt must not be empty")
-    engine = get_engine()
-    plan = await db(prepare_reply)(owner, name, engine.backend)
-    lease = plan.lease
-
-    async def make_stream():
-        # When the last round's state is not stored, one job re-reads the
-        # rounds since the newest snapshot and then the new turn (the state
-        # in between is remembered when the reply is stored).
-        last = lease.last.index
-        base_index, state = await first_readable(plan.candidates, engine.backend)
-        if base_index < 0:  # a new conversation (or its snapshots are gone): round 0's shared state
-            base_index, state = 0, await round_zero_state(lease.conversation, plan.tokens.get(0))
-        replay = plan.replay_after(base_index)
-        if replay is None:  # no stored state was readable: re-read everything
-            replay = await db(tokens_between)(lease.conversation, base_index, last)
-        user, bot = speaker_names(lease.character)
-        lore = ""  # lore/: what the lore the turn's messages mention makes the model read first
-        if lore_services.character_books(lease.character):
-            lore = await db(lore_services.lore_for_turn)(lease.character, lease.conversation, prompt, user, bot)
-        head = engine.tokenizer.encode(lore + prompt_format.user_turn(user, bot, prompt))
-        round_ = Round(conversation=lease.conversation, index=last + 1, user_text=prompt, reply_start=len(head))
-        round_.set_tokens(head)
-        tokens = replay + head
-        # Snapshots: before the reply's last prompt token, and after the re-read rounds if any (a
-        # snapshot at 0 would be a copy of `state` taken on the event loop, ~2.4 MB, for nothing).
-        keep = {len(tokens) - 1} | ({len(replay)} if replay else set())
-        generation = engine.generate(state, tokens, sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
-                                     seed=seed, snapshot_at=keep)
-        return ReplyStream(lease, generation, round_, replayed=len(replay))
-
-    return await start_stream(lease, make_stream)
-
-
-async def start_resay(owner, name, sampling, seed=None):
-    """Begin a new version of the last reply; returns a ReplyStream. Takes the lock."""
-    await db(limits.check_reply_rate)(owner)
-    lease = await db(acquire)(owner, name, admit_reply(owner))
-
-    async def make_stream():
-        engine = get_engine()
-        round_ = lease.last
-        pre_state, rebuilt = await state_before_reply(lease, round_)
-        last_prompt_token = round_.token_list[round_.reply_start - 1:round_.reply_start]
-        generation = engine.generate(pre_state, last_prompt_token, sampling,
-                                     settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
-        return ReplyStream(lease, generation, round_, pre_state=pre_state if rebuilt else None,
-                           start_state=pre_state)
-
-    return await start_stream(lease, make_stream)
+# ---- the legacy API's changes --------------------------------------------------------
 
 
 async def tamper(owner, name, message):
-    """Replace the last reply with `message`, and the state with the one it produces."""
+    """Overwrite the last reply of the main conversation with `message`: a new
+    alternative of it (the old one stays), with the state that text produces."""
     if not prompt_format.clean_turn(message):
         raise ApiError("message must not be empty")
+    lease = await db(acquire)(owner, name)
+    await run_locked(lease, lambda lease: write_reply(lease, lease.last, message))
 
-    async def work(lease):
-        engine = get_engine()
-        round_ = lease.last
-        pre_state, rebuilt = await state_before_reply(lease, round_)
-        reply_tokens = engine.tokenizer.encode(prompt_format.reply_part(message))
-        tokens = round_.token_list[:round_.reply_start] + reply_tokens
-        state, _ = await engine.read(pre_state, tokens[round_.reply_start - 1:])
-        round_.set_tokens(tokens)
+
+async def write_reply(lease, round_, message):
+    """Under `lease`: `message` as round_'s reply, a new alternative beside it (or in it when it has
+    none yet), made current; reads only the reply's tokens, from the state before it."""
+    engine = get_engine()
+    path = await db(path_of)(lease.conversation, round_.parent_id)
+    pre_state, rebuilt = await state_before_reply(lease.conversation, path, round_)
+    reply_tokens = engine.tokenizer.encode(prompt_format.reply_part(message))
+    target = alternative_of(round_, reply_tokens, message.strip()) if round_.has_reply else round_
+    if target is round_:
+        round_.set_tokens(round_.token_list[:round_.reply_start] + reply_tokens)
         round_.bot_text = message.strip()
-        await store_round(lease, round_, pre_state if rebuilt else None, state, engine.backend)
+    tokens = target.token_list
+    state, _ = await engine.read(pre_state, tokens[target.reply_start - 1:])
+    await store_round(lease, target, pre_state if rebuilt else None, state, engine.backend)
+    return target
 
-    await run_locked(owner, name, work)
 
-
-def drop_rounds_after(lease, index):
+def move_head(lease, round_):
+    """Inside the lock: the current path ends at `round_` now (the rounds after it stay, as a branch)."""
     with transaction.atomic():
         check_lease(lease)
-        for round_ in lease.conversation.rounds.filter(index__gt=index):
-            round_.delete()
+        finish_undo(lease.conversation)
+        make_current(lease.conversation, round_)
 
 
 async def back(owner, name, log_index):
-    """Keep rounds 0..log_index; the state becomes exactly the one after round log_index."""
+    """The current path ends at round log_index; the state becomes exactly the one
+    after it. The later rounds stay in the tree as a branch."""
 
     def admit(character):
         # Checked before the conversation is opened: a conversation not opened yet has round 0 only.
@@ -621,26 +91,248 @@ async def back(owner, name, log_index):
             raise ApiError(f"log_index {log_index} is past the last round ({last_index})")
 
     async def work(lease):
-        await db(drop_rounds_after)(lease, log_index)
-        await state_after(lease.conversation, log_index)  # stored if it had to be rebuilt
+        path = await db(path_of)(lease.conversation)
+        await db(move_head)(lease, path[log_index])
+        await state_on_path(lease.conversation, path, log_index)  # stored if it had to be rebuilt
 
-    await run_locked(owner, name, work, admit)
+    await run_locked(await db(acquire)(owner, name, admit), work)
 
 
 def restart(lease):
     with transaction.atomic():
         check_lease(lease)
-        for round_ in lease.conversation.rounds.all():
-            round_.delete()
-        first_round(lease.conversation, lease.character).save()
+        conversation = lease.conversation
+        Conversation.objects.filter(pk=conversation.pk).update(head=None, undo_round=None, undo_head=None)
+        for round_ in conversation.rounds.filter(parent=None):
+            round_.delete()  # and everything under it
+        start = first_round(conversation, lease.character)
+        start.save()
+        make_current(conversation, start)
         commit_and_release(lease)
-    return chat_log(lease.conversation)
+    return chat_log(conversation)
 
 
 async def reset(owner, name):
-    """Start the conversation over from the greeting; returns the new chat log."""
+    """Start the main conversation over from the greeting (its tree goes); returns the new chat log."""
+    lease = await db(acquire)(owner, name)
+    return await run_locked(lease, lambda lease: db(restart)(lease))
 
-    async def work(lease):
-        return await db(restart)(lease)
 
-    return await run_locked(owner, name, work)
+# ---- the tree's operations (the REST API) -----------------------------------------------
+
+
+def chats_of(owner, name):
+    """The owner's chats with a character: the main one (opened if new) and its forks."""
+    character = get_character(owner, name)
+    open_conversation(owner, name)
+    return [{"id": c.pk, "is_fork": c.is_fork, "forked_from": c.forked_from_id, "updated": c.updated.isoformat()}
+            for c in Conversation.objects.filter(character=character).order_by("is_fork", "pk")]
+
+
+def show_chat(owner, chat_id):
+    return tree_view(chat_of(owner, chat_id))
+
+
+async def locked_chat(owner, chat_id, round_id=None):
+    """(lease, the round `round_id` of it or None), with the chat's lock held."""
+    lease = await db(acquire_chat)(owner, chat_id)
+    try:
+        round_ = await db(round_in)(lease.conversation, round_id) if round_id is not None else None
+    except BaseException:
+        await let_go(lease)
+        raise
+    return lease, round_
+
+
+def switch_to(lease, round_):
+    """The path goes through `round_` (an alternative of a message) and on down its branch."""
+    end = end_of_branch(round_)
+    move_head(lease, end)
+    return end
+
+
+async def switch(owner, chat_id, round_id):
+    """Make round `round_id` current (an alternative of its message): no token is read."""
+    lease, round_ = await locked_chat(owner, chat_id, round_id)
+    await run_locked(lease, lambda lease: db(switch_to)(lease, round_))
+    return await db(show_chat)(owner, chat_id)
+
+
+async def reply(owner, chat_id, prompt, sampling, seed=None):
+    """Begin the character's reply to `prompt` at the end of chat `chat_id`'s path; Stop keeps it."""
+    return await start_reply(owner, None, prompt, sampling, seed=seed, chat_id=chat_id, keep_partial=True)
+
+
+async def swipe(owner, chat_id, round_id, sampling, seed=None, continue_reply=False):
+    """Begin a new alternative of round `round_id`'s reply (or continue it); Stop keeps what is written."""
+    await db(limits.check_reply_rate)(owner)
+    lease, round_ = await locked_chat(owner, chat_id, round_id)
+    return await start_swipe(lease, round_, sampling, seed, keep_partial=True, continue_reply=continue_reply)
+
+
+async def impersonate(owner, chat_id, sampling, seed=None):
+    """Begin the model's draft of the person's next message (stored nowhere)."""
+    await db(limits.check_reply_rate)(owner)
+    lease, _ = await locked_chat(owner, chat_id)
+    return await start_impersonate(lease, sampling, seed)
+
+
+def add_person_alternative(lease, round_, text):
+    """A new round beside `round_` with the person's message `text` and no reply yet, made current."""
+    engine = get_engine()
+    user, bot = speaker_names(lease.character)
+    head = engine.tokenizer.encode(prompt_format.user_turn(user, bot, text))
+    alternative = Round(conversation=lease.conversation, parent_id=round_.parent_id, index=round_.index,
+                        user_text=text, bot_text="", reply_start=len(head))
+    alternative.set_tokens(head)
+    with transaction.atomic():
+        check_lease(lease)
+        finish_undo(lease.conversation)
+        alternative.save()
+        make_current(lease.conversation, alternative)
+    return alternative
+
+
+async def edit(owner, chat_id, round_id, role, text):
+    """Edit a message: the edited text is a new alternative, made current.
+
+    The character's message: its tokens are read from the state before it
+    (nothing else). The person's message: a new round with that message and
+    no reply yet (ask for one with swipe); its tokens are read when it is
+    answered.
+    """
+    if not prompt_format.clean_turn(text):
+        raise ApiError("text must not be empty")
+    lease, round_ = await locked_chat(owner, chat_id, round_id)
+    if role == "user":
+        if round_.user_text is None:
+            await let_go(lease)
+            raise ApiError("round 0 has no message of the person's: edit the character's greeting instead")
+        await run_locked(lease, lambda lease: db(add_person_alternative)(lease, round_, text))
+    else:
+        await run_locked(lease, lambda lease: write_reply(lease, round_, text))
+    return await db(show_chat)(owner, chat_id)
+
+
+def add_alternative(owner, chat_id, round_id, text):
+    """An extra alternative of round `round_id`'s reply with the text `text`, NOT made current and
+    NOT read yet (its states are built when it is first used): for card imports (alternate
+    greetings become alternatives of round 0). Runs under the chat's lock; returns the round."""
+    lease = acquire_chat(owner, chat_id)
+    try:
+        round_ = round_in(lease.conversation, round_id)
+        engine = get_engine()
+        alternative = alternative_of(round_, engine.tokenizer.encode(prompt_format.reply_part(text)),
+                                     prompt_format.clean_turn(text))
+        alternative.pre_state = ""
+        with transaction.atomic():
+            check_lease(lease)
+            alternative.save()
+        return alternative
+    finally:
+        release(lease)
+
+
+def delete_round(lease, round_):
+    """Hide `round_` and its subtree (undoable until the next change); the path ends before it."""
+    with transaction.atomic():
+        check_lease(lease)
+        finish_undo(lease.conversation)
+        head_before = Conversation.objects.filter(pk=lease.conversation.pk).values_list("head_id", flat=True)[0]
+        hidden, layer = [], [round_.pk]
+        while layer:
+            hidden += layer
+            layer = list(Round.objects.filter(parent_id__in=layer).values_list("pk", flat=True))
+        Round.objects.filter(pk__in=hidden).update(deleted=True)
+        head = round_.parent_id if head_before in hidden else head_before
+        Conversation.objects.filter(pk=lease.conversation.pk).update(
+            head_id=head, undo_round=round_, undo_head_id=head_before, updated=timezone.now())
+
+
+async def delete(owner, chat_id, round_id):
+    """Delete round `round_id` (a person's message, its reply and all that follows); undo can bring it back."""
+    lease, round_ = await locked_chat(owner, chat_id, round_id)
+    if round_.parent_id is None:
+        await let_go(lease)
+        raise ApiError("the greeting cannot be deleted: reset the chat, or switch to another greeting")
+    await run_locked(lease, lambda lease: db(delete_round)(lease, round_))
+    return await db(show_chat)(owner, chat_id)
+
+
+def restore_deleted(lease):
+    with transaction.atomic():
+        check_lease(lease)
+        conversation = Conversation.objects.get(pk=lease.conversation.pk)
+        if conversation.undo_round_id is None:
+            raise ApiError("there is nothing to undo")
+        hidden, layer = [], [conversation.undo_round_id]
+        while layer:
+            hidden += layer
+            layer = list(Round.objects.filter(parent_id__in=layer).values_list("pk", flat=True))
+        Round.objects.filter(pk__in=hidden).update(deleted=False)
+        Conversation.objects.filter(pk=conversation.pk).update(
+            head=conversation.undo_head_id, undo_round=None, undo_head=None, updated=timezone.now())
+
+
+async def undo(owner, chat_id):
+    """Bring back the last deleted message and what followed it (until another change)."""
+    lease, _ = await locked_chat(owner, chat_id)
+    await run_locked(lease, lambda lease: db(restore_deleted)(lease))
+    return await db(show_chat)(owner, chat_id)
+
+
+def copy_path(lease, round_):
+    """A fork: a new chat whose rounds are copies of the path to `round_`, pointing at the same blobs."""
+    path = path_of(lease.conversation, round_.pk)
+    with transaction.atomic():
+        check_lease(lease)
+        source = lease.conversation
+        fork = Conversation.objects.create(owner_id=source.owner_id, character_id=source.character_id,
+                                           is_fork=True, forked_from=source)
+        parent = None
+        for original in path:
+            copy = Round(conversation=fork, parent=parent, index=original.index, user_text=original.user_text,
+                         bot_text=original.bot_text, tokens=original.tokens, reply_start=original.reply_start,
+                         state_model=original.state_model, pre_state=original.pre_state.name,
+                         post_state=original.post_state.name)
+            copy.save()
+            if parent is not None:
+                Round.objects.filter(pk=parent.pk).update(chosen=copy)
+            parent = copy
+        Conversation.objects.filter(pk=fork.pk).update(head=parent)
+        commit_and_release(lease)
+    return fork.pk
+
+
+async def fork(owner, chat_id, round_id):
+    """A new chat with the same character from round `round_id` of chat `chat_id`: its path up to
+    there, sharing the original's stored states (no blob is copied); returns the new chat."""
+    lease, round_ = await locked_chat(owner, chat_id, round_id)
+    new_id = await run_locked(lease, lambda lease: db(copy_path)(lease, round_))
+    return await db(show_chat)(owner, new_id)
+
+
+def delete_chat(owner, chat_id):
+    """Delete a fork (a character's main chat is reset, not deleted)."""
+    conversation = chat_of(owner, chat_id)
+    if not conversation.is_fork:
+        raise ApiError("the main chat cannot be deleted: reset it instead")
+    lease = acquire_chat(owner, chat_id)
+    try:
+        with transaction.atomic():
+            check_lease(lease)
+            conversation.delete()
+    finally:
+        release(lease)
+
+
+async def continue_reply(owner, chat_id, round_id, sampling, seed=None):
+    return await swipe(owner, chat_id, round_id, sampling, seed, continue_reply=True)
+
+
+def reading_context(owner, chat_id):
+    """(token count, text) of chat `chat_id`'s current path, as /debug/token shows the main chat's."""
+    return context_of(chat_of(owner, chat_id))
+
+
+

@@ -34,7 +34,7 @@ from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
-# The storage directories rpserver writes to (chat.snapshots, characters.models).
+# The storage directories rpserver writes to (statecache.blobs, characters.models).
 # Nothing outside them is ever considered, so files an operator keeps in the
 # same media root or bucket are safe.
 STORED_FILE_DIRS = ("states", "avatars")

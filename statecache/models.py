@@ -1,6 +1,6 @@
 from django.db import models
 
-from chat.snapshots import state_name
+from .blobs import state_name
 
 CACHE_OWNER = "cache"  # blobs of the shared cache live under states/cache/
 

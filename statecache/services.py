@@ -11,7 +11,7 @@ than the exact tokens could.
 
 Entries live in RAM up to RPSERVER_STATE_CACHE_MB, least recently used
 first out. An entry pushed out of RAM is spilled to the state store (the
-same storage and blob format as parked conversations, chat.snapshots) with
+same storage and blob format as parked conversations, statecache.blobs) with
 a SpilledState row, where the least recently used go first once they
 outgrow RPSERVER_STATE_CACHE_DISK_MB; several server processes share the
 spilled ones. A lookup asks RAM, then the spilled rows, for the longest
@@ -19,7 +19,7 @@ of the prefixes it is given.
 
 Everything here runs on the event loop (the engine never modifies the
 states it is handed, so an entry's state is given out as it is); blobs are
-written and read on chat.snapshots' blob threads, rows on Django's.
+written and read on statecache.blobs' blob threads, rows on Django's.
 """
 
 import array
@@ -35,7 +35,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from chat.snapshots import blob_io, delete_states, load_state, save_state
+from .blobs import blob_io, delete_states, load_state, save_state
 from inference.runtime import get_engine
 
 from .models import CACHE_OWNER, SpilledState

@@ -87,3 +87,14 @@ def mira(guest):
     guest.ok("/characters/save", **CHARACTER)
     guest.chat("Mira")
     return guest
+
+
+def path_rounds(user_name):
+    """The rounds on the current paths of a user's main chats (the legacy API's rounds), by index,
+    as a queryset; the other branches of the trees are left out."""
+    from chat.models import Conversation, Round
+    from chat.tree import path_of
+
+    pks = [round_.pk for conversation in Conversation.objects.filter(owner__username=user_name, is_fork=False)
+           for round_ in path_of(conversation)]
+    return Round.objects.filter(pk__in=pks).order_by("index")

@@ -7,9 +7,8 @@ import torch
 import pytest
 from safetensors.torch import load as load_safetensors
 
-from chat.models import Round
 from conftest import (CHARACTER, DATA_DIR, TINY_MODEL, Api, Server, answer_held, assert_same_state,
-                      at_once, running_reply, server_precision, until_not_busy)
+                      at_once, path_rounds, running_reply, server_precision, until_not_busy)
 from inference import prompt as prompt_format
 from inference.tokenizer import world_tokenizer
 from rpserver.errors import BUSY
@@ -21,7 +20,7 @@ GREETING = "Hi friend! I'm Mira."
 
 
 def rounds(user_name):
-    return Round.objects.filter(conversation__owner__username=user_name).order_by("index")
+    return path_rounds(user_name)
 
 
 def test_load_opens_the_chat_with_the_greeting(mira):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from chat.models import Round
-from conftest import CHARACTER, ENDLESS_MODEL, UNTIL_THE_READER_LEAVES, Api, Server, first_frame
+from conftest import CHARACTER, ENDLESS_MODEL, UNTIL_THE_READER_LEAVES, Api, Server, first_frame, path_rounds
 from locks import services as locks
 from locks.models import Lock, ServerInstance
 from rpserver.errors import BUSY
@@ -36,7 +36,7 @@ def same_user(guest, server):
 def assert_consistent(guest):
     """The chat log, the rounds and the context agree (nothing half-stored)."""
     chat = guest.chat("Mira")
-    rounds = list(Round.objects.filter(conversation__owner__username=guest.user_name).order_by("index"))
+    rounds = list(path_rounds(guest.user_name))
     assert [r.index for r in rounds] == list(range(len(chat)))
     assert [[r.user_text, r.bot_text] for r in rounds] == chat
     assert guest.context("Mira")["token_count"] == sum(len(r.token_list) for r in rounds)

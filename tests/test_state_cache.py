@@ -13,7 +13,7 @@ import torch
 from conftest import Api, Server, at_once, make_user
 from django.core.files.storage import default_storage
 
-from chat.snapshots import blob_metadata
+from statecache.blobs import blob_metadata
 from inference.runtime import get_engine
 from statecache.models import SpilledState
 from statecache.services import StateCache, prefix_digests, state_bytes

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from chat import services
+from chat import services, states
 from chat.models import Conversation, Round
-from chat.snapshots import decode_state, encode_state
+from statecache.blobs import decode_state, encode_state
 from conftest import assert_same_state, server_precision
 from inference.runtime import get_engine
 
@@ -79,7 +79,7 @@ def test_a_failed_blob_write_leaves_the_round_and_the_files_as_they_were(mira, m
     before_round = Round.objects.get(conversation=conversation, index=1)
     engine = get_engine()
     pre, post = engine.zero_state(), engine.zero_state()
-    real_save, failed, written = services.save_state, threading.Event(), threading.Event()
+    real_save, failed, written = states.save_state, threading.Event(), threading.Event()
 
     def pre_state_write_fails(owner_id, backend, state):
         if state is pre:
@@ -90,7 +90,7 @@ def test_a_failed_blob_write_leaves_the_round_and_the_files_as_they_were(mira, m
         written.set()
         return name
 
-    monkeypatch.setattr(services, "save_state", pre_state_write_fails)
+    monkeypatch.setattr(states, "save_state", pre_state_write_fails)
     lease = services.acquire(conversation.owner, "Mira")
     try:
         with pytest.raises(OSError, match="disk full"):

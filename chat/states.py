@@ -1,0 +1,260 @@
+"""A conversation's states: which to load, how to rebuild one, what to store.
+
+Every round may keep two states (safetensors blobs, statecache.blobs): the
+state before its reply (after all but the last token before it, from which
+the reply is generated again) and the state after it. Which ones are kept
+is the policy in chat.tree.kept_states; any other is rebuilt from the
+nearest kept one before it on its path by re-reading the tokens in between
+(every round records exactly what the model read).
+
+A blob may be pointed to by several rounds (the alternatives of a reply
+share the state before it; a fork shares its source's states): a blob is
+deleted once no round points to it any more (release_blob).
+
+Blobs are written before the transaction that points rows at them, and
+deleted again if that transaction fails: a crash leaves at worst an
+unreferenced file (swept by the orphans command), never a row pointing at
+a half-written state.
+"""
+
+import asyncio
+
+from django.core.files.storage import default_storage
+from django.db import models, transaction
+from django.utils import timezone
+
+from inference.runtime import get_engine
+from statecache.blobs import blob_io, delete_states, load_state, save_state
+from statecache.services import state_cache
+
+from .lease import check_lease, commit_and_release, db
+from .models import Conversation, Round
+from .tree import kept_states, path_of
+
+
+# ---- blobs shared by rounds ---------------------------------------------------------
+
+
+def blob_in_use(name):
+    return Round.objects.filter(models.Q(pre_state=name) | models.Q(post_state=name)).exists()
+
+
+def release_blob(field_file):
+    """Delete a round's blob once the current transaction commits, unless another round still points to it."""
+    name = field_file.name if hasattr(field_file, "name") else field_file
+    if not name:
+        return
+
+    def delete_if_unused():
+        if not blob_in_use(name):
+            default_storage.delete(name)
+
+    transaction.on_commit(delete_if_unused)
+
+
+def release_round_blobs(sender, instance, **kwargs):
+    """post_delete receiver for Round: its blobs go once no other round points to them."""
+    release_blob(instance.pre_state)
+    release_blob(instance.post_state)
+
+
+# ---- loading and rebuilding ----------------------------------------------------------
+
+
+def stored_states(path, index, backend):
+    """Where usable post-round states at or before path position `index` may be
+    stored, newest first: [(position, blob name)]. (Round 0's state is in the
+    shared state cache: round_zero_state.)"""
+    return [(position, round_.post_state.name) for position, round_ in reversed(list(enumerate(path[:index + 1])))
+            if round_.post_state and round_.state_model == backend.model_id]
+
+
+def tokens_between(path, after, upto):
+    """The tokens of path positions after+1 .. upto, in order."""
+    return [token for round_ in path[after + 1:upto + 1] for token in round_.token_list]
+
+
+async def round_zero_state(tokens):
+    """The state after a round 0 (the character's header and greeting), from the
+    shared state cache (statecache), keyed by those exact tokens: every
+    conversation that starts with the same tokens (the copies of a default
+    character, a reset, a fork) shares it, and when several start at once it
+    is read once for all of them."""
+    engine = get_engine()
+
+    async def read(tokens):
+        state, _ = await engine.read(None, tokens)
+        return state
+
+    return await state_cache().state_after(list(tokens), read)
+
+
+async def first_readable(candidates, backend):
+    """The first of stored_states()'s candidates that loads: (position, state);
+    (-1, None) when none does (start from round 0's state)."""
+    for found_index, name in candidates:
+        state = await blob_io(load_state)(name, backend)
+        if state is not None:
+            return found_index, state
+    return -1, None
+
+
+async def base_state(path, index, backend):
+    """The newest readable stored state at or before path position `index`: (position, state);
+    at worst round 0's (round_zero_state)."""
+    found = await first_readable(stored_states(path, index, backend), backend)
+    if found[0] >= 0:
+        return found
+    return 0, await round_zero_state(path[0].token_list)
+
+
+async def state_on_path(conversation, path, index):
+    """The state right after path position `index`: stored, or rebuilt and remembered."""
+    engine = get_engine()
+    base_index, state = await base_state(path, index, engine.backend)
+    if base_index == index:
+        return state
+    state, _ = await engine.read(state, tokens_between(path, base_index, index))
+    await remember_state(conversation, path[index].pk, state, engine.backend)
+    return state
+
+
+async def state_after(conversation, index):
+    """The model state right after round `index` of the current path, rebuilt and remembered if not stored."""
+    path = await db(path_of)(conversation)
+    return await state_on_path(conversation, path, index)
+
+
+async def state_before_reply(conversation, path, round_):
+    """The state from which round_'s reply is (re)generated: after all but the
+    last token before the reply. Returns (state, whether it was rebuilt).
+    `path` is a path through round_'s parent."""
+    engine = get_engine()
+    if round_.state_model == engine.model_id and round_.pre_state:
+        state = await blob_io(load_state)(round_.pre_state.name, engine.backend)
+        if state is not None:
+            return state, False
+    base = await state_on_path(conversation, path, round_.index - 1) if round_.index > 0 else None
+    state, _ = await engine.read(base, round_.token_list[:round_.reply_start - 1])
+    return state, True
+
+
+async def remember_state(conversation, round_pk, state, backend):
+    """Store a rebuilt post-round state where it will be found next time (if the policy keeps it)."""
+    await asyncio.shield(_remember_state(conversation, round_pk, state, backend))
+
+
+async def _remember_state(conversation, round_pk, state, backend):
+    # Shielded: a client going away mid-way must not leave a written blob unreferenced.
+    name = await blob_io(save_state)(conversation.owner_id, backend, state)
+    try:
+        kept = await db(keep_remembered)(conversation, round_pk, name, backend)
+    except BaseException:
+        await blob_io(delete_states)([name])
+        raise
+    if not kept:
+        await blob_io(delete_states)([name])
+
+
+def keep_remembered(conversation, round_pk, name, backend):
+    """Attach the blob `name` (the state after round `round_pk`); False if the policy does not keep it."""
+    conversation = Conversation.objects.select_related("owner").get(pk=conversation.pk)
+    kept = kept_states(conversation, conversation.head_id)
+    if not kept.get(round_pk, (False, False))[1]:
+        return False
+    with transaction.atomic():
+        old = Round.objects.filter(pk=round_pk).values_list("post_state", flat=True).first()
+        Round.objects.filter(pk=round_pk).update(post_state=name, state_model=backend.model_id)
+        release_blob(old or "")
+    return True
+
+
+# ---- storing a round -------------------------------------------------------------------
+
+
+def prune_snapshots(conversation, head_id):
+    """Drop the states the policy (chat.tree.kept_states) does not keep, on live rounds."""
+    kept = kept_states(conversation, head_id)
+    rows = Round.objects.filter(conversation_id=conversation.pk, deleted=False) \
+        .exclude(pre_state="", post_state="").values_list("pk", "pre_state", "post_state")
+    for pk, pre, post in rows:
+        keep_pre, keep_post = kept.get(pk, (True, True))
+        drop = {}
+        if pre and not keep_pre:
+            drop["pre_state"] = pre
+        if post and not keep_post:
+            drop["post_state"] = post
+        if drop:
+            Round.objects.filter(pk=pk).update(**{field: "" for field in drop})
+            for name in drop.values():
+                release_blob(name)
+
+
+def finish_undo(conversation):
+    """Another change makes the last deletion final: its rounds (and their blobs, if unshared) go."""
+    undo = Conversation.objects.filter(pk=conversation.pk).values_list("undo_round_id", flat=True).first()
+    if undo is not None:
+        Conversation.objects.filter(pk=conversation.pk).update(undo_round=None, undo_head=None)
+        for round_ in Round.objects.filter(pk=undo):
+            round_.delete()
+
+
+def make_current(conversation, round_):
+    """Inside a transaction: the path now ends at `round_`, and passes through it from its parent."""
+    if round_.parent_id is not None:
+        Round.objects.filter(pk=round_.parent_id).update(chosen=round_)
+    Conversation.objects.filter(pk=conversation.pk).update(head=round_, updated=timezone.now())
+    conversation.head_id = round_.pk
+
+
+async def store_round(lease, round_, pre_state, post_state, backend, remembered=None):
+    """Write a round's states, then save it, make it the head, prune and release
+    the lock, in one transaction.
+
+    `pre_state` None keeps the round's stored one (a swipe shares its
+    sibling's). `remembered` (round pk, state) is a rebuilt earlier
+    post-round state to keep too. On any failure the new blobs are deleted
+    and the conversation is left as it was.
+    """
+    await asyncio.shield(_store_round(lease, round_, pre_state, post_state, backend, remembered))
+
+
+async def _store_round(lease, round_, pre_state, post_state, backend, remembered):
+    # Shielded: a client going away mid-way must not leave written blobs unreferenced.
+    states = {"pre_state": pre_state, "post_state": post_state, "remembered": remembered and remembered[1]}
+    states = {field: state for field, state in states.items() if state is not None}
+    written = await asyncio.gather(*(blob_io(save_state)(lease.conversation.owner_id, backend, state)
+                                     for state in states.values()), return_exceptions=True)
+    names = [name for name in written if isinstance(name, str)]
+    try:
+        for failure in written:
+            if isinstance(failure, BaseException):
+                raise failure
+        blobs = dict(zip(states, names))
+        remembered_blob = (remembered[0], blobs.pop("remembered")) if remembered else None
+        await db(commit_round)(lease, round_, blobs, backend, remembered_blob)
+    except BaseException:
+        await blob_io(delete_states)(names)
+        raise
+
+
+def commit_round(lease, round_, blobs, backend, remembered=None):
+    """The database part of store_round: point the round at its new blobs
+    ({field: name}), keep a remembered (round pk, name) if the policy wants
+    it, save, make the round the head, prune, release the lock; the blobs it
+    no longer points to go once this commits (if no other round shares them)."""
+    old_files = [getattr(round_, field).name for field in blobs]
+    for field, name in blobs.items():
+        setattr(round_, field, name)
+    round_.state_model = backend.model_id
+    with transaction.atomic():
+        check_lease(lease)
+        finish_undo(lease.conversation)
+        round_.save()
+        make_current(lease.conversation, round_)
+        if remembered and not keep_remembered(lease.conversation, *remembered, backend):
+            transaction.on_commit(lambda: delete_states([remembered[1]]))
+        prune_snapshots(lease.conversation, round_.pk)
+        for old in old_files:
+            release_blob(old)
+        commit_and_release(lease)
