@@ -14,7 +14,8 @@ from rpserver.pipeline import note_caller
 from rpserver.streams import ApiConsumer
 
 from . import services
-from .serializers import ReplySerializer, SamplingSerializer
+from .serializers import ReplySerializer, SamplingFieldsSerializer, SamplingSerializer, TreeReplySerializer, \
+    TreeSwipeSerializer
 
 
 def frame(text):
@@ -55,3 +56,41 @@ class ReplyConsumer(StreamConsumer):
 class ResayConsumer(StreamConsumer):
     async def start(self, user, form):
         return await services.start_resay(user, form.validated_data["character_name"], form.sampling)
+
+
+# ---- the REST API's streams: /api/v1/chats/<id>/reply, swipe, continue, impersonate ----
+# The same frames; when the client goes away (Stop), what was written is kept as the reply.
+
+
+class ChatStreamConsumer(StreamConsumer):
+    @property
+    def chat_id(self):
+        return self.scope["url_route"]["kwargs"]["chat_id"]
+
+
+class ChatReplyConsumer(ChatStreamConsumer):
+    serializer_class = TreeReplySerializer
+
+    async def start(self, user, form):
+        return await services.reply(user, self.chat_id, form.validated_data["prompt"], form.sampling)
+
+
+class SwipeConsumer(ChatStreamConsumer):
+    serializer_class = TreeSwipeSerializer
+
+    async def start(self, user, form):
+        return await services.swipe(user, self.chat_id, form.validated_data["round"], form.sampling)
+
+
+class ContinueConsumer(ChatStreamConsumer):
+    serializer_class = TreeSwipeSerializer
+
+    async def start(self, user, form):
+        return await services.continue_reply(user, self.chat_id, form.validated_data["round"], form.sampling)
+
+
+class ImpersonateConsumer(ChatStreamConsumer):
+    serializer_class = SamplingFieldsSerializer
+
+    async def start(self, user, form):
+        return await services.impersonate(user, self.chat_id, form.sampling)

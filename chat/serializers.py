@@ -17,8 +17,8 @@ class SettingField(serializers.Field):
             raise serializers.ValidationError(str(exc).removeprefix(f"{self.field_name} "))
 
 
-class SamplingSerializer(CharacterNameSerializer):
-    """character_name and the sampling fields; `.sampling` gives SamplingSettings."""
+class SamplingFieldsSerializer(serializers.Serializer):
+    """The sampling fields; `.sampling` gives SamplingSettings."""
 
     tau = SettingField(required=False, default=SamplingSettings.tau)
     rate = SettingField(required=False, default=SamplingSettings.rate)
@@ -31,6 +31,10 @@ class SamplingSerializer(CharacterNameSerializer):
         return SamplingSettings(**{name: self.validated_data[name] for name in LIMITS})
 
 
+class SamplingSerializer(CharacterNameSerializer, SamplingFieldsSerializer):
+    """character_name and the sampling fields; `.sampling` gives SamplingSettings."""
+
+
 class ReplySerializer(SamplingSerializer):
     prompt = serializers.CharField(max_length=settings.RPSERVER["MAX_PROMPT_CHARS"])
 
@@ -41,3 +45,25 @@ class BackSerializer(CharacterNameSerializer):
 
 class TamperSerializer(CharacterNameSerializer):
     message = serializers.CharField(max_length=settings.RPSERVER["MAX_PROMPT_CHARS"])
+
+
+# ---- the REST API (/api/v1/chats/...) ----
+
+
+class RoundSerializer(serializers.Serializer):
+    """A round of the chat (a message: with `role`, the person's or the character's)."""
+
+    round = serializers.IntegerField(min_value=1)
+
+
+class EditSerializer(RoundSerializer):
+    role = serializers.ChoiceField(choices=["user", "character"])
+    text = serializers.CharField(max_length=settings.RPSERVER["MAX_PROMPT_CHARS"])
+
+
+class TreeReplySerializer(SamplingFieldsSerializer):
+    prompt = serializers.CharField(max_length=settings.RPSERVER["MAX_PROMPT_CHARS"])
+
+
+class TreeSwipeSerializer(SamplingFieldsSerializer):
+    round = serializers.IntegerField(min_value=1)

@@ -1,11 +1,12 @@
 from asgiref.sync import async_to_sync
 from rest_framework.views import APIView
 
+from characters.serializers import CharacterNameSerializer
 from characters.views import character_name
 from rpserver.envelope import ok
 
 from . import services
-from .serializers import BackSerializer, TamperSerializer
+from .serializers import BackSerializer, EditSerializer, RoundSerializer, TamperSerializer
 
 
 def validated(serializer_class, request):
@@ -42,3 +43,65 @@ class TokenView(APIView):
     def post(self, request):
         count, text = services.context(request.user, character_name(request))
         return ok({"token_count": count, "token_state": text})
+
+
+# ---- the REST API: /api/v1/chats/... (docs/conversation-tree.md) ----
+# Reads are GET, changes POST; the answer is the envelope, at the real HTTP status.
+
+
+class ChatListView(APIView):
+    def get(self, request):
+        return ok({"chats": services.chats_of(request.user, character_name_in(request.query_params))})
+
+
+def character_name_in(params):
+    form = CharacterNameSerializer(data={"character_name": params.get("character", "")})
+    form.is_valid(raise_exception=True)
+    return form.validated_data["character_name"]
+
+
+class ChatView(APIView):
+    def get(self, request, chat_id):
+        return ok(services.show_chat(request.user, chat_id))
+
+
+class ChatContextView(APIView):
+    def get(self, request, chat_id):
+        count, text = services.reading_context(request.user, chat_id)
+        return ok({"token_count": count, "token_state": text})
+
+
+class SwitchView(APIView):
+    def post(self, request, chat_id):
+        fields = validated(RoundSerializer, request)
+        return ok(async_to_sync(services.switch)(request.user, chat_id, fields["round"]))
+
+
+class EditView(APIView):
+    def post(self, request, chat_id):
+        fields = validated(EditSerializer, request)
+        return ok(async_to_sync(services.edit)(request.user, chat_id, fields["round"], fields["role"],
+                                               fields["text"]))
+
+
+class DeleteView(APIView):
+    def post(self, request, chat_id):
+        fields = validated(RoundSerializer, request)
+        return ok(async_to_sync(services.delete)(request.user, chat_id, fields["round"]))
+
+
+class UndoView(APIView):
+    def post(self, request, chat_id):
+        return ok(async_to_sync(services.undo)(request.user, chat_id))
+
+
+class ForkView(APIView):
+    def post(self, request, chat_id):
+        fields = validated(RoundSerializer, request)
+        return ok(async_to_sync(services.fork)(request.user, chat_id, fields["round"]))
+
+
+class DiscardView(APIView):
+    def post(self, request, chat_id):
+        services.delete_chat(request.user, chat_id)
+        return ok()
