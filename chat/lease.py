@@ -15,12 +15,10 @@ from django.db import transaction
 
 from characters.services import get_character
 from locks import services as locks
-from rpserver.errors import BUSY, ApiError
+from rpserver.errors import BUSY, ApiError  # noqa: F401 (BUSY: what a second change meanwhile is told)
 
 from . import tree
 from .models import Conversation, Round
-
-__all__ = ["BUSY"]  # (re-exported: the message a second change meanwhile gets)
 
 LOST = "this conversation was changed by another request meanwhile, please reload it"
 
