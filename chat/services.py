@@ -27,7 +27,7 @@ from .replies import ReplyStream, alternative_of, start_impersonate, start_reply
     start_swipe  # noqa: F401
 from .states import finish_undo, make_current, state_after, state_before_reply, state_on_path, \
     store_round  # noqa: F401
-from .tree import chat_log, chat_of, context, context_of, end_of_branch, first_round, last_round_index, \
+from .tree import chat_log, chat_of, context, context_of, conversation_of, end_of_branch, first_round, last_round_index, \
     load_chat, open_conversation, path_of, round_in, siblings_of, speaker_names, tree_view  # noqa: F401
 
 
@@ -212,6 +212,21 @@ async def edit(owner, chat_id, round_id, role, text):
     else:
         await run_locked(lease, lambda lease: write_reply(lease, round_, text))
     return await db(show_chat)(owner, chat_id)
+
+
+def add_greeting_alternatives(character, greetings):
+    """Alternate greetings (a card's) as alternatives of the main conversation's round 0, not made
+    current and not read yet (their states are built when first used). The caller holds the
+    character's lock (characters.services, saving the character); returns the new rounds."""
+    conversation = conversation_of(character)
+    rounds = []
+    with transaction.atomic():
+        for greeting in greetings:
+            if prompt_format.clean_turn(greeting):
+                alternative = first_round(conversation, character, greeting=greeting)
+                alternative.save()
+                rounds.append(alternative)
+    return rounds
 
 
 def add_alternative(owner, chat_id, round_id, text):

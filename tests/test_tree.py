@@ -389,3 +389,20 @@ def test_a_server_killed_during_a_swipe_leaves_the_tree_as_it_was(long_server):
     # The dead process's lock went with it: the next change goes through.
     view = tree.ok(f"/api/v1/chats/{chat_id}/switch", round=before["messages"][0]["alternatives"][0])
     assert view["messages"][0]["text"] == "Hi friend! I'm Mira."
+
+
+def test_a_cards_alternate_greetings_become_alternatives_of_the_first_message(tree):
+    from characters.models import Character
+    from chat.services import add_greeting_alternatives
+
+    chat_id = tree.main_chat()
+    character = Character.objects.get(owner__username=tree.legacy.user_name, name="Mira")
+    add_greeting_alternatives(character, ["Ahoy, {{user}}!", "  ", "The lamp is lit."])
+    greeting = tree.chat(chat_id)["messages"][0]
+    assert (greeting["text"], greeting["position"], len(greeting["alternatives"])) == ("Hi friend! I'm Mira.", 1, 3)
+    view = tree.ok(f"/api/v1/chats/{chat_id}/switch", round=greeting["alternatives"][1])
+    assert messages(view) == [("character", "Ahoy, friend!")]
+    assert tree.legacy.chat("Mira") == [[None, "Ahoy, friend!"]]
+    tree.legacy.reply("Mira", "hello")
+    assert tree.ok(f"/api/v1/chats/{chat_id}/context")["token_state"].startswith(f"{HEADER} Ahoy, friend!\n\n")
+    assert_invariants(tree, chat_id)

@@ -19,9 +19,10 @@ django.setup()
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-before = [("chat", "0003_prompt_states_move_to_the_state_cache")]
-after = [("chat", "0004_conversations_become_trees")]
 executor = MigrationExecutor(connection)
+leaves = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "chat"]
+before = leaves + [("chat", "0003_prompt_states_move_to_the_state_cache")]  # every other app as it is now
+after = leaves + [("chat", "0004_conversations_become_trees")]
 executor.migrate(executor.loader.graph.leaf_nodes())
 executor = MigrationExecutor(connection)
 executor.migrate(before)
