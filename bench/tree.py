@@ -180,8 +180,8 @@ def main():
 
             # A pruned state rebuilt: back to rounds whose post-round state the policy dropped.
             rebuilds = []
-            for rep in range(args.reps):
-                index = 8 * (rep + 2) + 5  # 21, 29, 37: 5 rounds past a checkpoint
+            pruned = [i for i in range(args.rounds - 5) if i % 8 == 5][-args.reps:]  # 5 rounds past a checkpoint
+            for index in pruned:
                 rebuilds.append(person.measured(lambda: person.legacy("/chat/back", character_name="Bob",
                                                                       log_index=index))[:2])
                 person.api(f"/api/v1/chats/{chat_id}/switch", round=rounds[index + 1])

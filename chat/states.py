@@ -200,9 +200,12 @@ def finish_undo(conversation):
 
 
 def make_current(conversation, round_):
-    """Inside a transaction: the path now ends at `round_`, and passes through it from its parent."""
-    if round_.parent_id is not None:
-        Round.objects.filter(pk=round_.parent_id).update(chosen=round_)
+    """Inside a transaction: the path now ends at `round_`; every round on it remembers the child it
+    went through (`chosen`), so that switching back to any of them later finds this branch again."""
+    path = path_of(conversation, round_.pk)
+    for parent, child in zip(path, path[1:]):
+        if parent.chosen_id != child.pk:
+            Round.objects.filter(pk=parent.pk).update(chosen=child)
     Conversation.objects.filter(pk=conversation.pk).update(head=round_, updated=timezone.now())
     conversation.head_id = round_.pk
 

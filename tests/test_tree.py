@@ -159,6 +159,12 @@ def test_a_swipe_on_an_old_message_keeps_the_old_branch_and_switching_back_reads
     assert tree.legacy.chat("Mira")[1:] == [["one", first_reply["text"]], ["two", view["messages"][4]["text"]],
                                             ["three", view["messages"][6]["text"]]]
     assert_invariants(tree, chat_id)
+    # Every round on the path remembers where it went last: back to the greeting, then a switch to it
+    # follows the long branch again (not the newer, shorter one).
+    long_path = tree.legacy.chat("Mira")
+    tree.legacy.ok("/chat/back", character_name="Mira", log_index=0)
+    view = tree.ok(f"/api/v1/chats/{chat_id}/switch", round=view["messages"][0]["round"])
+    assert tree.legacy.chat("Mira") == long_path
 
 
 def test_edits_deletes_undo_and_forks(tree):
