@@ -8,6 +8,7 @@ once instead of racing the first. The holder re-checks the lock in the
 transaction that stores its result, and that transaction also releases it.
 """
 
+import contextlib
 import dataclasses
 
 from asgiref.sync import sync_to_async
@@ -46,23 +47,19 @@ class Lease:
 
 
 def lock_character(character, open_conversation, admit=None):
-    """Take `character`'s lock, then `open_conversation()` -> (conversation, head); ApiError(BUSY) if taken.
+    """Take `character`'s lock, then `open_conversation()` -> (conversation, head); locks.Busy (an
+    ApiError with BUSY) if it is taken.
 
     `admit(character)`, when given, runs under the lock before the conversation
     is opened (a new one is written with its round 0): a request it refuses
     (ApiError) leaves nothing written.
     """
-    try:
-        key = locks.acquire(character.lock_name)
-    except locks.Busy:
-        raise ApiError(BUSY)
-    try:
+    with contextlib.ExitStack() as until_leased:
+        key = until_leased.enter_context(locks.held(character.lock_name))  # locks.Busy: answered BUSY
         if admit is not None:
             admit(character)
         conversation, last = open_conversation()
-    except BaseException:
-        locks.release(character.lock_name, key)
-        raise
+        until_leased.pop_all()  # leased: commit_and_release or release lets go of it
     return Lease(conversation, character, key, last)
 
 

@@ -50,7 +50,7 @@ class ReplyStream:
     """
 
     def __init__(self, lease, generation, round_, pre_state=None, replayed=0, prefix_tokens=(),
-                 prefix_text="", keep_partial=False, start_state=None, prompt=()):
+                 prefix_text="", keep_partial=False, start_state=None, prompt=(), reply_base=None):
         self.lease = lease
         self.generation = generation
         self.round = round_
@@ -61,15 +61,39 @@ class ReplyStream:
         self.keep_partial = keep_partial
         self.start_state = start_state
         self.prompt = list(prompt)
+        # The state before the round's last prompt token, when the job started there (a swipe, a
+        # continuation); else the job's snapshot at that point.
+        self.reply_base = reply_base
         self.text = ""
 
     def __aiter__(self):
         return self._run()
 
     def shown(self, text):
-        if not self.prefix_text:
-            return text
-        return f"{self.prefix_text} {text}".strip() if text else self.prefix_text
+        """The reply so far as one turn of the prompt format (prompt_format.clean_turn); a
+        continuation shows the reply it continues first."""
+        if self.prefix_text:
+            text = f"{self.prefix_text} {text}" if text else self.prefix_text
+        return prompt_format.clean_turn(text)
+
+    async def as_read(self, reply):
+        """(the reply's tokens, the state after them), in the format's spelling of the reply's text.
+
+        When the model wrote it otherwise (no space after the colon, spaces around a line break, a
+        blank line that is not "\n\n"), the reply is read again in that spelling from the state
+        before it, so that the context is always exactly the chat and the state the one it gives."""
+        engine = get_engine()
+        written = self.prefix_tokens + reply.tokens
+        tokens = engine.tokenizer.encode(prompt_format.reply_part(self.text))
+        if tokens == written:
+            return written, reply.state
+        round_ = self.round
+        start = self.reply_base
+        if start is None:
+            start = reply.snapshots[self.replayed + round_.reply_start - 1]
+        last_prompt_token = round_.token_list[round_.reply_start - 1:round_.reply_start]
+        state, _ = await engine.read(start, last_prompt_token + tokens)
+        return tokens, state
 
     async def _run(self):
         finished = False
@@ -78,14 +102,17 @@ class ReplyStream:
                 self.text = self.shown(text)
                 yield self.text
             reply = self.generation.reply
+            if self.prefix_tokens:  # a continuation: the whole reply, as the model's tokens give it
+                self.text = prompt_format.clean_turn(reply_text(self.prefix_tokens + reply.tokens))
+            else:
+                self.text = self.shown(reply.text)
+            tokens, state = await self.as_read(reply)
             round_ = self.round
-            reply_tokens = self.prefix_tokens + reply.tokens
-            round_.bot_text = reply_text(reply_tokens) if self.prefix_tokens else reply.text
-            self.text = round_.bot_text
-            round_.set_tokens(round_.token_list[:round_.reply_start] + reply_tokens)
+            round_.bot_text = self.text
+            round_.set_tokens(round_.token_list[:round_.reply_start] + tokens)
             pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
             remembered = (round_.parent_id, reply.snapshots[self.replayed]) if self.replayed else None
-            await store_round(self.lease, round_, pre_state, reply.state, get_engine().backend, remembered)
+            await store_round(self.lease, round_, pre_state, state, get_engine().backend, remembered)
             finished = True
         finally:
             if not finished:
@@ -225,7 +252,7 @@ async def start_swipe(lease, round_, sampling, seed=None, keep_partial=False, co
                                      settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
         return ReplyStream(lease, generation, target, pre_state=pre_state if rebuilt else None,
                            prefix_tokens=prefix_tokens, prefix_text=prefix_text, keep_partial=keep_partial,
-                           start_state=pre_state, prompt=last_prompt_token)
+                           start_state=pre_state, prompt=last_prompt_token, reply_base=pre_state)
 
     return await start_stream(lease, make_stream)
 
