@@ -20,6 +20,7 @@ from django.conf import settings
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
 from limits import services as limits
+from lore import services as lore_services
 from rpserver.errors import ApiError
 
 from .lease import acquire, acquire_chat, db, let_go, release
@@ -206,7 +207,10 @@ async def start_reply(owner, name, prompt, sampling, seed=None, chat_id=None, ke
             base_index, state = 0, await round_zero_state(plan.path[0].token_list)
         replay = tokens_between(plan.path, base_index, last)
         user, bot = speaker_names(lease.character)
-        head = engine.tokenizer.encode(prompt_format.user_turn(user, bot, prompt))
+        lore = ""  # lore/: what the lore the turn's messages mention makes the model read first
+        if lore_services.character_books(lease.character):
+            lore = await db(lore_services.lore_for_turn)(lease.character, lease.conversation, prompt, user, bot)
+        head = engine.tokenizer.encode(lore + prompt_format.user_turn(user, bot, prompt))
         round_ = Round(conversation=lease.conversation, parent=lease.last, index=lease.last.index + 1,
                        user_text=prompt, reply_start=len(head))
         round_.set_tokens(head)

@@ -26,15 +26,19 @@ NO_ROUND = "round does not exist in this chat"
 
 
 def speaker_names(character):
-    return prompt_format.speaker_names(character.user_name, character.name, character.use_qa)
+    persona = character.chat_persona  # personas/: who the person is in this chat, if they chose
+    user_name = persona.name if persona is not None else character.user_name
+    return prompt_format.speaker_names(user_name, character.name, character.use_qa)
 
 
 def first_round(conversation, character, greeting=None):
     """A round 0: the character header, then the greeting (or `greeting`) as the character's reply."""
     user, bot = speaker_names(character)
     tokenizer = get_engine().tokenizer
+    persona = character.chat_persona
     header = tokenizer.encode(prompt_format.character_header(
-        user, bot, character.persona, character.example_message))
+        user, bot, character.persona, character.example_message,
+        user_persona=persona.description if persona is not None else ""))
     greeting = prompt_format.substitute(character.greeting if greeting is None else greeting, user, bot)
     round_ = Round(conversation=conversation, index=0, user_text=None, bot_text=greeting.strip(),
                    reply_start=len(header))
