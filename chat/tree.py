@@ -93,6 +93,8 @@ def chat_of(owner, chat_id):
     conversation = Conversation.objects.filter(pk=chat_id, owner=owner).select_related("character").first()
     if conversation is None or conversation.head_id is None:
         raise ApiError(NO_CHAT, 404)
+    # Read here, on the database thread, as get_character does: the chat's async code uses them.
+    conversation.character.chat_persona, conversation.character.chat_lorebooks
     return conversation
 
 
