@@ -337,11 +337,9 @@ def test_stop_keeps_the_partial_reply_ready_to_continue_and_a_second_change_is_t
     tree = long_tree(long_server)
     chat_id = tree.main_chat()
     with tree.http.stream("POST", f"/api/v1/chats/{chat_id}/reply", data={"prompt": "tell me everything"}) as answer:
-        seen = b""
-        for chunk in answer.iter_raw():
-            seen += chunk
-            if seen.count(b"data: ") >= 2:
-                break
+        chunks, seen = answer.iter_raw(), b""  # (kept: a dropped iterator closes the stream)
+        while seen.count(b"data: ") < 2:
+            seen += next(chunks)
         # While the reply runs, another change to the chat is refused at once, with a clear message.
         greeting = tree.chat(chat_id)["messages"][0]["round"]
         assert tree.post(f"/api/v1/chats/{chat_id}/edit", round=greeting, role="character", text="x") == (
