@@ -42,22 +42,24 @@ class Character(models.Model):
     def __str__(self):
         return f"{self.name} ({self.owner})"
 
+    # What a chat reads besides the character, owned by the apps above this one (personas/, lore/):
+    # each registers its reader here in its AppConfig.ready(), so that characters imports neither.
+    chat_readers = {}
+
     @cached_property
     def chat_persona(self):
-        """The Persona this character's chat speaks as: its own choice, else the owner's default, else
-        None (then the character's user_name). characters.services.get_character reads it on the
-        database thread, so that the chat's async code finds it cached."""
-        from personas.services import persona_of_chat
-
-        return persona_of_chat(self)
+        """The Persona this character's chat speaks as (personas/: its own choice, else the owner's
+        default), or None (then the character's user_name). characters.services.get_character reads it
+        on the database thread, so that the chat's async code finds it cached."""
+        reader = self.chat_readers.get("persona")
+        return reader(self) if reader is not None else None
 
     @cached_property
     def chat_lorebooks(self):
         """The owner's active lorebooks' JSON (lore/), read in this character's chat; read on the
         database thread by get_character, as chat_persona is."""
-        from lore.services import active_lorebooks
-
-        return active_lorebooks(self.owner_id)
+        reader = self.chat_readers.get("lorebooks")
+        return reader(self) if reader is not None else []
 
     @property
     def lock_name(self):
