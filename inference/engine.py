@@ -154,6 +154,10 @@ class Engine:
         self.pass_seconds = 0.0  # time in forward passes
         self.step_seconds = 0.0  # time in whole steps: the pass, sampling, emitting, finishing
         self.last_batch_size = 0
+        # The step's pass, published with the step under _counters, so that stats() (another thread)
+        # never sees half a step: a pass counted but not its rows, or its time but not its step's.
+        self._counters = threading.Lock()
+        self._pass = None  # (rows, seconds) of this step's forward pass, until the step ends
         self._running = 0
         self._waiting = 0
 
@@ -166,6 +170,10 @@ class Engine:
         passes), pass_seconds and step_seconds (time in forward passes, and
         in whole steps): cumulative.
         """
+        with self._counters:
+            return self._stats()
+
+    def _stats(self):
         return {
             "running": self._running,
             "waiting": self._waiting + self._inbox.qsize(),
@@ -306,9 +314,25 @@ class Engine:
                     members.clear()
                     batch = self.backend.new_batch()
             self._running, self._waiting = len(members), len(waiting)
+            if stepped:  # before the step's events go out: who they wake finds the step counted
+                self._publish_step(time.perf_counter() - started)
+            flushing = time.perf_counter()
             self._flush()
             if stepped:
-                self.step_seconds += time.perf_counter() - started
+                with self._counters:
+                    self.step_seconds += time.perf_counter() - flushing
+
+    def _publish_step(self, seconds):
+        """The ended step's counters, all at once (see _counters); its events not yet sent."""
+        with self._counters:
+            self.step_seconds += seconds
+            if self._pass is not None:
+                rows, pass_seconds = self._pass
+                self.pass_seconds += pass_seconds
+                self.steps += 1
+                self.rows += rows
+                self.last_batch_size = rows
+        self._pass = None
 
     def _take_inbox(self, batch, members, waiting, block):
         """New jobs join the queue for a row; aborted ones leave wherever they are."""
@@ -371,10 +395,7 @@ class Engine:
         self.thread_policy.apply(prompt_tokens)
         started = time.perf_counter()
         logits, snapshots = batch.step(feed, snapshot_after)
-        self.pass_seconds += time.perf_counter() - started
-        self.steps += 1
-        self.rows += len(feed)
-        self.last_batch_size = len(feed)
+        self._pass = (len(feed), time.perf_counter() - started)  # published when the step ends
         return logits, snapshots
 
     def _update(self, batch, members, feed, logits, snapshots):
