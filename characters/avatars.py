@@ -23,9 +23,11 @@ import struct
 import warnings
 
 from django.conf import settings
+from django.core.files.base import ContentFile
 from PIL import Image, ImageOps
 
 from rpserver.errors import ApiError
+from rpserver.files import delete_file_on_commit
 
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
@@ -275,3 +277,16 @@ def avatar_data_url(character):
     except OSError:
         return ""
     return f"data:{character.avatar_type};base64,{base64.b64encode(image).decode()}"
+
+
+def replace_avatar(owner_object, avatar, image):
+    """A character's or a persona's avatar after a save: `avatar` given (even empty) drops the old file
+    once the transaction commits; `image` (data, mime, extension) is the new one, if any."""
+    if avatar is not None:
+        delete_file_on_commit(owner_object.avatar)
+        owner_object.avatar = None
+        owner_object.avatar_type = ""
+    if image is not None:
+        data, mime, extension = image
+        owner_object.avatar_type = mime
+        owner_object.avatar.save(f"avatar.{extension}", ContentFile(data), save=False)

@@ -12,7 +12,7 @@ from rpserver.errors import ApiError
 from rpserver.files import delete_file_on_commit
 
 from . import cards
-from .avatars import clean_avatar, parse_avatar
+from .avatars import clean_avatar, parse_avatar, replace_avatar
 from .defaults import starter_characters
 from .models import MAX_NAME_LENGTH, Character
 from .signals import character_changed
@@ -65,14 +65,7 @@ def save_character(owner, name, user_name, greeting, persona, example_message=""
         character.persona = persona
         character.example_message = example_message
         character.use_qa = use_qa
-        if avatar is not None:
-            delete_file_on_commit(character.avatar)
-            character.avatar = None
-            character.avatar_type = ""
-        if image is not None:
-            data, mime, extension = image
-            character.avatar_type = mime
-            character.avatar.save(f"avatar.{extension}", ContentFile(data), save=False)
+        replace_avatar(character, avatar, image)
         character.save()
     return character
 

@@ -17,16 +17,14 @@ nothing is changed.
 
 import contextlib
 
-from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
 
-from characters.avatars import parse_avatar
+from characters.avatars import parse_avatar, replace_avatar
 from characters.models import Character
 from characters.services import get_character
 from characters.signals import character_changed
 from locks import services as locks
 from rpserver.errors import ApiError
-from rpserver.files import delete_file_on_commit
 
 from .models import Persona
 
@@ -101,14 +99,7 @@ def save_persona(owner, name, description, avatar=None, is_default=None, persona
             persona.description = description
             if is_default is not None:
                 persona.is_default = is_default
-            if avatar is not None:
-                delete_file_on_commit(persona.avatar)
-                persona.avatar = None
-                persona.avatar_type = ""
-            if image is not None:
-                data, mime, extension = image
-                persona.avatar_type = mime
-                persona.avatar.save(f"avatar.{extension}", ContentFile(data), save=False)
+            replace_avatar(persona, avatar, image)
             persona.save()
     except IntegrityError:
         raise ApiError(f"a persona named {name!r} already exists")
