@@ -5,7 +5,7 @@ from .models import Lock, ServerInstance
 
 @admin.register(ServerInstance)
 class ServerInstanceAdmin(admin.ModelAdmin):
-    list_display = ("id", "host", "pid", "started", "heartbeat")
+    list_display = ("id", "host", "pid", "started", "heartbeat", "dead_at")
 
 
 @admin.register(Lock)

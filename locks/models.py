@@ -9,7 +9,11 @@ class ServerInstance(models.Model):
     host = models.CharField(max_length=255)
     pid = models.PositiveIntegerField()
     started = models.DateTimeField(auto_now_add=True)
-    heartbeat = models.DateTimeField(db_index=True)
+    heartbeat = models.DateTimeField()
+    # When this process counts as dead unless it beats again: its last heartbeat plus its own
+    # RPSERVER_LOCK_DEAD_AFTER_SECONDS. Each process is judged by its own bound, so processes
+    # configured differently on one database never take each other for dead while they beat.
+    dead_at = models.DateTimeField(db_index=True)
 
     def __str__(self):
         return f"{self.host}:{self.pid} ({self.id[:8]})"

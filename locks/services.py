@@ -10,17 +10,21 @@ Why each piece:
   long as it runs, however long, while its process lives. (A timeout on the
   lock itself would hand a long reply's conversation to a second request.)
 - A process proves it lives by a heartbeat (every quarter of
-  RPSERVER_LOCK_DEAD_AFTER_SECONDS, default 20). A process whose heartbeat
-  is older than that is dead: its row is deleted and its locks go with it
+  RPSERVER_LOCK_DEAD_AFTER_SECONDS, default 20). Each beat writes when the
+  process will count as dead (`dead_at`: now + its own dead-after). A process
+  past its `dead_at` is dead: its row is deleted and its locks go with it
   (CASCADE), so a crashed process's locks free within 25 s (dead-after +
-  one heartbeat) for any other process that wants one of them.
+  one heartbeat) for any other process that wants one of them. Judged by
+  its own bound, a process is never taken for dead by another configured
+  with a shorter one while it beats.
 - A restarted server on the same host frees its predecessor's locks at once:
   at start-up, instances on this host whose process id is not running (or is
   our own: a container restarts as pid 1 again) are dead.
 - A process that was stalled so long that another reaped it (its row is
-  gone) finds out at its next heartbeat and registers again, and its
-  requests fail their `check` at commit: nothing it stores can overwrite the
-  work of the request that took the lock over.
+  gone) registers again at its next heartbeat, or at once when a request
+  wants a lock meanwhile; the requests that held locks fail their `check` at
+  commit: nothing they store can overwrite the work of a request that took
+  a lock over.
 - A clean stop deletes the instance's row, freeing anything still held.
 """
 
@@ -49,6 +53,12 @@ def dead_after():
 
 def heartbeat_seconds():
     return max(0.25, dead_after() / 4)
+
+
+def beat():
+    """The fields a heartbeat writes: when it was, and when this process counts as dead without another."""
+    now = timezone.now()
+    return {"heartbeat": now, "dead_at": now + timedelta(seconds=dead_after())}
 
 
 def host():
@@ -80,8 +90,15 @@ class Instance:
         """Reap the dead (see the module's notes), then record this process as alive."""
         reap_dead_here()
         reap_expired()
-        ServerInstance.objects.update_or_create(
-            id=self.id, defaults={"host": host(), "pid": os.getpid(), "heartbeat": timezone.now()})
+        ServerInstance.objects.update_or_create(id=self.id, defaults={"host": host(), "pid": os.getpid(), **beat()})
+
+    def registered(self):
+        return ServerInstance.objects.filter(id=self.id).exists()
+
+    def register_again(self):
+        """After another process took this one for dead and deleted its row (a long stall)."""
+        logger.warning("this server was taken for dead (no heartbeat for %s s); registering again", dead_after())
+        self.register()
 
     def start(self):
         self.register()
@@ -92,10 +109,8 @@ class Instance:
         while not self._stop.wait(heartbeat_seconds()):
             try:
                 close_old_connections()
-                if not ServerInstance.objects.filter(id=self.id).update(heartbeat=timezone.now()):
-                    logger.warning("this server was taken for dead (no heartbeat for %s s); registering again",
-                                   dead_after())
-                    self.register()
+                if not ServerInstance.objects.filter(id=self.id).update(**beat()):
+                    self.register_again()
                 reap_expired()
             except Exception:  # the database may be away for a moment: try again next beat
                 logger.exception("lock heartbeat failed")
@@ -146,8 +161,8 @@ def reap_dead_here():
 
 
 def reap_expired():
-    """Delete the instances whose heartbeat stopped (their locks go too)."""
-    ServerInstance.objects.filter(heartbeat__lt=timezone.now() - timedelta(seconds=dead_after())).delete()
+    """Delete the instances whose heartbeat stopped (past their own dead-after; their locks go too)."""
+    ServerInstance.objects.filter(dead_at__lt=timezone.now()).delete()
 
 
 def acquire(name):
@@ -157,13 +172,19 @@ def acquire(name):
     """
     me = instance()
     key = uuid.uuid4().hex
+    if transaction.get_connection().in_atomic_block and not me.registered():
+        me.register_again()  # (the holder's foreign key is checked at the outer commit, not below)
     for attempt in (1, 2):
         try:
             with transaction.atomic():
                 Lock.objects.create(name=name, holder_id=me.id, key=key)
             return key
-        except IntegrityError:
-            if attempt == 2 or not reap_holder_if_dead(name):
+        except IntegrityError:  # the name is taken, or this process was taken for dead (no holder row)
+            if attempt == 2:
+                raise Busy(name)
+            if not me.registered():
+                me.register_again()
+            elif not reap_holder_if_dead(name):
                 raise Busy(name)
     raise Busy(name)
 
@@ -195,7 +216,7 @@ def reap_holder_if_dead(name):
     if lock is None:
         return True
     holder = lock.holder
-    dead = holder.heartbeat < timezone.now() - timedelta(seconds=dead_after()) or (
+    dead = holder.dead_at < timezone.now() or (
         holder.host == host() and holder.id != instance().id and not pid_running(holder.pid))
     if dead:
         holder.delete()

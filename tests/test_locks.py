@@ -5,9 +5,12 @@ import gc
 import random
 import signal
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
+from django.db import transaction
+from django.utils import timezone
 
 from chat.models import Round
 from conftest import CHARACTER, ENDLESS_MODEL, UNTIL_THE_READER_LEAVES, Api, Server, first_frame, path_rounds
@@ -69,6 +72,37 @@ def test_a_lock_taken_over_from_held_stays_held_after_the_block_and_a_collection
     finally:
         locks.stop_instance()
 
+
+
+def test_each_process_is_judged_dead_by_its_own_bound_not_the_reapers():
+    # A process with a shorter RPSERVER_LOCK_DEAD_AFTER_SECONDS on the same database once reaped every
+    # other process whose heartbeat was older than its own bound: their requests were answered BUSY
+    # until their next heartbeat (tests/test_lore.py failed so right after this module in CI).
+    # Here (the pytest process reaping) dead-after is 20 s; "slow" is dead after 40 s, "gone" after 4 s.
+    now = timezone.now()
+    slow = ServerInstance.objects.create(id="slow-beater", host="elsewhere", pid=1,
+                                         heartbeat=now - timedelta(seconds=25), dead_at=now + timedelta(seconds=15))
+    gone = ServerInstance.objects.create(id="gone-quiet", host="elsewhere", pid=1,
+                                         heartbeat=now - timedelta(seconds=5), dead_at=now - timedelta(seconds=1))
+    try:
+        locks.reap_expired()
+        assert ServerInstance.objects.filter(id=slow.id).exists(), "a process within its own bound was reaped"
+        assert not ServerInstance.objects.filter(id=gone.id).exists(), "a process past its own bound was kept"
+    finally:
+        ServerInstance.objects.filter(id__in=[slow.id, gone.id]).delete()
+
+
+@pytest.mark.parametrize("in_a_transaction", [False, True])
+def test_a_process_taken_for_dead_registers_again_for_its_next_request_instead_of_answering_busy(in_a_transaction):
+    try:
+        me = locks.instance()
+        ServerInstance.objects.filter(id=me.id).delete()  # as another process does after a long stall
+        with transaction.atomic() if in_a_transaction else contextlib.nullcontext():
+            with locks.held("test-taken-for-dead"):
+                assert Lock.objects.get(name="test-taken-for-dead").holder_id == me.id
+        assert not locks.is_held("test-taken-for-dead")
+    finally:
+        locks.stop_instance()
 
 def test_a_server_killed_during_a_reply_frees_the_conversation_at_restart():
     server = long_server("killed-mid-reply").start()

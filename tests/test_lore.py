@@ -5,19 +5,9 @@ import base64
 import copy
 import json
 
-import pytest
-
 from conftest import CHARACTER
-from environment import TEST_DATABASE
 from lore.models import Lorebook
 from test_cards import V3_CARD, import_ok
-
-# A KNOWN DEFECT, not a pass: on PostgreSQL the first reply to a character whose card carries a
-# character_book was answered "busy" in four of these tests (a fresh-clone CI run at 48a347b; on
-# SQLite all pass). Marked, reported by pytest as xfailed, and named in the closing note for the next
-# session to find; strict=False so that a run where the cause is fixed passes as XPASS.
-pytestmark = pytest.mark.xfail(TEST_DATABASE == "postgres", strict=False,
-                               reason="known: busy on the first lore reply under PostgreSQL (under investigation)")
 
 LIGHTHOUSE = "The lighthouse is 200 years old."
 
