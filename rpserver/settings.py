@@ -241,7 +241,6 @@ RPSERVER = {
     "STATE_CHECKPOINT_EVERY": env_int("RPSERVER_STATE_CHECKPOINT_EVERY", 8, minimum=1),
     "PREFILL_CHUNK": env_int("RPSERVER_PREFILL_CHUNK", 256, minimum=1),
     "MAX_BATCH": env_int("RPSERVER_MAX_BATCH", 32, minimum=1),
-    "SEED": env_int("RPSERVER_SEED", -1),
     "THREADS": env_int("RPSERVER_THREADS", 0, minimum=0),
     "PREFILL_THREADS": env_int("RPSERVER_PREFILL_THREADS", 0, minimum=0),
     "ADAPT_THREADS": env_bool("RPSERVER_ADAPT_THREADS", True),
