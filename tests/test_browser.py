@@ -141,13 +141,15 @@ def rounds_on_page(page):
 
 
 def watch_stream(page):
-    """Record the streaming bubble's text length at every change, from now on."""
+    """Record the length of the streaming bubble's text as received (before markdown, which shortens
+    the shown text when a `*` pair closes) at every change, from now on."""
     page.evaluate("""() => {
         window.lengths = [];
         new MutationObserver(() => {
             const bubble = document.querySelector('#messages .bubble.streaming');
-            if (bubble) window.lengths.push(bubble.textContent.length);
-        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, characterData: true});
+            if (bubble && bubble.dataset.received) window.lengths.push(Number(bubble.dataset.received));
+        }).observe(document.querySelector('#messages'),
+                   {subtree: true, childList: true, characterData: true, attributes: true});
     }""")
 
 

@@ -530,6 +530,7 @@ async function streamInto(bubble, route, fields) {
   try {
     const final = await stream(route, { character_name: name, ...sampling, ...fields }, (text) => {
       const stick = nearBottom();
+      bubble.dataset.received = text.length;  // what has come, before markdown (which may hide a `*`)
       renderMessageText(bubble, text);
       if (stick) scrollToEnd();
     }, controller.signal);
