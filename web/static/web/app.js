@@ -1,7 +1,7 @@
 // rpserver's web client: coming in, the characters, the editor and the chat.
 // Plain ES modules, no build step. Routes live in the URL's hash:
 //   #/            the gallery          #/new, #/edit/<name>   the editor
-//   #/chat/<name> a chat
+//   #/chat/<name> a chat           #/personas[/new|/<id>]  personas (personas.js)
 
 import { ApiError, call, get, session, stream, whenExpired } from "./api.js";
 import { fromServer, otherLanguage, setLanguage, t, translatePage } from "./i18n.js";
@@ -9,6 +9,7 @@ import { fillAvatar, renderMessageText } from "./text.js";
 import { exportCard, installCardImport } from "./cards.js";
 import { loadSampling, openSettings, setSamplingFields } from "./settings.js";
 import { readAvatar } from "./avatar.js";
+import { installPersonas, openPersonas, relabelPersonas, showChatPersona } from "./personas.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -214,6 +215,10 @@ function renderCharacters() {
 }
 
 function markCurrent() {
+  for (const link of document.querySelectorAll(".side-link")) {
+    if (location.hash.startsWith(link.getAttribute("href"))) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
   for (const link of document.querySelectorAll(".side-item")) {
     if (link.dataset.name === state.chatName && !$("#view-chat").hidden) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
@@ -242,6 +247,7 @@ async function route() {
   if (kind === "chat" && name) await openChat(name);
   else if (kind === "new") openEditor(null);
   else if (kind === "edit" && name) await openEditor(name);
+  else if (kind === "personas") await openPersonas(name);
   else {
     state.chatName = null;
     showView("view-gallery");
@@ -273,6 +279,7 @@ async function openEditor(name) {
   $("#export-png").hidden = $("#export-json").hidden = !name;
   $("#editor-overwrite").hidden = !name;
   showView("view-editor");
+  showChatPersona(null);
   if (name) {
     try {
       const data = await call("/characters/get", { character_name: name });
@@ -292,6 +299,7 @@ async function openEditor(name) {
   }
   document.title = `${title.textContent} · rpserver`;
   showEditorAvatar();
+  if (name) showChatPersona(name, form.user.value);
   form.setAttribute("aria-busy", "false");
   form.bot.focus();
 }
@@ -730,6 +738,7 @@ function wire() {
   $("#stop").addEventListener("click", stopReply);
   window.addEventListener("hashchange", route);
   whenExpired(expired);
+  installPersonas({ toast, showError, describe, confirmDialog, showView, avatarLimit });
 }
 
 /** After a language switch: the static labels, and what the script wrote. */
@@ -740,6 +749,7 @@ function relabel() {
     if (!$("#view-editor").hidden && state.editing && state.editing.name) {
       $("#editor-title").textContent = t("editor.edit_title", { name: state.editing.name });
     }
+    relabelPersonas();
     showAppLabels();
   } else {
     setAuthMode(state.authMode);
