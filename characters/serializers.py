@@ -76,13 +76,14 @@ class ExportCardSerializer(serializers.Serializer):
     spec = serializers.ChoiceField(choices=["v2", "v3"], required=False, default="v3")
 
 
-def decode_file(value):
-    """The bytes of a file sent as base64 or as a data URL; the size limit checked before decoding."""
-    limit = settings.RPSERVER["MAX_CARD_FILE_BYTES"]
+def decode_file(value, limit=None, what="the card file"):
+    """The bytes of a file sent as base64 or as a data URL; the size limit (`limit` bytes, by
+    default the card file's) checked before decoding."""
+    limit = limit or settings.RPSERVER["MAX_CARD_FILE_BYTES"]
     payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
     if len(payload) > (limit * 4) // 3 + 4:
-        raise serializers.ValidationError(f"the card file is too large: the limit is {limit // 1024} KB")
+        raise serializers.ValidationError(f"{what} is too large: the limit is {limit // 1024} KB")
     try:
         return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
     except (binascii.Error, ValueError):
-        raise serializers.ValidationError("must be the card file encoded as base64 (or a data: URL)")
+        raise serializers.ValidationError(f"must be {what} encoded as base64 (or a data: URL)")

@@ -1,7 +1,7 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from characters.serializers import CharacterNameSerializer
+from characters.serializers import CharacterNameSerializer, NameField, decode_file
 from inference.sampling import LIMITS, SamplingSettings, check_setting
 
 
@@ -67,3 +67,14 @@ class TreeReplySerializer(SamplingFieldsSerializer):
 
 class TreeSwipeSerializer(SamplingFieldsSerializer):
     round = serializers.IntegerField(min_value=1)
+
+
+class ImportChatSerializer(serializers.Serializer):
+    """POST /api/v1/chats/import: the character the chat is for, and the chat file (JSONL) as base64
+    or a data URL."""
+
+    character = NameField()
+    file = serializers.CharField()
+
+    def validate_file(self, value):
+        return decode_file(value, settings.RPSERVER["MAX_CHAT_FILE_BYTES"], "the chat file")

@@ -208,9 +208,15 @@ def kept_states(conversation, head_id):
     - never round 0's: the header and greeting's state lives in the shared
       state cache, keyed by its exact tokens.
     """
-    config = settings.RPSERVER
     rows = list(Round.objects.filter(conversation_id=conversation.pk, deleted=False)
                 .values_list("pk", "parent_id", "index"))
+    return state_policy(rows, head_id, conversation.owner.is_guest)
+
+
+def state_policy(rows, head_id, guest):
+    """kept_states for rows [(key, parent key, index)] that need not be stored yet (chat.transfer
+    decides which states of an imported chat to keep before its rounds exist)."""
+    config = settings.RPSERVER
     children = {}
     for pk, parent, _ in rows:
         children[parent] = children.get(parent, 0) + 1
@@ -220,7 +226,6 @@ def kept_states(conversation, head_id):
         on_path.add(pk)
         pk = parents[pk]
     head_index = next((index for pk, _, index in rows if pk == head_id), 0)
-    guest = conversation.owner.is_guest
     kept = {}
     for pk, parent, index in rows:
         if index == 0:

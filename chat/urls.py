@@ -10,7 +10,9 @@ urlpatterns = [
     path("debug/token", views.TokenView.as_view()),
     # The conversation tree's REST API (the streams are in chat.routing).
     path("api/v1/chats", views.ChatListView.as_view()),
+    path("api/v1/chats/import", views.ImportChatView.as_view()),
     path("api/v1/chats/<int:chat_id>", views.ChatView.as_view()),
+    path("api/v1/chats/<int:chat_id>/export", views.ExportChatView.as_view()),
     path("api/v1/chats/<int:chat_id>/context", views.ChatContextView.as_view()),
     path("api/v1/chats/<int:chat_id>/switch", views.SwitchView.as_view()),
     path("api/v1/chats/<int:chat_id>/edit", views.EditView.as_view()),

@@ -1,12 +1,15 @@
+from urllib.parse import quote
+
 from asgiref.sync import async_to_sync
+from django.http import HttpResponse
 from rest_framework.views import APIView
 
 from characters.serializers import CharacterNameSerializer
-from characters.views import character_name
+from characters.views import FileAnswerNegotiation, character_name
 from rpserver.envelope import ok
 
-from . import services
-from .serializers import BackSerializer, EditSerializer, RoundSerializer, TamperSerializer
+from . import services, transfer
+from .serializers import BackSerializer, EditSerializer, ImportChatSerializer, RoundSerializer, TamperSerializer
 
 
 def validated(serializer_class, request):
@@ -105,3 +108,26 @@ class DiscardView(APIView):
     def post(self, request, chat_id):
         services.delete_chat(request.user, chat_id)
         return ok()
+
+
+# ---- chats in and out (docs/import-export.md) ----
+
+
+def attachment(body, content_type, file_name):
+    answer = HttpResponse(body, content_type=content_type)
+    answer["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(file_name, safe='')}"
+    return answer
+
+
+class ExportChatView(APIView):
+    content_negotiation_class = FileAnswerNegotiation
+
+    def get(self, request, chat_id):
+        body, file_name = transfer.export_chat(request.user, chat_id)
+        return attachment(body, "application/jsonl; charset=utf-8", file_name)
+
+
+class ImportChatView(APIView):
+    def post(self, request):
+        fields = validated(ImportChatSerializer, request)
+        return ok(async_to_sync(transfer.import_chat)(request.user, fields["character"], fields["file"]))

@@ -212,6 +212,9 @@ RPSERVER = {
     # Character cards (characters/cards.py): the file imported, and the card's JSON inside it.
     "MAX_CARD_FILE_BYTES": env_int("RPSERVER_MAX_CARD_FILE_BYTES", 3 * 1024 * 1024, minimum=1024),
     "MAX_CARD_JSON_BYTES": env_int("RPSERVER_MAX_CARD_JSON_BYTES", 1024 * 1024, minimum=1024),
+    # Chat files (chat/transfer.py, docs/import-export.md): the JSONL file imported, its messages.
+    "MAX_CHAT_FILE_BYTES": env_int("RPSERVER_MAX_CHAT_FILE_BYTES", 2 * 1024 * 1024, minimum=1024),
+    "MAX_CHAT_MESSAGES": env_int("RPSERVER_MAX_CHAT_MESSAGES", 2000, minimum=1),
     "TOKEN_TTL_HOURS": env_int("RPSERVER_TOKEN_TTL_HOURS", 24 * 30, minimum=1),
     "ALLOW_SIGNUP": env_bool("RPSERVER_ALLOW_SIGNUP", True),
     # Locks (locks/services.py): a process silent this long is dead and its locks are freed.
