@@ -148,28 +148,29 @@ def read_charx(file):
     return card
 
 
-def check_member_name(name):
+def check_member_name(name, container="the CHARX file"):
     """Refuse a member that would land outside the archive's folder if it were unpacked."""
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
-        raise CardError(f"the CHARX file is refused: it holds a file outside its own folder ({name!r})")
+        raise CardError(f"{container} is refused: it holds a file outside its own folder ({name!r})")
 
 
-def read_member(archive, member, max_bytes, what="card.json"):
+def read_member(archive, member, max_bytes, what="card.json", container="the CHARX file"):
     """A zip member's bytes, counted as they are decompressed: a member (a zip bomb) whose header
-    understates its size is stopped at `max_bytes`, not read to its end."""
+    understates its size is stopped at `max_bytes`, not read to its end. (`container` names the
+    archive in the messages: a CHARX file, or an account file, archive/services.py.)"""
     if member.file_size > max_bytes:
-        raise CardError(f"{what} in the CHARX file is too large: the limit is {max_bytes // 1024} KB")
+        raise CardError(f"{what} in {container} is too large: the limit is {max_bytes // 1024} KB")
     chunks, size = [], 0
     try:
         with archive.open(member) as stream:
             while chunk := stream.read(65536):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise CardError(f"{what} in the CHARX file is too large: the limit is {max_bytes // 1024} KB")
+                    raise CardError(f"{what} in {container} is too large: the limit is {max_bytes // 1024} KB")
                 chunks.append(chunk)
     except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, zlib.error) as exc:
-        raise CardError(f"{what} in the CHARX file cannot be read: {exc}")
+        raise CardError(f"{what} in {container} cannot be read: {exc}")
     return b"".join(chunks)
 
 

@@ -87,6 +87,7 @@ INSTALLED_APPS = [
     "personas",
     "lore",
     "chat",
+    "archive",
     "inference",
     "web",
     "statecache",

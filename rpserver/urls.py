@@ -10,6 +10,7 @@ urlpatterns = [
     path("", include("personas.urls")),
     path("", include("lore.urls")),
     path("", include("chat.urls")),
+    path("", include("archive.urls")),
     path("", include("web.urls")),
     path("metrics", metrics_view),
 ]
