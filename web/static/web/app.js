@@ -2,6 +2,7 @@
 // Plain ES modules, no build step. Routes live in the URL's hash:
 //   #/            the gallery          #/new, #/edit/<name>   the editor
 //   #/chat/<name> a chat           #/personas[/new|/<id>]  personas (personas.js)
+//   #/lore[/<id>]  lorebooks (lore.js)
 
 import { ApiError, call, get, session, stream, whenExpired } from "./api.js";
 import { fromServer, otherLanguage, setLanguage, t, translatePage } from "./i18n.js";
@@ -10,6 +11,7 @@ import { exportCard, installCardImport } from "./cards.js";
 import { loadSampling, openSettings, setSamplingFields } from "./settings.js";
 import { readAvatar } from "./avatar.js";
 import { installPersonas, openPersonas, relabelPersonas, showChatPersona } from "./personas.js";
+import { installLore, openLore, relabelLore } from "./lore.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -248,6 +250,7 @@ async function route() {
   else if (kind === "new") openEditor(null);
   else if (kind === "edit" && name) await openEditor(name);
   else if (kind === "personas") await openPersonas(name);
+  else if (kind === "lore") await openLore(name);
   else {
     state.chatName = null;
     showView("view-gallery");
@@ -739,6 +742,7 @@ function wire() {
   window.addEventListener("hashchange", route);
   whenExpired(expired);
   installPersonas({ toast, showError, describe, confirmDialog, showView, avatarLimit });
+  installLore({ toast, showError, describe, confirmDialog, showView });
 }
 
 /** After a language switch: the static labels, and what the script wrote. */
@@ -750,6 +754,7 @@ function relabel() {
       $("#editor-title").textContent = t("editor.edit_title", { name: state.editing.name });
     }
     relabelPersonas();
+    relabelLore();
     showAppLabels();
   } else {
     setAuthMode(state.authMode);
