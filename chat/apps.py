@@ -12,8 +12,13 @@ class ChatConfig(AppConfig):
 
         from .models import Round
         from .services import discard_conversations
-        from .states import release_round_blobs
+        from statecache import store
+
+        from .states import blob_in_use, release_round_blobs
 
         # A round's blobs may be shared (alternatives, forks): they go once no round points to them.
         post_delete.connect(release_round_blobs, sender=Round, dispatch_uid="files-Round")
+        # The state store deletes a state only when no round pins it (nor the shared cache).
+        if blob_in_use not in store.pin_holders:
+            store.pin_holders.append(blob_in_use)
         character_changed.connect(discard_conversations, dispatch_uid="discard-conversations")

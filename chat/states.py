@@ -1,17 +1,21 @@
 """A conversation's states: which to load, how to rebuild one, what to store.
 
-Every round may keep two states (safetensors blobs, statecache.blobs): the
-state before its reply (after all but the last token before it, from which
-the reply is generated again) and the state after it. Which ones are kept
-is the policy in chat.tree.kept_states; any other is rebuilt from the
-nearest kept one before it on its path by re-reading the tokens in between
-(every round records exactly what the model read).
+Every round may keep two states: the state before its reply (after all but
+the last token before it, from which the reply is generated again) and the
+state after it. They live in the one state store (statecache.store), keyed
+by the model and the digest of the exact tokens of the path up to them; a
+round pins a state by naming its blob in `pre_state`/`post_state`. Which
+ones are kept is the policy in chat.tree.kept_states; any other is found in
+the store by its digest (another chat, a fork, the OpenAI door may have it)
+or rebuilt from the nearest kept one before it on its path by re-reading
+the tokens in between (every round records exactly what the model read).
 
-A blob may be pointed to by several rounds (the alternatives of a reply
-share the state before it; a fork shares its source's states): a blob is
-deleted once no round points to it any more (release_blob).
+A state may be pinned by several rounds (the alternatives of a reply share
+the state before it; a fork shares its source's states; two chats that
+read the same tokens share one row): it is deleted once nothing pins it
+(release_blob, statecache.store.release).
 
-Blobs are written before the transaction that points rows at them, and
+Blobs are written before the transaction that records and pins them, and
 deleted again if that transaction fails: a crash leaves at worst an
 unreferenced file (swept by the orphans command), never a row pointing at
 a half-written state.
@@ -19,17 +23,18 @@ a half-written state.
 
 import asyncio
 
-from django.core.files.storage import default_storage
 from django.db import models, transaction
 from django.utils import timezone
 
 from inference.runtime import get_engine
+from statecache import store
 from statecache.blobs import blob_io, delete_states, load_state, save_state
-from statecache.services import state_cache
+from statecache.models import STORE_DIR
+from statecache.services import prefix_digests, state_bytes, state_cache
 
 from .lease import check_lease, commit_and_release, db
 from .models import Conversation, Round
-from .tree import kept_states, path_of
+from .tree import kept_states, path_of, path_tokens
 
 
 # ---- blobs shared by rounds ---------------------------------------------------------
@@ -40,16 +45,28 @@ def blob_in_use(name):
 
 
 def release_blob(field_file):
-    """Delete a round's blob once the current transaction commits, unless another round still points to it."""
+    """A round lets go of a state: once the current transaction commits, the store deletes it
+    unless something still pins it (another round, the shared cache)."""
     name = field_file.name if hasattr(field_file, "name") else field_file
-    if not name:
-        return
+    if name:
+        transaction.on_commit(lambda: store.release(name))
 
-    def delete_if_unused():
-        if not blob_in_use(name):
-            default_storage.delete(name)
 
-    transaction.on_commit(delete_if_unused)
+def prefix_ends(path):
+    """The length of the context after each round of `path`."""
+    ends, total = [], 0
+    for round_ in path:
+        total += len(round_.token_list)
+        ends.append(total)
+    return ends
+
+
+def pin(path_tokens_, length, written, backend):
+    """Inside a transaction: the blob to pin for the state after path_tokens_[:length], of which
+    `written` (blob name, bytes) was just stored (the store may have had it already)."""
+    name, nbytes = written
+    digest = prefix_digests(path_tokens_, [length])[length]
+    return store.put_state(backend.model_id, digest, length, nbytes, name)
 
 
 def release_round_blobs(sender, instance, **kwargs):
@@ -63,10 +80,22 @@ def release_round_blobs(sender, instance, **kwargs):
 
 def stored_states(path, index, backend):
     """Where usable post-round states at or before path position `index` may be
-    stored, newest first: [(position, blob name)]. (Round 0's state is in the
-    shared state cache: round_zero_state.)"""
-    return [(position, round_.post_state.name) for position, round_ in reversed(list(enumerate(path[:index + 1])))
-            if round_.post_state and round_.state_model == backend.model_id]
+    stored, newest first: [(position, blob name)]: those its rounds pin, and
+    those the store has under the path's digests (a fork's, another chat's,
+    the OpenAI door's). (Round 0's state is in the shared state cache:
+    round_zero_state.) On the ORM thread: one query."""
+    pinned = {position: round_.post_state.name for position, round_ in enumerate(path[:index + 1])
+              if round_.post_state and round_.state_model == backend.model_id}
+    ends = prefix_ends(path[:index + 1])
+    unpinned = [ends[position] for position in range(1, index + 1) if position not in pinned]
+    if unpinned:
+        digests = prefix_digests(path_tokens(path[:index + 1]), unpinned)
+        found = store.find_states(backend.model_id, digests.values())
+        position_of = {end: position for position, end in enumerate(ends)}
+        for length, digest in digests.items():
+            if digest in found:
+                pinned[position_of[length]] = found[digest][1]
+    return sorted(pinned.items(), reverse=True)
 
 
 def tokens_between(path, after, upto):
@@ -93,16 +122,25 @@ async def first_readable(candidates, backend):
     """The first of stored_states()'s candidates that loads: (position, state);
     (-1, None) when none does (start from round 0's state)."""
     for found_index, name in candidates:
-        state = await blob_io(load_state)(name, backend)
+        state = await load_or_forget(name, backend)
         if state is not None:
             return found_index, state
     return -1, None
 
 
+async def load_or_forget(name, backend):
+    """The state in blob `name`; None when it is missing or damaged, and then the store forgets it
+    (the next writer of its key stores a good one)."""
+    state = await blob_io(load_state)(name, backend)
+    if state is None:
+        await db(store.forget)(name)
+    return state
+
+
 async def base_state(path, index, backend):
     """The newest readable stored state at or before path position `index`: (position, state);
     at worst round 0's (round_zero_state)."""
-    found = await first_readable(stored_states(path, index, backend), backend)
+    found = await first_readable(await db(stored_states)(path, index, backend), backend)
     if found[0] >= 0:
         return found
     return 0, await round_zero_state(path[0].token_list)
@@ -131,7 +169,7 @@ async def state_before_reply(conversation, path, round_):
     `path` is a path through round_'s parent."""
     engine = get_engine()
     if round_.state_model == engine.model_id and round_.pre_state:
-        state = await blob_io(load_state)(round_.pre_state.name, engine.backend)
+        state = await load_or_forget(round_.pre_state.name, engine.backend)
         if state is not None:
             return state, False
     base = await state_on_path(conversation, path, round_.index - 1) if round_.index > 0 else None
@@ -146,9 +184,9 @@ async def remember_state(conversation, round_pk, state, backend):
 
 async def _remember_state(conversation, round_pk, state, backend):
     # Shielded: a client going away mid-way must not leave a written blob unreferenced.
-    name = await blob_io(save_state)(conversation.owner_id, backend, state)
+    name = await blob_io(save_state)(STORE_DIR, backend, state)
     try:
-        kept = await db(keep_remembered)(conversation, round_pk, name, backend)
+        kept = await db(keep_remembered)(conversation, round_pk, (name, state_bytes(state)), backend)
     except BaseException:
         await blob_io(delete_states)([name])
         raise
@@ -156,16 +194,20 @@ async def _remember_state(conversation, round_pk, state, backend):
         await blob_io(delete_states)([name])
 
 
-def keep_remembered(conversation, round_pk, name, backend):
-    """Attach the blob `name` (the state after round `round_pk`); False if the policy does not keep it."""
+def keep_remembered(conversation, round_pk, written, backend):
+    """Pin the blob `written` (name, bytes: the state after round `round_pk`, just stored) to that
+    round; False if the policy does not keep it (the caller deletes the blob)."""
     conversation = Conversation.objects.select_related("owner").get(pk=conversation.pk)
     kept = kept_states(conversation, conversation.head_id)
     if not kept.get(round_pk, (False, False))[1]:
         return False
+    tokens = path_tokens(path_of(conversation, round_pk))
     with transaction.atomic():
+        name = pin(tokens, len(tokens), written, backend)
         old = Round.objects.filter(pk=round_pk).values_list("post_state", flat=True).first()
         Round.objects.filter(pk=round_pk).update(post_state=name, state_model=backend.model_id)
-        release_blob(old or "")
+        if old != name:
+            release_blob(old or "")
     return True
 
 
@@ -226,14 +268,14 @@ async def _store_round(lease, round_, pre_state, post_state, backend, remembered
     # Shielded: a client going away mid-way must not leave written blobs unreferenced.
     states = {"pre_state": pre_state, "post_state": post_state, "remembered": remembered and remembered[1]}
     states = {field: state for field, state in states.items() if state is not None}
-    written = await asyncio.gather(*(blob_io(save_state)(lease.conversation.owner_id, backend, state)
+    written = await asyncio.gather(*(blob_io(save_state)(STORE_DIR, backend, state)
                                      for state in states.values()), return_exceptions=True)
     names = [name for name in written if isinstance(name, str)]
     try:
         for failure in written:
             if isinstance(failure, BaseException):
                 raise failure
-        blobs = dict(zip(states, names))
+        blobs = {field: (name, state_bytes(state)) for (field, state), name in zip(states.items(), names)}
         remembered_blob = (remembered[0], blobs.pop("remembered")) if remembered else None
         await db(commit_round)(lease, round_, blobs, backend, remembered_blob)
     except BaseException:
@@ -242,22 +284,27 @@ async def _store_round(lease, round_, pre_state, post_state, backend, remembered
 
 
 def commit_round(lease, round_, blobs, backend, remembered=None):
-    """The database part of store_round: point the round at its new blobs
-    ({field: name}), keep a remembered (round pk, name) if the policy wants
-    it, save, make the round the head, prune, release the lock; the blobs it
-    no longer points to go once this commits (if no other round shares them)."""
-    old_files = [getattr(round_, field).name for field in blobs]
-    for field, name in blobs.items():
-        setattr(round_, field, name)
-    round_.state_model = backend.model_id
+    """The database part of store_round: record the round's new blobs
+    ({field: (name, bytes)}) in the state store and pin them, keep a
+    remembered (round pk, (name, bytes)) if the policy wants it, save, make
+    the round the head, prune, release the lock; the states it no longer
+    pins go once this commits (if nothing else pins them)."""
+    old_files = {field: getattr(round_, field).name for field in blobs}
+    before = path_tokens(path_of(lease.conversation, round_.parent_id)) if round_.parent_id else []
+    tokens = before + round_.token_list
+    ends = {"pre_state": len(before) + round_.reply_start - 1, "post_state": len(tokens)}
     with transaction.atomic():
         check_lease(lease)
+        for field, written in blobs.items():
+            setattr(round_, field, pin(tokens, ends[field], written, backend))
+        round_.state_model = backend.model_id
         finish_undo(lease.conversation)
         round_.save()
         make_current(lease.conversation, round_)
         if remembered and not keep_remembered(lease.conversation, *remembered, backend):
-            transaction.on_commit(lambda: delete_states([remembered[1]]))
+            transaction.on_commit(lambda: delete_states([remembered[1][0]]))
         prune_snapshots(lease.conversation, round_.pk)
-        for old in old_files:
-            release_blob(old)
+        for field, old in old_files.items():
+            if old != getattr(round_, field).name:
+                release_blob(old)
         commit_and_release(lease)

@@ -8,6 +8,6 @@ class StateCacheConfig(AppConfig):
     def ready(self):
         from rpserver.files import connect_file_cleanup
 
-        from .models import SpilledState
+        from .models import StoredState
 
-        connect_file_cleanup(SpilledState)
+        connect_file_cleanup(StoredState)

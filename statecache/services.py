@@ -10,12 +10,12 @@ nothing else (user, character, route) goes into a key, and nothing less
 than the exact tokens could.
 
 Entries live in RAM up to RPSERVER_STATE_CACHE_MB, least recently used
-first out. An entry pushed out of RAM is spilled to the state store (the
-same storage and blob format as parked conversations, statecache.blobs) with
-a SpilledState row, where the least recently used go first once they
-outgrow RPSERVER_STATE_CACHE_DISK_MB; several server processes share the
-spilled ones. A lookup asks RAM, then the spilled rows, for the longest
-of the prefixes it is given.
+first out. An entry pushed out of RAM is spilled to the one state store
+(statecache.store: the rows every door shares, chat rounds' states too),
+held there by the cache until the rows it holds outgrow
+RPSERVER_STATE_CACHE_DISK_MB, least recently used first; several server
+processes share them. A lookup asks RAM, then the store, for the longest
+of the prefixes it is given: a state a chat round keeps is found too.
 
 Everything here runs on the event loop (the engine never modifies the
 states it is handed, so an entry's state is given out as it is); blobs are
@@ -31,14 +31,12 @@ import logging
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Sum
-from django.utils import timezone
 
-from .blobs import blob_io, delete_states, load_state, save_state
 from inference.runtime import get_engine
 
-from .models import CACHE_OWNER, SpilledState
+from . import store
+from .blobs import blob_io, delete_states, load_state, save_state
+from .models import CACHE_OWNER
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ class Entry:
     state: list
     tokens: int  # length of the prefix
     nbytes: int
-    spilled: bool = False  # a SpilledState row holds it too
+    spilled: bool = False  # a row of the state store holds it too
 
 
 class StateCache:
@@ -127,15 +125,15 @@ class StateCache:
         return state if n == len(tokens) else None
 
     async def _from_store(self, model, lengths_by_digest):
-        rows = await db(spilled_rows)(model, list(lengths_by_digest))
-        for pk, digest, name, nbytes in sorted(rows, key=lambda row: -lengths_by_digest[row[1]]):
+        rows = await db(store.find_states)(model, list(lengths_by_digest))
+        for digest, (pk, name) in sorted(rows.items(), key=lambda row: -lengths_by_digest[row[0]]):
             state = await blob_io(load_state)(name, self.backend)
             if state is None:  # missing or damaged: forget it
-                await db(forget_spilled)(pk)
+                await db(store.forget)(name)
                 continue
-            await db(touch_spilled)(pk)
+            await db(store.touch)(pk)
             n = lengths_by_digest[digest]
-            self._insert((model, digest), Entry(state, n, nbytes, spilled=True))
+            self._insert((model, digest), Entry(state, n, state_bytes(state), spilled=True))
             self.counters["disk_hits"] += 1
             return n, state
         return None
@@ -214,10 +212,11 @@ class StateCache:
         name = None
         try:
             name = await blob_io(save_state)(CACHE_OWNER, self.backend, entry.state)
-            if await db(record_spilled)(key[0], key[1], entry.tokens, entry.nbytes, name, self.disk_bytes):
+            if await db(store.put_cached)(key[0], key[1], entry.tokens, entry.nbytes, name):
                 self.counters["spilled"] += 1
-                name = None
+            name = None  # the store's now, or deleted by it once the row was found
             entry.spilled = True  # by us, or by another process before us
+            await db(store.prune_cached)(self.disk_bytes)
         except Exception:
             logger.exception("could not spill a cached state")
         finally:
@@ -229,53 +228,6 @@ class StateCache:
         """Wait for the spills in progress (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-
-# ---- the spilled rows (ORM thread) -----------------------------------------------
-
-
-def spilled_rows(model, digests):
-    return list(SpilledState.objects.filter(state_model=model, digest__in=digests)
-                .values_list("pk", "digest", "state", "nbytes"))
-
-
-def touch_spilled(pk):
-    SpilledState.objects.filter(pk=pk).update(last_used=timezone.now())
-
-
-def forget_spilled(pk):
-    with transaction.atomic():
-        for row in SpilledState.objects.filter(pk=pk):
-            row.delete()  # its blob goes once this commits
-
-
-def record_spilled(model, digest, tokens, nbytes, name, budget):
-    """Index a spilled blob; False if another process spilled the same state first.
-
-    Then the least recently used rows go until the spilled states fit `budget` bytes.
-    """
-    try:
-        with transaction.atomic():
-            SpilledState.objects.create(digest=digest, state_model=model, tokens=tokens, nbytes=nbytes,
-                                        state=name, last_used=timezone.now())
-    except IntegrityError:
-        touch = SpilledState.objects.filter(digest=digest, state_model=model)
-        touch.update(last_used=timezone.now())
-        return False
-    prune_spilled(budget)
-    return True
-
-
-def prune_spilled(budget):
-    total = SpilledState.objects.aggregate(total=Sum("nbytes"))["total"] or 0
-    if total <= budget:
-        return
-    with transaction.atomic():
-        for row in SpilledState.objects.order_by("last_used"):
-            if total <= budget:
-                break
-            total -= row.nbytes
-            row.delete()  # its blob goes once this commits
 
 
 # ---- the process's cache -----------------------------------------------------------

@@ -1,6 +1,7 @@
 """/characters/list, get, save, del: validation, avatars, ownership, discarding state."""
 
 import base64
+import uuid
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,14 @@ def test_saving_again_keeps_the_avatar_unless_told_otherwise(guest):
     assert not Path(first).exists()
 
 
+def a_prompt_of_its_own():
+    """States are shared by whoever reads the same tokens (statecache.store): a prompt nobody else
+    sends keeps this test's states its own, so that they go with its chat."""
+    return f"hello {uuid.uuid4().hex}"
+
+
 def test_overwriting_discards_the_conversation(mira):
-    mira.reply("Mira", "hello")
+    mira.reply("Mira", a_prompt_of_its_own())
     files = stored_files(mira.user_name)
     assert files and all(f.exists() for f in files)
     mira.ok("/characters/save", **{**CHARACTER, "greeting": "A new greeting."})
@@ -102,7 +109,7 @@ def test_overwriting_discards_the_conversation(mira):
 
 def test_deleting_removes_the_character_its_chat_and_every_file(mira):
     mira.ok("/characters/save", **CHARACTER, avatar=PNG_URL)
-    mira.reply("Mira", "hello")
+    mira.reply("Mira", a_prompt_of_its_own())
     files = stored_files(mira.user_name)
     mira.ok("/characters/del", character_name="Mira")
     assert mira.call("/characters/get", character_name="Mira")["message"] == "character does not exist"

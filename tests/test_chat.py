@@ -12,7 +12,7 @@ from conftest import (CHARACTER, DATA_DIR, TINY_MODEL, Api, Server, answer_held,
 from inference import prompt as prompt_format
 from inference.tokenizer import world_tokenizer
 from rpserver.errors import BUSY
-from statecache.models import SpilledState
+from statecache.models import StoredState
 from statecache.services import tokens_digest
 
 HEADER = "friend: How are you?\n\nMira: Fine, thank you.\n\nMira is a calm lighthouse keeper who talks to friend.\n\nMira:"
@@ -60,7 +60,7 @@ def test_each_round_keeps_the_snapshots_it_needs(alice):
     # 2 most recent rounds and every 3rd (RPSERVER_STATE_KEEP_RECENT=2, _CHECKPOINT_EVERY=3);
     # round 0's is in the shared state cache, kept in the store under the digest of its tokens.
     round_zero = rounds(alice.user_name).get(index=0)
-    assert SpilledState.objects.filter(digest=tokens_digest(round_zero.token_list),
+    assert StoredState.objects.filter(digest=tokens_digest(round_zero.token_list),
                                        state_model=rounds(alice.user_name).last().state_model).count() == 1
     assert kept == {0: (False, False), 1: (False, False), 2: (False, False), 3: (False, True),
                     4: (False, True), 5: (True, True)}

@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from accounts.models import User
-from test_characters import PNG_URL, stored_files
+from test_characters import PNG_URL, a_prompt_of_its_own, stored_files
 
 
 def idle_for(api, hours):
@@ -18,7 +18,7 @@ def idle_for(api, hours):
 def test_it_removes_idle_guests_and_their_files(api, mira, alice):
     recent = api.ok("/login/tmp")["user_name"]
     mira.ok("/characters/save", bot="Mira", user="you", greeting="Hi", bot_persona="P", avatar=PNG_URL)
-    mira.reply("Mira", "hello")
+    mira.reply("Mira", a_prompt_of_its_own())
     files = stored_files(mira.user_name)
     assert len(files) >= 3 and all(f.exists() for f in files)
     idle_for(mira, 48)

@@ -15,7 +15,7 @@ from django.core.files.storage import default_storage
 
 from statecache.blobs import blob_metadata
 from inference.runtime import get_engine
-from statecache.models import SpilledState
+from statecache.models import StoredState
 from statecache.services import StateCache, prefix_digests, state_bytes
 
 
@@ -96,7 +96,7 @@ def test_an_evicted_state_is_spilled_to_the_store_and_found_by_another_process(b
     (n, state), elsewhere = run(go())
     assert n == 6 and same(state, state_like(backend, 7))
     assert elsewhere.stats()["disk_hits"] == 1
-    row = SpilledState.objects.get(digest=prefix_digests(first, [6])[6])
+    row = StoredState.objects.get(digest=prefix_digests(first, [6])[6])
     assert row.state_model == backend.model_id and row.tokens == 6 and row.nbytes == one
     with default_storage.open(row.state.name, "rb") as stored:
         assert blob_metadata(stored.read())["model"] == backend.model_id
@@ -110,9 +110,9 @@ def test_spilled_states_past_their_budget_go_least_recently_used_first(backend):
     one = state_bytes(backend.zero_state())
     # Other tests' spilled states share the table (and the budget): for this test they count as
     # the most recently used, so that only this test's states can be the least recently used.
-    others = dict(SpilledState.objects.values_list("pk", "last_used"))
-    SpilledState.objects.filter(pk__in=others).update(last_used=timezone.now() + timedelta(days=1))
-    existing = sum(SpilledState.objects.values_list("nbytes", flat=True))
+    others = dict(StoredState.objects.values_list("pk", "last_used"))
+    StoredState.objects.filter(pk__in=others).update(last_used=timezone.now() + timedelta(days=1))
+    existing = sum(StoredState.objects.filter(cached=True).values_list("nbytes", flat=True))  # (rounds' don't count)
     cache = StateCache(backend, ram_bytes=0, disk_bytes=existing + 2 * one)  # straight to the store
     sequences = [tokens(3) for _ in range(3)]
     digests = [prefix_digests(s, [3])[3] for s in sequences]
@@ -123,16 +123,16 @@ def test_spilled_states_past_their_budget_go_least_recently_used_first(backend):
 
     try:
         run(spill(sequences[0], 0))
-        oldest_blob = SpilledState.objects.get(digest=digests[0]).state.name
+        oldest_blob = StoredState.objects.get(digest=digests[0]).state.name
         run(spill(sequences[1], 1))
         run(spill(sequences[2], 2))
-        kept = set(SpilledState.objects.filter(digest__in=digests).values_list("digest", flat=True))
+        kept = set(StoredState.objects.filter(digest__in=digests).values_list("digest", flat=True))
         assert kept == set(digests[1:])
-        assert set(SpilledState.objects.values_list("pk", flat=True)) >= set(others)
+        assert set(StoredState.objects.values_list("pk", flat=True)) >= set(others)
         assert not default_storage.exists(oldest_blob)  # the blob went with its row
     finally:
         for pk, last_used in others.items():
-            SpilledState.objects.filter(pk=pk).update(last_used=last_used)
+            StoredState.objects.filter(pk=pk).update(last_used=last_used)
 
 
 def test_a_damaged_spilled_state_is_forgotten_not_used(backend):
@@ -144,11 +144,11 @@ def test_a_damaged_spilled_state_is_forgotten_not_used(backend):
         await cache.drain()
 
     run(spill())
-    row = SpilledState.objects.get(digest=prefix_digests(sequence, [5])[5])
+    row = StoredState.objects.get(digest=prefix_digests(sequence, [5])[5])
     with default_storage.open(row.state.name, "wb") as stored:
         stored.write(b"not a state")
     assert run(cache.longest(sequence, [5])) == (0, None)
-    assert not SpilledState.objects.filter(digest=prefix_digests(sequence, [5])[5]).exists()
+    assert not StoredState.objects.filter(digest=prefix_digests(sequence, [5])[5]).exists()
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_eight_guests_opening_the_same_default_character_read_its_header_once(sp
         guests.append(Api(spilling_server.url, data["user_name"], data["token"]))
     guests[0].chat("Ellie")
     round_zero = Round.objects.get(conversation__owner__username=guests[0].user_name, index=0).token_list
-    SpilledState.objects.filter(digest=tokens_digest(round_zero)).delete()  # whatever an earlier test left
+    StoredState.objects.filter(digest=tokens_digest(round_zero)).delete()  # whatever an earlier test left
     headers = {"Authorization": f"Bearer {guests[0].token}"}
     before = httpx.get(f"{spilling_server.url}/v1/debug/stats", headers=headers).json()
 
@@ -204,7 +204,7 @@ def test_eight_guests_opening_the_same_default_character_read_its_header_once(sp
     stored = after["state_cache"].get("stored", 0) - before["state_cache"].get("stored", 0)  # (counted from the first)
     assert stored == 1
     assert read >= len(round_zero) + 8 * head
-    assert SpilledState.objects.filter(digest=tokens_digest(round_zero)).count() == 1
+    assert StoredState.objects.filter(digest=tokens_digest(round_zero)).count() == 1
 
 
 def test_a_private_host_may_allow_requests_without_a_key(spilling_server):

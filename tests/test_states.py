@@ -74,7 +74,7 @@ def test_a_state_never_loads_into_another_model():
 def test_a_failed_blob_write_leaves_the_round_and_the_files_as_they_were(mira, monkeypatch):
     mira.reply("Mira", "hello")
     conversation = conversation_of(mira)
-    folder = Path(settings.MEDIA_ROOT) / "states" / str(conversation.owner_id)
+    folder = Path(settings.MEDIA_ROOT) / "states" / "store"  # (statecache.models.STORE_DIR)
     before_files = sorted(folder.iterdir())
     before_round = Round.objects.get(conversation=conversation, index=1)
     engine = get_engine()
