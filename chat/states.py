@@ -61,12 +61,12 @@ def prefix_ends(path):
     return ends
 
 
-def pin(path_tokens_, length, written, backend):
+def pin(path_tokens_, length, written, model_id):
     """Inside a transaction: the blob to pin for the state after path_tokens_[:length], of which
     `written` (blob name, bytes) was just stored (the store may have had it already)."""
     name, nbytes = written
     digest = prefix_digests(path_tokens_, [length])[length]
-    return store.put_state(backend.model_id, digest, length, nbytes, name)
+    return store.put_state(model_id, digest, length, nbytes, name)
 
 
 def release_round_blobs(sender, instance, **kwargs):
@@ -203,7 +203,7 @@ def keep_remembered(conversation, round_pk, written, backend):
         return False
     tokens = path_tokens(path_of(conversation, round_pk))
     with transaction.atomic():
-        name = pin(tokens, len(tokens), written, backend)
+        name = pin(tokens, len(tokens), written, backend.model_id)
         old = Round.objects.filter(pk=round_pk).values_list("post_state", flat=True).first()
         Round.objects.filter(pk=round_pk).update(post_state=name, state_model=backend.model_id)
         if old != name:
@@ -296,7 +296,7 @@ def commit_round(lease, round_, blobs, backend, remembered=None):
     with transaction.atomic():
         check_lease(lease)
         for field, written in blobs.items():
-            setattr(round_, field, pin(tokens, ends[field], written, backend))
+            setattr(round_, field, pin(tokens, ends[field], written, backend.model_id))
         round_.state_model = backend.model_id
         finish_undo(lease.conversation)
         round_.save()

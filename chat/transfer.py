@@ -35,10 +35,12 @@ from inference import prompt as prompt_format
 from inference.runtime import get_engine
 from rpserver.errors import ApiError
 from statecache.blobs import blob_io, delete_states, save_state
+from statecache.models import STORE_DIR
+from statecache.services import state_bytes
 
 from .lease import check_lease, commit_and_release, db, lock_character, run_locked
 from .models import Conversation, Round
-from .states import round_zero_state
+from .states import pin, prefix_ends, round_zero_state
 from .tree import chat_of, first_round, path_of, speaker_names, state_policy, tree_view
 
 # A message's alternatives: more than this many is not a chat a person made.
@@ -278,7 +280,7 @@ async def read_path(owner_id, path, kept):
                                                  snapshot_at={offset - read for offset, _, _ in batch})
             for offset, position, field in batch:
                 snapshot = snapshots.get(offset - read, state if offset == upto else None)
-                blobs[(position, field)] = await blob_io(save_state)(owner_id, engine.backend, snapshot)
+                blobs[(position, field)] = await blob_io(save_state)(STORE_DIR, engine.backend, snapshot)
             read = upto
     except BaseException:
         await blob_io(delete_states)(list(blobs.values()))
@@ -293,17 +295,22 @@ def store_imported(lease, planned, blobs, model_id, make_main):
     chat of the character (unless it held nothing but its greeting: then it goes)."""
     character = lease.character
     path = [item for item in planned if item.on_path]
-    for (position, field), name in blobs.items():
-        setattr(path[position].round, field, name)
-        path[position].round.state_model = model_id
     by_key = {item.key: item for item in planned}
-    for item in planned:  # a reply's alternatives share the state before it
-        if not item.on_path and item.parent is not None:
-            sibling = next(other for other in path if other.parent == item.parent)
-            if sibling.round.pre_state:
-                item.round.pre_state, item.round.state_model = sibling.round.pre_state.name, model_id
+    tokens = [token for item in path for token in item.round.token_list]
+    ends = prefix_ends([item.round for item in path])
+    nbytes = state_bytes(get_engine().backend.zero_state())  # an RWKV state's size is the model's
     with transaction.atomic():
         check_lease(lease)
+        for (position, field), name in blobs.items():  # into the state store, keyed by their tokens
+            round_ = path[position].round
+            length = ends[position - 1] + round_.reply_start - 1 if field == "pre_state" else ends[position]
+            setattr(round_, field, pin(tokens, length, (name, nbytes), model_id))
+            round_.state_model = model_id
+        for item in planned:  # a reply's alternatives share the state before it
+            if not item.on_path and item.parent is not None:
+                sibling = next(other for other in path if other.parent == item.parent)
+                if sibling.round.pre_state:
+                    item.round.pre_state, item.round.state_model = sibling.round.pre_state.name, model_id
         if make_main:
             old = Conversation.objects.filter(character=character, is_fork=False).first()
             if old is not None and not old.rounds.filter(index__gt=0).exists():
