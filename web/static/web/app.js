@@ -12,6 +12,7 @@ import { loadSampling, openSettings, setSamplingFields } from "./settings.js";
 import { readAvatar } from "./avatar.js";
 import { installPersonas, openPersonas, relabelPersonas, showChatPersona } from "./personas.js";
 import { installLore, openLore, relabelLore } from "./lore.js";
+import { installTransfer } from "./transfer.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -743,6 +744,10 @@ function wire() {
   whenExpired(expired);
   installPersonas({ toast, showError, describe, confirmDialog, showView, avatarLimit });
   installLore({ toast, showError, describe, confirmDialog, showView });
+  installTransfer({
+    chatName: () => state.chatName, userName: () => session.load().user_name, toast, showError,
+    chatImported: (name) => loadChat(name).then(scrollToEnd), accountImported: refreshCharacters,
+  });
 }
 
 /** After a language switch: the static labels, and what the script wrote. */
