@@ -38,6 +38,7 @@ from characters.models import Character
 from characters.serializers import NameField
 from chat import transfer
 from chat.models import Conversation, Round
+from limits import services as limits
 from lore import services as lore
 from lore.models import Lorebook
 from personas import services as personas
@@ -292,6 +293,7 @@ async def import_account(owner, file):
     was stored before it, and the answer is that chat's error.
     """
     account = await sync_to_async(read_account_file, thread_sensitive=True)(file)
+    await sync_to_async(limits.check_reply_rate, thread_sensitive=True)(owner)  # one reply's worth, as a chat
     chats, report = await sync_to_async(store_account, thread_sensitive=True)(owner, account)
     count = 0
     for name, read_chats in chats:

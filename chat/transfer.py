@@ -33,6 +33,7 @@ from characters.cards import CardError, load_json_object
 from characters.services import get_character
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
+from limits import services as limits
 from rpserver.errors import ApiError
 from statecache.blobs import blob_io, delete_states, save_state
 from statecache.models import STORE_DIR
@@ -335,11 +336,14 @@ async def import_chat(owner, character_name, file, make_main=True):
     `character_name`; returns the chat as the REST API shows it (chat.tree.tree_view).
 
     The file is checked whole first (parse_chat_file): a bad file raises ApiError and stores
-    nothing. Then, under the character's lock (a reply meanwhile: BUSY), the model reads the
+    nothing; an import counts as a reply for the owner's reply rate (limits). Then, under the
+    character's lock (a reply meanwhile: BUSY), the model reads the
     current path's text once and the chat is stored in one transaction; with `make_main` it
     becomes the character's main chat (store_imported).
     """
-    chat_id = await import_rounds(owner, character_name, parse_chat_file(file), make_main)
+    rounds = parse_chat_file(file)
+    await db(limits.check_reply_rate)(owner)  # the model reads it: it counts as a reply
+    chat_id = await import_rounds(owner, character_name, rounds, make_main)
     return await db(lambda: tree_view(chat_of(owner, chat_id)))()
 
 

@@ -1,5 +1,6 @@
 """Abuse limits, on by default: log-in backoff, guest and sign-up rates, reply rate, engine share, guest quotas."""
 
+import base64
 import os
 
 import pytest
@@ -63,6 +64,16 @@ def test_replies_are_limited_per_user_and_minute(limited):
     results = [user.stream("/chat/reply", character_name="Mira", prompt=f"hi {i}")[0] for i in range(5)]
     assert all(isinstance(r, list) for r in results[:4])
     assert results[4]["code"] == 429 and results[4]["message"].startswith("too many replies in a minute")
+
+
+def test_a_chat_import_counts_as_a_reply(limited):
+    user = make_user(Api(limited.url), "hal", password="lantern-harbour-7")
+    user.ok("/characters/save", **CHARACTER)
+    file = base64.b64encode(b'{"is_user": true, "mes": "hello"}').decode()
+    answers = [user.http.post("/api/v1/chats/import", json={"character": "Mira", "file": file},
+                              headers={"Authorization": f"Token {user.token}"}) for _ in range(5)]
+    assert [answer.status_code for answer in answers] == [200] * 4 + [429]
+    assert answers[4].json()["message"].startswith("too many replies in a minute")
 
 
 def test_one_user_gets_only_their_share_of_the_engine(endless_server):
