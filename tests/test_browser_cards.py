@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Api
-from test_browser import browser, expect, log_in_as, shot  # noqa: F401 (browser: a fixture)
+from test_browser import axe_problems, axe_source, browser, expect, log_in_as, shot  # noqa: F401 (fixtures)
 from test_cards import V3_CARD, b64json, picture, text_chunks, with_text_chunks
 
 MARKDOWN_GREETING = (
@@ -127,3 +127,83 @@ def test_the_editor_exports_a_character_as_png_and_json(page, server):
     chunks = text_chunks(Path(download.value.path()).read_bytes())
     assert json.loads(base64.b64decode(chunks["ccv3"])) == V3_CARD
     shot(page, "cards-export")
+
+
+def card_named(name, description, tags):
+    card = json.loads(json.dumps(V3_CARD))
+    card["data"].update(name=name, description=description, tags=tags, nickname="", character_book=None)
+    del card["data"]["character_book"]
+    return card
+
+
+def import_json(api, card):
+    answer = api.http.post("/api/v1/characters/import",
+                           json={"file": base64.b64encode(json.dumps(card).encode()).decode()},
+                           headers={"Authorization": f"Token {api.token}"})
+    assert answer.status_code == 200, answer.text
+
+
+def shown_cards(page):
+    return page.locator("#cards .card:not(.new-card):visible .card-name").all_text_contents()
+
+
+@pytest.mark.parametrize("viewport,scheme,locale", [({"width": 360, "height": 740}, "dark", "zh-CN"),
+                                                    ({"width": 1280, "height": 800}, "light", "en-US")])
+def test_the_gallery_shows_card_tags_and_filters_by_tag_and_search(browser, server, axe_source,  # noqa: F811
+                                                                   viewport, scheme, locale):
+    api = new_guest(server)
+    import_json(api, V3_CARD)  # Sable: fox, tea, 狐
+    import_json(api, card_named("Wren", "{{char}} is a wren who sings at dawn.", ["bird", " Tea ", "Bird"]))
+    gallery = {c["char_name"]: c["tags"] for c in api.ok("/web/characters")["list"]}
+    assert gallery == {"小雪": [], "Ellie": [], "Sable": ["fox", "tea", "狐"], "Wren": ["bird", "Tea"]}
+    context = browser.new_context(viewport=viewport, color_scheme=scheme, locale=locale)
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.goto(server.url + "/")
+    log_in_as(page, api)
+    expect(page.locator("#cards[data-shown='4']")).to_have_count(1)
+    sable = page.locator("#cards .card", has_text="Sable")
+    assert sable.locator(".tag").all_text_contents() == ["fox", "tea", "狐"]
+    # The tag buttons, the most used first ("tea" twice, in either case), then by name (in the page's language's
+    # order: Chinese puts 狐 first).
+    tags = page.locator("#gallery-tags .tag-button")
+    assert tags.all_text_contents() == (["tea", "狐", "bird", "fox"] if locale == "zh-CN" else ["tea", "bird", "fox", "狐"])
+    tags.filter(has_text="fox").click()
+    expect(page.locator("#cards[data-shown='1']")).to_have_count(1)
+    assert shown_cards(page) == ["Sable"]
+    expect(tags.filter(has_text="fox")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#cards .new-card")).to_be_hidden()
+    axe = {"tag": axe_problems(page, axe_source)}
+    tags.filter(has_text="fox").click()  # pressed again: every card
+    expect(page.locator("#cards[data-shown='4']")).to_have_count(1)
+    tags.filter(has_text="tea").click()
+    expect(page.locator("#cards[data-shown='2']")).to_have_count(1)
+    assert sorted(shown_cards(page)) == ["Sable", "Wren"]
+    tags.filter(has_text="tea").click()
+    # The search: every word, in the name, the tags or the line about the character, any case.
+    for words, names in [("wren", ["Wren"]), ("SINGS at", ["Wren"]), ("狐", ["Sable"]), ("fox spirit", ["Sable"]),
+                         ("bird tea", ["Wren"])]:
+        page.fill("#gallery-search", words)
+        expect(page.locator(f"#cards[data-shown='{len(names)}']")).to_have_count(1)
+        assert shown_cards(page) == names, words
+    shot(page, f"gallery-search-{viewport['width']}-{scheme}")
+    page.fill("#gallery-search", "nobody")
+    expect(page.locator("#gallery-none")).to_be_visible()
+    expect(page.locator("#gallery-none")).to_have_text("没有符合条件的角色。" if locale == "zh-CN" else "No character matches.")
+    axe["none"] = axe_problems(page, axe_source)
+    page.press("#gallery-search", "Escape")  # Escape clears it
+    expect(page.locator("#cards[data-shown='4']")).to_have_count(1)
+    expect(page.locator("#gallery-none")).to_be_hidden()
+    assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+    # The tag buttons are reached and pressed by keyboard, with a focus ring.
+    page.focus("#gallery-search")
+    page.keyboard.press("Tab")
+    expect(tags.first).to_be_focused()
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
+    page.keyboard.press("Enter")
+    expect(page.locator("#cards[data-shown='2']")).to_have_count(1)
+    shot(page, f"gallery-tags-{viewport['width']}-{scheme}")
+    context.close()
+    assert {view: found for view, found in axe.items() if found} == {}
+    assert problems == []

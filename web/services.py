@@ -86,9 +86,26 @@ def describe(character):
     return first if len(first) <= MAX_DESCRIPTION_CHARS else first[:MAX_DESCRIPTION_CHARS - 1].rstrip() + "…"
 
 
+# At most this many tags of a card are shown and searched: a card's tags are free text from anyone.
+MAX_GALLERY_TAGS = 12
+MAX_TAG_CHARS = 40
+
+
+def card_tags(character):
+    """The tags of the card a character was imported from (Character.card), as the gallery shows them:
+    strings only, stripped, each once (any case), at most MAX_GALLERY_TAGS of MAX_TAG_CHARS."""
+    tags = (character.card or {}).get("tags")
+    shown = {}
+    for tag in tags if isinstance(tags, list) else []:
+        if isinstance(tag, str) and tag.strip():
+            text = " ".join(tag.split())[:MAX_TAG_CHARS]
+            shown.setdefault(text.casefold(), text)
+    return list(shown.values())[:MAX_GALLERY_TAGS]
+
+
 def gallery(owner):
-    """The owner's characters as the gallery shows them: name, avatar, a line about each."""
-    return [{"char_name": c.name, "avatar": avatar_data_url(c), "description": describe(c)}
+    """The owner's characters as the gallery shows them: name, avatar, a line about each, its card's tags."""
+    return [{"char_name": c.name, "avatar": avatar_data_url(c), "description": describe(c), "tags": card_tags(c)}
             for c in owner.characters.all()]
 
 

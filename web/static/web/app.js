@@ -13,6 +13,7 @@ import { readAvatar } from "./avatar.js";
 import { installPersonas, openPersonas, relabelPersonas, showChatPersona } from "./personas.js";
 import { installLore, openLore, relabelLore } from "./lore.js";
 import { installTransfer } from "./transfer.js";
+import { decorateCard, galleryDrawn, installGalleryFilter } from "./gallery-filter.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -201,6 +202,7 @@ function renderCharacters() {
     edit.href = `#/edit/${encodeURIComponent(name)}`;
     edit.setAttribute("aria-label", `${t("chat.edit_character")}: ${name}`);
     edit.title = t("chat.edit_character");
+    decorateCard(card, character);
     cardItems.push(card);
     const item = sideTemplate.cloneNode(true).firstElementChild;
     const link = item.querySelector(".side-item");
@@ -213,6 +215,7 @@ function renderCharacters() {
   const newCard = $("#tpl-new-card").content.cloneNode(true).firstElementChild;
   translatePage(newCard);
   cards.replaceChildren(...cardItems, newCard);
+  galleryDrawn(state.characters);
   side.replaceChildren(...sideItems);
   markCurrent();
 }
@@ -748,6 +751,7 @@ function wire() {
     chatName: () => state.chatName, userName: () => session.load().user_name, toast, showError,
     chatImported: (name) => loadChat(name).then(scrollToEnd), accountImported: refreshCharacters,
   });
+  installGalleryFilter();
 }
 
 /** After a language switch: the static labels, and what the script wrote. */
