@@ -321,6 +321,8 @@ def card_png(data, picture):
 # first_mes                       the greeting (round 0's reply)
 # mes_example                     the example dialogue: each <START> block's turns, a blank
 #                                   line after each ("{{user}}: ...", "{{char}}: ...")
+# system_prompt                   read first, before the example dialogue (once, at the start)
+# post_history_instructions       read last in the header, just before the greeting (once)
 # extensions.rpserver            how the character addresses the person (user_name, when it
 #                                   is not "User") and use_qa, written by rpserver's export
 # everything else                 kept in Character.card as it came, given back on export
@@ -390,6 +392,20 @@ def character_fields(data):
         "persona": persona_text(data),
         "example_message": example_dialogue(data.get("mes_example", ""), nickname),
     }
+
+
+ORIGINAL = re.compile(r"\{\{original\}\}", re.IGNORECASE)
+
+
+def card_instructions(data):
+    """(system_prompt, post_history_instructions) of a card's `data` as the model reads them: macros as in
+    the persona ({{char}} the nickname, if any), and SillyTavern's {{original}} (the main prompt the card's
+    system prompt replaces; rpserver's prompt has none) removed. Empty strings when the card has none
+    (docs/cards.md says where each is read)."""
+    data = data if isinstance(data, dict) else {}
+    nickname = data.get("nickname") or ""
+    return tuple(with_macros(ORIGINAL.sub("", value), nickname).strip() if isinstance(value, str) else ""
+                 for value in (data.get("system_prompt"), data.get("post_history_instructions")))
 
 
 def card_data(character):

@@ -14,6 +14,7 @@ Everything here runs on Django's ORM thread; nothing here reads the model.
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from characters.cards import card_instructions
 from characters.services import get_character
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
@@ -36,9 +37,11 @@ def first_round(conversation, character, greeting=None):
     user, bot = speaker_names(character)
     tokenizer = get_engine().tokenizer
     persona = character.chat_persona
+    system_prompt, instructions = card_instructions(character.card)
     header = tokenizer.encode(prompt_format.character_header(
         user, bot, character.persona, character.example_message,
-        user_persona=persona.description if persona is not None else ""))
+        user_persona=persona.description if persona is not None else "",
+        system_prompt=system_prompt, instructions=instructions))
     greeting = prompt_format.substitute(character.greeting if greeting is None else greeting, user, bot)
     round_ = Round(conversation=conversation, index=0, user_text=None, bot_text=greeting.strip(),
                    reply_start=len(header))

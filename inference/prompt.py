@@ -1,6 +1,7 @@
 """What the model reads: the role-play prompt format.
 
-    <example dialogue, names substituted>\n\n<persona>\n\n[<the person's persona>\n\n]
+    [<system prompt>\n\n]<example dialogue, names substituted>\n\n<persona>\n\n
+    [<the person's persona>\n\n][<post-history instructions>\n\n]
     <Bot>: <greeting>\n\n
     <User>: <prompt>\n\n<Bot>: <reply>\n\n ...
 
@@ -38,10 +39,16 @@ def substitute(text, user, bot):
     return text.replace("{{user}}", user).replace("{{char}}", bot)
 
 
-def character_header(user, bot, persona, example_message, user_persona=""):
-    """Round 0's first part: example dialogue, persona, the person's persona (personas/), and the
-    greeter's name."""
-    blocks = [clean_block(substitute(text, user, bot)) for text in (example_message, persona, user_persona)]
+def character_header(user, bot, persona, example_message, user_persona="", system_prompt="", instructions=""):
+    """Round 0's first part: a character card's system prompt, example dialogue, persona, the person's
+    persona (personas/), the card's post-history instructions, and the greeter's name.
+
+    The model reads forward and keeps what it read, so the card's two instructions are read once, here:
+    the system prompt first, where a transformer front end puts the main prompt it replaces; the
+    post-history instructions last, just before the first reply, rather than before every reply (which
+    would grow the state by their length each round; docs/cards.md)."""
+    texts = (system_prompt, example_message, persona, user_persona, instructions)
+    blocks = [clean_block(substitute(text, user, bot)) for text in texts]
     return "".join(block + TURN_END for block in blocks if block) + f"{bot}:"
 
 

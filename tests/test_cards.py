@@ -201,12 +201,44 @@ def test_the_model_reads_the_cards_persona_greeting_and_example_dialogue(guest):
     assert guest.chat("Sable") == [[None, "*pours tea* Welcome, User. I am Sab."]]
     text = guest.context("Sable")["token_state"]
     assert text == (
+        "Write Sab's next reply.\n\n"  # system_prompt: first
         "User: Who are you?\n\nSable: A guest, like you.\nShe smiles.\n\nUser: Tea?\n\nSable: Always.\n\n"
         "Sab is a fox spirit who keeps a tea house for User.\n\n"
         "Sab's personality: Sly, warm, \"quoted\"\nand fond of riddles\n\n"
         "Scenario: A rainy night at Sab's tea house.\n\n"
+        "Stay in character.\n\n"  # post_history_instructions: last, just before the greeting
         "Sable: *pours tea* Welcome, User. I am Sab.\n\n"
     )
+
+
+def test_the_cards_system_prompt_is_read_first_and_its_post_history_instructions_once_before_the_greeting(guest):
+    card = copy.deepcopy(V3_CARD)
+    card["data"].update(name="Wren", nickname="", character_book=None, mes_example="",
+                        description="{{char}} is a wren.", personality="", scenario="", first_mes="Tweet, {{user}}.",
+                        system_prompt="{{original}}\n  You play <BOT>, talking with <user>.  ",
+                        post_history_instructions="Reply as {{char}} in one short line.\n\n\n\nNever speak for {{user}}.")
+    del card["data"]["character_book"]
+    import_ok(guest, json.dumps(card).encode())
+    persona = guest.http.post("/api/v1/personas", json={"name": "Robin", "description": "{{user}} is a sailor.",
+                                                          "default": True},
+                              headers={"Authorization": f"Token {guest.token}"})
+    assert persona.status_code == 200, persona.text
+    header = ("You play Wren, talking with Robin.\n\n"
+              "Wren is a wren.\n\n"
+              "Robin is a sailor.\n\n"
+              "Reply as Wren in one short line.\n\nNever speak for Robin.\n\n"
+              "Wren: Tweet, Robin.\n\n")
+    assert guest.context("Wren")["token_state"] == header
+    # Read once: later turns add the person's message and the reply, and nothing of the card again.
+    guest.reply("Wren", "hello")
+    guest.reply("Wren", "and again")
+    text = guest.context("Wren")["token_state"]
+    assert text.startswith(header + "Robin: hello\n\nWren:")
+    assert text.count("one short line") == 1 and text.count("You play Wren") == 1
+    # The export gives both back as they came.
+    data = exported_json(guest, "Wren")["data"]
+    assert (data["system_prompt"], data["post_history_instructions"]) == (
+        card["data"]["system_prompt"], card["data"]["post_history_instructions"])
 
 
 def test_an_edited_character_exports_what_it_is_now(guest):
