@@ -9,10 +9,11 @@
    - for each history length: /characters/load, then the time to the first
      frame of a short /chat/reply (a person coming back to the chat), then
      /chat/back to the round before it (so the history stays the same);
-   - on one untouched back conversation: /chat/back to a recent round (its
-     snapshot is kept) and then to an old round whose snapshot was pruned
-     (RPSERVER_STATE_KEEP_RECENT=2, RPSERVER_STATE_CHECKPOINT_EVERY=8: the
-     server rebuilds it from the nearest checkpoint), checking /debug/token.
+   - on one untouched back conversation: /chat/back to the round before the
+     last and then to an old round whose snapshot was pruned
+     (RPSERVER_STATE_CHECKPOINT_EVERY=8, the state policy of
+     docs/conversation-tree.md: the server rebuilds each from the nearest
+     kept state, at most 8 rounds back), checking /debug/token.
 Figures are medians over the reps. Resuming should not grow with history.
 
     .venv/bin/python bench/resume.py            # default run (~3-5 min on 2 cores)
@@ -47,7 +48,6 @@ MAX_ROUND_PROMPT = 900  # tokens of prompt per history round
 def server_env(args):
     return {
         "RPSERVER_MAX_REPLY_TOKENS": args.tokens,
-        "RPSERVER_STATE_KEEP_RECENT": 2,
         "RPSERVER_STATE_CHECKPOINT_EVERY": 8,
         "RPSERVER_MAX_PROMPT_CHARS": 100000,
     }
@@ -182,7 +182,7 @@ def main():
         args.layers, args.embd = 2, 256
         args.reps = min(args.reps, 2)
     args.lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
-    keep_recent, checkpoint_every = 2, 8
+    keep_recent, checkpoint_every = 1, 8  # (the last round's state is kept: the path's end)
     if not (0 < args.old_round < args.back_rounds - keep_recent) or args.old_round % checkpoint_every == 0:
         parser.error(f"--old-round must be a round whose snapshot is pruned: not a multiple of "
                      f"{checkpoint_every}, below {args.back_rounds - keep_recent}")
@@ -193,7 +193,7 @@ def main():
     print(machine_note(), flush=True)
     model = Path(args.model) if args.model else ensure_model(args.layers, args.embd)
     print(f"model: {model} ({model.stat().st_size / 1e6:.0f} MB), strategy {args.strategy!r}, "
-          f"{args.tokens} tokens per reply, KEEP_RECENT={keep_recent}, CHECKPOINT_EVERY={checkpoint_every}",
+          f"{args.tokens} tokens per reply, CHECKPOINT_EVERY={checkpoint_every}",
           flush=True)
 
     def log(line):
@@ -251,7 +251,7 @@ def main():
               f"{longest}-token history would take ~{fmt(longest / rate, 1)} s")
 
     print()
-    print(f"== /chat/back (KEEP_RECENT={keep_recent}, CHECKPOINT_EVERY={checkpoint_every}; "
+    print(f"== /chat/back (CHECKPOINT_EVERY={checkpoint_every}; "
           f"conversations of {args.back_rounds + 1} rounds, ~{args.back_round_tokens}-token prompts; "
           f"medians of {args.reps}) ==")
     backs = [s["back"] for s in samples]

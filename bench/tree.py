@@ -1,7 +1,8 @@
 """The conversation tree's costs (issue 19): what a switch, a swipe, an edit and a rebuild read.
 
 One server (a fresh data dir) and one registered user under the default
-state policy (RPSERVER_STATE_KEEP_RECENT=4, RPSERVER_STATE_CHECKPOINT_EVERY=8);
+state policy ("ends, forks and every K", K = RPSERVER_STATE_CHECKPOINT_EVERY=8,
+within the default budget);
 a 200-message chat (100 rounds: the person's message and the character's
 reply, replies of --tokens tokens) built through the legacy API. Then,
 --reps times each, through the REST API (/api/v1/chats/...):
@@ -14,7 +15,8 @@ reply, replies of --tokens tokens) built through the legacy API. Then,
   server re-reads to come back to the old branch (every token after message
   10 on it: its cache holds one sequence);
 - edit of the person's message at 150 (round 75) and its reply: tokens read;
-- disk: the user's state blobs per message and for the chat;
+- disk: the state store's blobs the chat pins (states/store/; the shared
+  cache's round-0 state is under states/cache/), per message and for the chat;
 - rebuild of a pruned state: /chat/back to a round whose state is not kept
   (rebuilt from the nearest kept one, at most K rounds before it).
 
@@ -97,7 +99,8 @@ def prompt_of(n):
 
 
 def blob_bytes(data_dir, owner_id):
-    folder = Path(data_dir) / "media" / "states" / str(owner_id)
+    """(files, bytes) of the state store's blobs that rounds write (one user in the bench: all theirs)."""
+    folder = Path(data_dir) / "media" / "states" / "store"
     files = list(folder.glob("*.safetensors")) if folder.exists() else []
     return len(files), sum(f.stat().st_size for f in files)
 

@@ -23,13 +23,14 @@ a half-written state.
 
 import asyncio
 
+from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
 from inference.runtime import get_engine
 from statecache import store
 from statecache.blobs import blob_io, delete_states, load_state, save_state
-from statecache.models import STORE_DIR
+from statecache.models import STORE_DIR, StoredState
 from statecache.services import prefix_digests, state_bytes, state_cache
 
 from .lease import check_lease, commit_and_release, db
@@ -304,7 +305,75 @@ def commit_round(lease, round_, blobs, backend, remembered=None):
         if remembered and not keep_remembered(lease.conversation, *remembered, backend):
             transaction.on_commit(lambda: delete_states([remembered[1][0]]))
         prune_snapshots(lease.conversation, round_.pk)
+        keep_within_budget(lease.conversation.owner)
         for field, old in old_files.items():
             if old != getattr(round_, field).name:
                 release_blob(old)
         commit_and_release(lease)
+
+
+# ---- the owner's budget ----------------------------------------------------------------
+
+
+def state_budget(owner):
+    """(most states, most bytes) the owner's rounds may pin together; None: no limit on that.
+    Registered users: RPSERVER_STATE_BUDGET_COUNT / _MB; guests: RPSERVER_GUEST_STATE_BUDGET_COUNT."""
+    config = settings.RPSERVER
+    if owner.is_guest:
+        return config["GUEST_STATE_BUDGET_COUNT"] or None, None
+    return config["STATE_BUDGET_COUNT"] or None, config["STATE_BUDGET_MB"] * 2**20 or None
+
+
+def keep_within_budget(owner):
+    """Inside a transaction: while the states the owner's rounds pin (each counted once, however
+    many of its rounds pin it) are over the owner's budget, unpin the least needed first: those of
+    deleted rounds, then those off every chat's current path, then the rest on the paths, then the
+    checkpoints (every K rounds deep), oldest round first in each; never a chat head's. A state no
+    longer pinned goes once this commits (unless another owner's round or the cache holds it).
+    Returns how many pins were dropped."""
+    most_states, most_bytes = state_budget(owner)
+    if most_states is None and most_bytes is None:
+        return 0
+    rows = list(Round.objects.filter(conversation__owner=owner)
+                .values_list("pk", "parent_id", "index", "deleted", "pre_state", "post_state"))
+    pins = {}  # blob name -> the (round pk, field) that pin it
+    for pk, _, _, _, pre, post in rows:
+        for field, name in (("pre_state", pre), ("post_state", post)):
+            if name:
+                pins.setdefault(name, set()).add((pk, field))
+    sizes = dict(StoredState.objects.filter(state__in=list(pins)).values_list("state", "nbytes"))
+    count, total = len(pins), sum(sizes.values())
+
+    def over():
+        return (most_states is not None and count > most_states) or (most_bytes is not None and total > most_bytes)
+
+    if not over():
+        return 0
+    heads = set(Conversation.objects.filter(owner=owner).values_list("head_id", flat=True))
+    parents = {pk: parent for pk, parent, *_ in rows}
+    on_path = set()
+    for pk in heads:
+        while pk is not None and pk not in on_path:
+            on_path.add(pk)
+            pk = parents.get(pk)
+    every = settings.RPSERVER["STATE_CHECKPOINT_EVERY"]
+    candidates = []
+    for pk, _, index, deleted, pre, post in rows:
+        if pk in heads:
+            continue
+        for field, name in (("pre_state", pre), ("post_state", post)):
+            if name:
+                need = 0 if deleted else 1 if pk not in on_path else 3 if field == "post_state" and index % every == 0 \
+                    else 2
+                candidates.append((need, pk, field, name))
+    dropped = 0
+    for _, pk, field, name in sorted(candidates):
+        if not over():
+            break
+        Round.objects.filter(pk=pk).update(**{field: ""})
+        release_blob(name)
+        dropped += 1
+        pins[name].discard((pk, field))
+        if not pins[name]:
+            count, total = count - 1, total - sizes.get(name, 0)
+    return dropped

@@ -197,46 +197,43 @@ def tree_view(conversation):
 
 
 def kept_states(conversation, head_id):
-    """The state policy: {round pk: (keeps pre_state, keeps post_state)} for the live rounds.
+    """The state policy, "ends, forks and every K": {round pk: (keeps pre_state, keeps post_state)}
+    for the live rounds of a conversation.
 
     - post-round states at every path end (a round without live children:
       switching to a branch reads no token), at every branch point (two or
-      more children: a swipe or edit below it starts there), on the current
-      path's STATE_KEEP_RECENT last rounds, and every STATE_CHECKPOINT_EVERY
-      rounds deep (K) except for guests, so that a pruned state is rebuilt
-      reading at most K rounds from its nearest kept ancestor on a long path
-      (a guest's from the nearest kept one, however far: their quota);
+      more children: a swipe or edit below it starts there), at the head,
+      and every STATE_CHECKPOINT_EVERY rounds deep (K), so that a pruned
+      state is rebuilt reading at most K rounds from its nearest kept
+      ancestor;
     - pre-reply states at path ends, at the head, and at rounds that have
       alternatives (a swipe of their reply starts there);
     - never round 0's: the header and greeting's state lives in the shared
       state cache, keyed by its exact tokens.
+
+    Then the owner's budget (chat.states.keep_within_budget) may let go of
+    more, the least needed first.
     """
     rows = list(Round.objects.filter(conversation_id=conversation.pk, deleted=False)
                 .values_list("pk", "parent_id", "index"))
     return state_policy(rows, head_id, conversation.owner.is_guest)
 
 
-def state_policy(rows, head_id, guest):
+def state_policy(rows, head_id, guest=False):
     """kept_states for rows [(key, parent key, index)] that need not be stored yet (chat.transfer
-    decides which states of an imported chat to keep before its rounds exist)."""
-    config = settings.RPSERVER
+    decides which states of an imported chat to keep before its rounds exist). Guests and
+    registered users get the same policy; their budgets differ (chat.states.state_budget)."""
+    every = settings.RPSERVER["STATE_CHECKPOINT_EVERY"]
     children = {}
     for pk, parent, _ in rows:
         children[parent] = children.get(parent, 0) + 1
-    parents = {pk: parent for pk, parent, _ in rows}
-    on_path, pk = set(), head_id
-    while pk is not None and pk in parents:
-        on_path.add(pk)
-        pk = parents[pk]
-    head_index = next((index for pk, _, index in rows if pk == head_id), 0)
     kept = {}
     for pk, parent, index in rows:
         if index == 0:
             kept[pk] = (False, False)
             continue
         leaf, branch = children.get(pk, 0) == 0, children.get(pk, 0) >= 2
-        recent = pk in on_path and index > head_index - config["STATE_KEEP_RECENT"]
-        checkpoint = index % config["STATE_CHECKPOINT_EVERY"] == 0 and not guest
+        checkpoint = index % every == 0
         has_alternatives = children.get(parent, 0) >= 2
-        kept[pk] = (leaf or pk == head_id or has_alternatives, leaf or branch or recent or checkpoint)
+        kept[pk] = (leaf or pk == head_id or has_alternatives, leaf or branch or pk == head_id or checkpoint)
     return kept

@@ -241,8 +241,12 @@ RPSERVER = {
         "GUEST_MAX_CHARACTERS": env_int("RPSERVER_GUEST_MAX_CHARACTERS", 20, minimum=0),
         "GUEST_MAX_AVATAR_BYTES": env_int("RPSERVER_GUEST_MAX_AVATAR_BYTES", 256 * 1024, minimum=0),
     },
-    "STATE_KEEP_RECENT": env_int("RPSERVER_STATE_KEEP_RECENT", 4, minimum=1),
+    # The state policy (chat.tree.kept_states) and the budgets of what each owner's rounds pin
+    # (chat.states.keep_within_budget); 0: no limit of that kind.
     "STATE_CHECKPOINT_EVERY": env_int("RPSERVER_STATE_CHECKPOINT_EVERY", 8, minimum=1),
+    "STATE_BUDGET_MB": env_int("RPSERVER_STATE_BUDGET_MB", 2048, minimum=0),
+    "STATE_BUDGET_COUNT": env_int("RPSERVER_STATE_BUDGET_COUNT", 0, minimum=0),
+    "GUEST_STATE_BUDGET_COUNT": env_int("RPSERVER_GUEST_STATE_BUDGET_COUNT", 8, minimum=0),
     "PREFILL_CHUNK": env_int("RPSERVER_PREFILL_CHUNK", 256, minimum=1),
     "MAX_BATCH": env_int("RPSERVER_MAX_BATCH", 32, minimum=1),
     "THREADS": env_int("RPSERVER_THREADS", 0, minimum=0),

@@ -40,7 +40,7 @@ def test_an_old_round_is_rebuilt_from_the_nearest_checkpoint(mira):
     # storage, S3) share this database's spilled-state rows, so make sure this process has it.
     state_after(conversation, 0)
     before = engine.tokens_read
-    state = state_after(conversation, 2)  # rounds 1 and 2 are not kept (a guest keeps no checkpoints)
+    state = state_after(conversation, 2)  # rounds 1 and 2 are not kept (K = 3: round 3 is)
     rounds = {r.index: r for r in conversation.rounds.all()}
     assert engine.tokens_read - before == len(rounds[1].token_list) + len(rounds[2].token_list)
     from_scratch = asyncio.run(engine.read(None, sum((rounds[i].token_list for i in range(3)), [])))[0]
