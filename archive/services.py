@@ -10,6 +10,7 @@ The file (docs/import-export.md#a-whole-account):
 
 Every member is named by a number: nothing a person typed becomes a path.
 The states are not in the file (a chat's text is read again on import).
+Import is all or nothing (import_account).
 
 Import is hostile-file safe as a CHARX card is (characters.cards): the
 number of members is bounded, a member named outside the archive's folder
@@ -26,7 +27,6 @@ import re
 import struct
 import zipfile
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -37,14 +37,19 @@ from characters.avatars import clean_avatar
 from characters.models import Character
 from characters.serializers import NameField
 from chat import transfer
+from chat.lease import LOST, db
 from chat.models import Conversation, Round
+from inference.runtime import get_engine
 from limits import services as limits
+from locks import services as locks
 from lore import services as lore
 from lore.models import Lorebook
 from personas import services as personas
 from personas.models import Persona
 from personas.serializers import PersonaSerializer
 from rpserver.errors import ApiError
+from rpserver.files import deleted_on_rollback
+from statecache.blobs import blob_io, delete_states
 
 MANIFEST = "rpserver-account.json"
 FORMAT = "rpserver-account"
@@ -217,61 +222,182 @@ def same_or_renamed(name, names):
     return [taken for taken in sorted(names) if taken == name or pattern.fullmatch(taken)]
 
 
-def store_account(owner, account):
-    """Store an AccountFile's personas, lorebooks and characters in one transaction; returns
-    ([(character name as stored, [(chat rounds, is main)])], what was renamed or reused)."""
+@dataclasses.dataclass
+class PlannedPersona:
+    name: str  # as in the file
+    stored_as: str
+    reused: object  # the account's Persona that is the same, or None: a new one
+    description: str
+    default: bool  # becomes the account's default
+    avatar: bytes | None
+    persona: object  # the Persona the chats speak as: `reused`, or an unsaved one
+
+
+@dataclasses.dataclass
+class PlannedCharacter:
+    name: str  # as in the file
+    stored_as: str
+    reused: object  # the account's Character that reads the same, or None: a new one
+    card_file: bytes
+    persona: int | None  # the file's number of the persona it chose
+    chats: list  # [(chat rounds, is main)], main first
+    character: object  # the Character its chats are read for: `reused`, or an unsaved one
+
+
+@dataclasses.dataclass
+class AccountPlan:
+    """What storing an AccountFile will do, decided before anything is stored (plan_account)."""
+
+    personas: list  # [PlannedPersona]
+    lorebooks: list  # [(name in the file, stored name, reused, active, book)]
+    characters: list  # [PlannedCharacter]
+    lock_names: list  # the existing characters' locks the import holds: reused, or restarted by a new default
+
+
+def plan_account(owner, account):
+    """Decide what an AccountFile makes in the owner's account (names already taken: reused when the
+    same, else renamed, free_name), reading the database only."""
+    planned_personas = []
+    taken = set(Persona.objects.filter(owner=owner).values_list("name", flat=True))
+    default_now = Persona.objects.filter(owner=owner, is_default=True).first()
+    # A new default restarts every chat without a persona of its own (personas/): the file's default
+    # becomes the account's only where that loses nothing (no default yet, no chat past its greeting).
+    keeps_default = default_now is not None or Round.objects.filter(conversation__owner=owner, index__gt=0).exists()
+    for name, description, default, avatar in account.personas:
+        same = Persona.objects.filter(owner=owner, name__in=same_or_renamed(name, taken),
+                                      description=description).order_by("pk").first()
+        if same is not None:
+            planned_personas.append(PlannedPersona(name, same.name, same, description, False, None, same))
+            continue
+        stored_as = free_name(name, taken)
+        taken.add(stored_as)
+        becomes_default = default and not keeps_default
+        keeps_default = keeps_default or becomes_default
+        planned_personas.append(PlannedPersona(name, stored_as, None, description, becomes_default, avatar,
+                                               Persona(owner=owner, name=stored_as, description=description)))
+    new_default = next((planned.persona for planned in planned_personas if planned.default), None)
+    default_after = new_default or default_now
+
+    planned_lorebooks = []
+    taken = set(Lorebook.objects.filter(owner=owner).values_list("name", flat=True))
+    for name, active, book in account.lorebooks:
+        same = [book_ for book_ in Lorebook.objects.filter(owner=owner, name__in=same_or_renamed(name, taken))
+                if book_.data == book]
+        if same:
+            planned_lorebooks.append((name, same[0].name, True, active, book))
+            continue
+        stored_as = free_name(name, taken)
+        taken.add(stored_as)
+        planned_lorebooks.append((name, stored_as, False, active, book))
+
+    planned_characters = []
+    taken = set(Character.objects.filter(owner=owner).values_list("name", flat=True))
+    for entry, card_file, read_chats in account.characters:
+        name = entry["name"]
+        same = [character for character in Character.objects.filter(owner=owner,
+                                                                     name__in=same_or_renamed(name, taken))
+                if reads_the_same(character, card_file)]
+        chats = sorted(read_chats, key=lambda chat: not chat[1])  # the main chat first
+        if same:
+            character = same[0]
+            persona = personas.persona_of_chat(character) if character.chosen_persona_id else default_after
+            planned_characters.append(PlannedCharacter(name, character.name, character, card_file, None, chats,
+                                                       with_chat_persona(character, persona)))
+            continue
+        stored_as = free_name(name, taken)
+        taken.add(stored_as)
+        character = Character(owner=owner, **(cards.character_fields(cards.read_card(card_file).data)
+                                               | {"name": stored_as}))
+        persona = planned_personas[entry["persona"] - 1].persona if entry["persona"] is not None else default_after
+        planned_characters.append(PlannedCharacter(name, stored_as, None, card_file, entry["persona"], chats,
+                                                   with_chat_persona(character, persona)))
+
+    locked = {planned.reused.pk: planned.reused for planned in planned_characters if planned.reused is not None}
+    if new_default is not None:  # save_persona restarts these chats (the import holds their locks already)
+        locked |= {character.pk: character
+                   for character in Character.objects.filter(owner=owner, chosen_persona=None)}
+    lock_names = [character.lock_name for character in personas.unique(locked.values())]
+    return AccountPlan(planned_personas, planned_lorebooks, planned_characters, lock_names)
+
+
+def with_chat_persona(character, persona):
+    """`character`, whose chat speaks as `persona` (as it will once the import is stored)."""
+    character.chat_persona = persona
+    return character
+
+
+def lock_all(names):
+    """Take the locks `names` (in that order) for the import: [[name, key]]; locks.Busy (answered BUSY)
+    if one is taken, and then none is held."""
+    held = []
+    try:
+        for name in names:
+            held.append([name, locks.acquire(name)])
+    except BaseException:
+        release_all(held)
+        raise
+    return held
+
+
+def release_all(held):
+    for name, key in held:
+        locks.release(name, key)
+    held.clear()
+
+
+def store_account(owner, plan, chats, model_id, held):
+    """Store an AccountPlan (its personas, lorebooks, characters) and its chats (`chats`: [(planned
+    character, chat rounds, is main, (planned rounds, state blobs))], read by the model) in one
+    transaction, which also releases the locks `held`; returns what was renamed or reused.
+
+    If anything fails, the transaction rolls back, the avatars written are deleted
+    (deleted_on_rollback) and the caller deletes the state blobs: the account is as it was."""
     report = {"characters": [], "personas": [], "lorebooks": []}
-    with transaction.atomic():
+    with deleted_on_rollback(), transaction.atomic():
+        for name, key in held:
+            try:
+                locks.check(name, key)
+            except locks.Lost:
+                raise ApiError(LOST)
+        lock_names = {name for name, _ in held}
         persona_ids = []
-        taken = set(Persona.objects.filter(owner=owner).values_list("name", flat=True))
-        # A new default restarts every chat without a persona of its own (personas/): the file's default
-        # becomes the account's only where that loses nothing (no default yet, no chat past its greeting).
-        keeps_default = Persona.objects.filter(owner=owner, is_default=True).exists() or \
-            Round.objects.filter(conversation__owner=owner, index__gt=0).exists()
-        for name, description, default, avatar in account.personas:
-            same = Persona.objects.filter(owner=owner, name__in=same_or_renamed(name, taken),
-                                          description=description).order_by("pk").first()
-            if same is not None:
-                persona_ids.append(same.pk)
-                report["personas"].append({"name": name, "stored_as": same.name, "reused": True})
-                continue
-            stored_as = free_name(name, taken)
-            taken.add(stored_as)
-            persona = personas.save_persona(owner, stored_as, description,
-                                            avatar=base64.b64encode(avatar).decode() if avatar else None,
-                                            is_default=True if default and not keeps_default else None)
-            keeps_default = keeps_default or persona.is_default
-            persona_ids.append(persona.pk)
-            report["personas"].append({"name": name, "stored_as": stored_as, "reused": False})
-        taken = set(Lorebook.objects.filter(owner=owner).values_list("name", flat=True))
-        for name, active, book in account.lorebooks:
-            same = [book_ for book_ in Lorebook.objects.filter(owner=owner, name__in=same_or_renamed(name, taken))
-                    if book_.data == book]
-            if same:
-                report["lorebooks"].append({"name": name, "stored_as": same[0].name, "reused": True})
-                continue
-            stored_as = free_name(name, taken)
-            taken.add(stored_as)
-            lore.save_lorebook(owner, book, name=stored_as, active=active)
-            report["lorebooks"].append({"name": name, "stored_as": stored_as, "reused": False})
-        taken = set(Character.objects.filter(owner=owner).values_list("name", flat=True))
-        chats = []
-        for entry, card_file, read_chats in account.characters:
-            name = entry["name"]
-            same = [character for character in Character.objects.filter(owner=owner,
-                                                                         name__in=same_or_renamed(name, taken))
-                    if reads_the_same(character, card_file)]
-            if same:
-                stored_as, reused = same[0].name, True
-            else:
-                stored_as, reused = free_name(name, taken), False
-                taken.add(stored_as)
-                character = characters.import_card(owner, card_file, name=stored_as)
-                if entry["persona"] is not None:
-                    Character.objects.filter(pk=character.pk).update(chosen_persona=persona_ids[entry["persona"] - 1])
-            chats.append((stored_as, read_chats))
-            report["characters"].append({"name": name, "stored_as": stored_as, "reused": reused})
-    return chats, report
+        for planned in plan.personas:
+            stored = planned.reused
+            if stored is None:
+                avatar = base64.b64encode(planned.avatar).decode() if planned.avatar else None
+                stored = personas.save_persona(owner, planned.stored_as, planned.description, avatar=avatar,
+                                               is_default=True if planned.default else None, held=lock_names)
+            persona_ids.append(stored.pk)
+            report["personas"].append({"name": planned.name, "stored_as": planned.stored_as,
+                                       "reused": planned.reused is not None})
+        for name, stored_as, reused, active, book in plan.lorebooks:
+            if not reused:
+                lore.save_lorebook(owner, book, name=stored_as, active=active)
+            report["lorebooks"].append({"name": name, "stored_as": stored_as, "reused": reused})
+        for planned in plan.characters:
+            if planned.reused is None:
+                character = characters.import_card(owner, planned.card_file, name=planned.stored_as)
+                if planned.persona is not None:
+                    Character.objects.filter(pk=character.pk).update(chosen_persona=persona_ids[planned.persona - 1])
+            report["characters"].append({"name": planned.name, "stored_as": planned.stored_as,
+                                         "reused": planned.reused is not None})
+        for planned, rounds, is_main, (planned_rounds, blobs) in chats:
+            character = characters.get_character(owner, planned.stored_as)
+            if token_lists(transfer.plan_rounds(character, rounds)) != token_lists(planned_rounds):
+                raise ApiError(CHANGED)
+            transfer.store_chat(character, planned_rounds, blobs, model_id, make_main=is_main)
+        for name, key in held:
+            locks.release(name, key)
+    held.clear()
+    return report
+
+
+CHANGED = ("the account was changed while its file was read (a character or persona it uses was edited "
+           "meanwhile): nothing was imported, import the file again")
+
+
+def token_lists(planned):
+    return [item.round.token_list for item in planned]
 
 
 def reads_the_same(character, card_file):
@@ -285,19 +411,30 @@ def reads_the_same(character, card_file):
 async def import_account(owner, file):
     """Import an account file (zip bytes) into the owner's account; returns what was stored.
 
-    The whole file is read and checked first (read_account_file): a bad file raises ApiError and
-    stores nothing. Then its personas, lorebooks and characters are stored in one transaction
-    (names already taken: reused when the same, else renamed, free_name), and then each chat is
-    imported (chat.transfer.import_chat: its text read once), the main chat of each character
-    first. A chat that fails then (the model, a reply running for a reused character) leaves what
-    was stored before it, and the answer is that chat's error.
+    All or nothing. The whole file is read and checked first (read_account_file): a bad file raises
+    ApiError. Then what it makes is decided (plan_account: names already taken are reused when the
+    same, else renamed) and the locks of the existing characters it touches are taken (a reply
+    running for one: BUSY). The model reads each chat's text once (chat.transfer.read_chat), for
+    characters not stored yet too, writing the states the policy keeps; then everything is stored
+    in one transaction (store_account). A failure anywhere (the model, a quota, a lock lost) stores
+    nothing and deletes every file written: the account is as it was before.
     """
-    account = await sync_to_async(read_account_file, thread_sensitive=True)(file)
-    await sync_to_async(limits.check_reply_rate, thread_sensitive=True)(owner)  # one reply's worth, as a chat
-    chats, report = await sync_to_async(store_account, thread_sensitive=True)(owner, account)
-    count = 0
-    for name, read_chats in chats:
-        for rounds, is_main in sorted(read_chats, key=lambda chat: not chat[1]):
-            await transfer.import_rounds(owner, name, rounds, make_main=is_main)
-            count += 1
-    return report | {"chats": count}
+    account = await db(read_account_file)(file)
+    await db(limits.check_reply_rate)(owner)  # one reply's worth, as a chat
+    plan = await db(plan_account)(owner, account)
+    held = await db(lock_all)(plan.lock_names)
+    chats, blobs = [], []
+    try:
+        for planned in plan.characters:
+            for rounds, is_main in planned.chats:
+                read = await transfer.read_chat(owner, planned.character, rounds)
+                blobs += read[1].values()
+                chats.append((planned, rounds, is_main, read))
+        report = await db(store_account)(owner, plan, chats, get_engine().model_id, held)
+    except BaseException:
+        await blob_io(delete_states)(blobs)
+        raise
+    finally:
+        if held:
+            await db(release_all)(held)
+    return report | {"chats": len(chats)}

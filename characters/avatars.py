@@ -27,7 +27,7 @@ from django.core.files.base import ContentFile
 from PIL import Image, ImageOps
 
 from rpserver.errors import ApiError
-from rpserver.files import delete_file_on_commit
+from rpserver.files import delete_file_on_commit, delete_file_on_rollback
 
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
@@ -281,7 +281,8 @@ def avatar_data_url(character):
 
 def replace_avatar(owner_object, avatar, image):
     """A character's or a persona's avatar after a save: `avatar` given (even empty) drops the old file
-    once the transaction commits; `image` (data, mime, extension) is the new one, if any."""
+    once the transaction commits; `image` (data, mime, extension) is the new one, if any (its file goes
+    again if an enclosing rpserver.files.deleted_on_rollback block fails: an account import)."""
     if avatar is not None:
         delete_file_on_commit(owner_object.avatar)
         owner_object.avatar = None
@@ -290,3 +291,4 @@ def replace_avatar(owner_object, avatar, image):
         data, mime, extension = image
         owner_object.avatar_type = mime
         owner_object.avatar.save(f"avatar.{extension}", ContentFile(data), save=False)
+        delete_file_on_rollback(owner_object.avatar)

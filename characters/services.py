@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 
 from locks import services as locks
 from rpserver.errors import ApiError
-from rpserver.files import delete_file_on_commit
+from rpserver.files import delete_file_on_commit, delete_file_on_rollback
 
 from . import cards
 from .avatars import clean_avatar, parse_avatar, replace_avatar
@@ -118,6 +118,7 @@ def import_card(owner, file, name=None):
                 data, mime, extension = image
                 character.avatar_type = mime
                 character.avatar.save(f"avatar.{extension}", ContentFile(data), save=False)
+                delete_file_on_rollback(character.avatar)  # an account import's transaction may roll back
             character.save()
     except IntegrityError:  # the same name was imported or saved meanwhile
         delete_file_on_commit(character.avatar)

@@ -290,18 +290,28 @@ async def read_path(owner_id, path, kept):
 
 
 def store_imported(lease, planned, blobs, model_id, make_main):
-    """Inside the lock: the imported chat's conversation and rounds, in one transaction.
+    """Inside the lock: the imported chat's conversation and rounds, in one transaction that
+    releases the lock (store_chat)."""
+    with transaction.atomic():
+        check_lease(lease)
+        chat_id = store_chat(lease.character, planned, blobs, model_id, make_main)
+        commit_and_release(lease)
+    return chat_id
+
+
+def store_chat(character, planned, blobs, model_id, make_main):
+    """Inside the caller's transaction, under the character's lock (or for a character that this
+    transaction creates): the imported chat's conversation and rounds, its read states pinned in the
+    state store. Returns the new chat's id.
 
     `make_main`: the chat becomes the character's main chat; the main chat it had stays as another
     chat of the character (unless it held nothing but its greeting: then it goes)."""
-    character = lease.character
     path = [item for item in planned if item.on_path]
     by_key = {item.key: item for item in planned}
     tokens = [token for item in path for token in item.round.token_list]
     ends = prefix_ends([item.round for item in path])
     nbytes = state_bytes(get_engine().backend.zero_state())  # an RWKV state's size is the model's
     with transaction.atomic():
-        check_lease(lease)
         for (position, field), name in blobs.items():  # into the state store, keyed by their tokens
             round_ = path[position].round
             length = ends[position - 1] + round_.reply_start - 1 if field == "pre_state" else ends[position]
@@ -327,7 +337,6 @@ def store_imported(lease, planned, blobs, model_id, make_main):
         for parent, child in zip(path, path[1:]):
             Round.objects.filter(pk=parent.round.pk).update(chosen=child.round)
         Conversation.objects.filter(pk=conversation.pk).update(head=path[-1].round)
-        commit_and_release(lease)
     return conversation.pk
 
 
@@ -350,14 +359,10 @@ async def import_chat(owner, character_name, file, make_main=True):
 async def import_rounds(owner, character_name, rounds, make_main=True):
     """import_chat for a file already read (parse_chat_file's rounds); returns the new chat's id."""
     character = await db(get_character)(owner, character_name)
-    planned = await db(plan_rounds)(character, rounds)
-    path = [item for item in planned if item.on_path]
-    rows = [(item.key, item.parent, item.round.index) for item in planned]
-    kept = state_policy(rows, path[-1].key, owner.is_guest)
     lease = await db(lock_character)(character, lambda: (None, None))
 
     async def work(lease):
-        blobs = await read_path(owner.pk, path, kept)
+        planned, blobs = await read_chat(owner, character, rounds)
         try:
             return await db(store_imported)(lease, planned, blobs, get_engine().model_id, make_main)
         except BaseException:
@@ -365,3 +370,15 @@ async def import_rounds(owner, character_name, rounds, make_main=True):
             raise
 
     return await run_locked(lease, work)
+
+
+async def read_chat(owner, character, rounds):
+    """The model reads an imported chat's current path once: (its planned rounds, the states the
+    policy keeps {(path position, field): blob name}). `character` need not be stored yet (an account
+    import plans its new characters before storing them; its chat_persona is set). Nothing here
+    writes to the database; on failure the blobs written so far are deleted."""
+    planned = await db(plan_rounds)(character, rounds)
+    path = [item for item in planned if item.on_path]
+    rows = [(item.key, item.parent, item.round.index) for item in planned]
+    kept = state_policy(rows, path[-1].key, owner.is_guest)
+    return planned, await read_path(owner.pk, path, kept)

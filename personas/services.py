@@ -58,25 +58,28 @@ def chats_speaking_as(owner, persona):
 
 
 @contextlib.contextmanager
-def restarting(characters):
+def restarting(characters, held=()):
     """Hold every character's lock and a transaction; the characters' conversations are discarded
-    (their header is read again, with the new persona) when the block completes without error."""
+    (their header is read again, with the new persona) when the block completes without error.
+    `held`: the lock names the caller holds already (an account import)."""
     with contextlib.ExitStack() as stack:
         for character in characters:
-            stack.enter_context(locks.held(character.lock_name))
+            if character.lock_name not in held:
+                stack.enter_context(locks.held(character.lock_name))
         with transaction.atomic():
             yield
             for character in characters:
                 character_changed.send(sender=Character, character=character)
 
 
-def save_persona(owner, name, description, avatar=None, is_default=None, persona=None):
+def save_persona(owner, name, description, avatar=None, is_default=None, persona=None, held=()):
     """Create a persona (`persona` None) or change one; returns it.
 
     `avatar`: None keeps it, "" removes it, a data URL replaces it.
     `is_default`: True makes it the owner's one default (the old one stops
     being it), False stops it being the default, None leaves that as it is.
-    The chats that speak as it before or after restart (module docstring).
+    The chats that speak as it before or after restart (module docstring); `held`: the lock names of
+    those the caller holds already (restarting).
     """
     image = parse_avatar(avatar) if avatar else None
     if persona is None:
@@ -92,7 +95,7 @@ def save_persona(owner, name, description, avatar=None, is_default=None, persona
         affected += list(Character.objects.filter(owner=owner, chosen_persona=None))
     old_default = owner.personas.filter(is_default=True).exclude(pk=persona.pk).first() if is_default else None
     try:
-        with restarting(unique(affected)):
+        with restarting(unique(affected), held):
             if old_default is not None:
                 Persona.objects.filter(pk=old_default.pk).update(is_default=False)
             persona.name = name

@@ -5,7 +5,11 @@ back: each character's card and avatar, the personas (avatar, default, the
 one a character's chat speaks as), the lorebooks, every chat with its
 swipes. Names already taken are reused when the same, else renamed. A
 hostile file (not a zip, a zip bomb, a path out of the folder, a bad chat
-inside) is refused with a 400 and stores nothing.
+inside) is refused with a 400 and stores nothing. An import is all or
+nothing: one that fails half-way (a quota reached by its last character
+after the model read its chats and its avatars were written; a reply running
+for a character it reuses) leaves the account's rows and files exactly as
+they were.
 """
 
 import base64
@@ -14,13 +18,17 @@ import json
 import zipfile
 
 import httpx
+from django.conf import settings
 from PIL import Image
 
+from accounts.models import User
 from characters.models import Character
+from characters.services import export_card
 from chat.models import Conversation, Round
-from conftest import CHARACTER, make_user
+from conftest import CHARACTER, Api, make_user, running_reply
 from lore.models import Lorebook
 from personas.models import Persona
+from statecache.models import StoredState
 
 LOREBOOK = {"name": "Harbour", "entries": {"0": {"uid": 0, "key": ["lamp"], "keysecondary": [], "content": "The lamp is old.",
                                                  "constant": False, "selective": False, "order": 100, "disable": False}}}
@@ -176,3 +184,103 @@ def test_hostile_account_files_are_refused_and_store_nothing(api):
         answer = post_account(bob, file)
         assert answer.status_code == 400 and message in answer.json()["message"], (message, answer.text)
         assert stored_for(bob) == before, message
+
+
+# ---- all or nothing -------------------------------------------------------------------------
+
+
+def png_bytes(color):
+    return base64.b64decode(picture(color).split(",", 1)[1])
+
+
+def chat_file(*pairs):
+    """A SillyTavern chat file: the header, then each (person's message, reply)."""
+    lines = [{"user_name": "you", "character_name": "x", "create_date": "2026-01-01@00h00m00s", "chat_metadata": {}}]
+    for message, reply in pairs:
+        lines += [{"name": "you", "is_user": True, "mes": message}, {"name": "x", "is_user": False, "mes": reply}]
+    return "\n".join(json.dumps(line) for line in lines)
+
+
+def card(name, **fields):
+    return json.dumps({"spec": "chara_card_v2", "data": {"name": name, "first_mes": f"I am {name}.",
+                                                         "description": f"{name} keeps bees.", **fields}})
+
+
+def everything_of(client):
+    """The account's rows (every field that matters, by value) and the files under the media folder
+    (avatars, the state store's blobs), for comparing before and after. The shared state cache's
+    spilled states (states/cache/) are the server's, not the account's, and left out."""
+    owner = {"owner__username": client.user_name}
+    rows = (sorted(Character.objects.filter(**owner).values_list("name", "persona", "greeting", "avatar",
+                                                                  "chosen_persona__name")),
+            sorted(Persona.objects.filter(**owner).values_list("name", "description", "is_default", "avatar")),
+            sorted(Lorebook.objects.filter(**owner).values_list("name", "active")),
+            sorted(Conversation.objects.filter(**owner).values_list("pk", "is_fork", "head_id")),
+            sorted(Round.objects.filter(conversation__owner__username=client.user_name)
+                   .values_list("pk", "bot_text", "pre_state", "post_state")),
+            sorted(StoredState.objects.filter(cached=False).values_list("state", flat=True)))
+    media = settings.MEDIA_ROOT
+    files = sorted(str(path.relative_to(media)) for path in media.rglob("*")
+                   if path.is_file() and not str(path.relative_to(media)).startswith("states/cache/"))
+    return rows, files
+
+
+def tokens_read(client):
+    stats = httpx.get(f"{client.url}/v1/debug/stats", headers={"Authorization": f"Bearer {client.token}"})
+    return stats.json()["engine"]["tokens_read"]
+
+
+def test_an_import_that_fails_at_its_last_character_stores_nothing_and_leaves_no_file(guest):
+    """A guest may keep GUEST_MAX_CHARACTERS characters: a file whose last new character is one too
+    many fails in the storing transaction, after the model read the first character's chats (their
+    states written to the store), and after its persona's avatar, its lorebook and its other
+    characters were stored. Everything goes, files included."""
+    quota = settings.RPSERVER["LIMITS"]["GUEST_MAX_CHARACTERS"]
+    room = quota - Character.objects.filter(owner__username=guest.user_name).count()
+    assert room >= 1
+    guest.ok("/characters/save", **CHARACTER)  # something of the account's own, with a chat and states
+    guest.reply("Mira", "the bees are loud today")
+    room -= 1
+    members = {"personas/1.png": png_bytes((10, 200, 40)), "lorebooks/1.json": json.dumps(LOREBOOK),
+               "chats/1/1.jsonl": chat_file(("where are the bees?", "In the orchard."), ("and the honey?", "Soon.")),
+               "chats/1/2.jsonl": chat_file(("a second chat", "Yes."))}
+    characters = []
+    for number in range(1, room + 2):  # one more than the guest may keep
+        members[f"characters/{number}.json"] = card(f"Keeper {number}")
+        characters.append({"card": f"characters/{number}.json", "persona": 1,
+                           "chats": [{"file": "chats/1/1.jsonl", "main": True},
+                                     {"file": "chats/1/2.jsonl", "main": False}] if number == 1 else []})
+    members["rpserver-account.json"] = manifest(
+        personas=[{"name": "Beekeeper", "description": "{{user}} wears a veil.", "default": True,
+                   "avatar": "personas/1.png"}],
+        lorebooks=[{"name": "Hives", "active": True, "file": "lorebooks/1.json"}], characters=characters)
+    before, read_before = everything_of(guest), tokens_read(guest)
+
+    answer = post_account(guest, zipped(members))
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["message"].startswith(f"a guest can keep at most {quota} characters")
+    assert tokens_read(guest) > read_before  # the model did read the chats: their states were written
+    assert everything_of(guest) == before
+    # The account works on as before.
+    assert guest.reply("Mira", "still here?") is not None
+
+
+def test_an_import_reusing_a_character_whose_reply_is_running_is_refused_and_stores_nothing(endless_server):
+    """A character the file holds is the account's own (reused): while a reply runs for it, the
+    import is told BUSY, the reply is not disturbed, and nothing of the file is stored."""
+    bob = make_user(Api(endless_server.url), "bob")
+    bob.ok("/characters/save", **CHARACTER)
+    mira_card, _, _ = export_card(User.objects.get(username=bob.user_name), "Mira", "json")
+    members = {"characters/1.json": card("Nia"), "characters/2.json": mira_card,
+               "personas/1.png": png_bytes((90, 20, 200)), "chats/1/1.jsonl": chat_file(("hi", "Hello.")),
+               "chats/2/1.jsonl": chat_file(("and you?", "Fine."))}
+    members["rpserver-account.json"] = manifest(
+        personas=[{"name": "Rook", "description": "a crow", "avatar": "personas/1.png"}],
+        characters=[{"card": "characters/1.json", "chats": [{"file": "chats/1/1.jsonl", "main": True}]},
+                    {"card": "characters/2.json", "chats": [{"file": "chats/2/1.jsonl", "main": True}]}])
+    with running_reply(bob, character_name="Mira", prompt="tell me about the sea"):
+        before = everything_of(bob)
+        answer = post_account(bob, zipped(members))
+        assert answer.status_code == 400 and answer.json()["message"].startswith("a reply is already being"), \
+            answer.text
+        assert everything_of(bob) == before
