@@ -306,8 +306,7 @@ def plan_account(owner, account):
             continue
         stored_as = free_name(name, taken)
         taken.add(stored_as)
-        character = Character(owner=owner, **(cards.character_fields(cards.read_card(card_file).data)
-                                               | {"name": stored_as}))
+        character = characters.card_character(owner, cards.read_card(card_file), stored_as)
         persona = planned_personas[entry["persona"] - 1].persona if entry["persona"] is not None else default_after
         planned_characters.append(PlannedCharacter(name, stored_as, None, card_file, entry["persona"], chats,
                                                    with_chat_persona(character, persona)))

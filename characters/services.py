@@ -103,15 +103,13 @@ def import_card(owner, file, name=None):
     nothing. Returns the new Character.
     """
     card = cards.read_card(file)
-    fields = cards.character_fields(card.data)
-    if name is not None:
-        fields["name"] = name
-    check_card_fields(fields)
+    character = card_character(owner, card, name)
+    check_card_fields({"name": character.name, "user_name": character.user_name, "persona": character.persona,
+                       "greeting": character.greeting, "example_message": character.example_message})
     image = card_picture(card.image)
     check_guest_quota(owner, creating=True, image=image)
-    if Character.objects.filter(owner=owner, name=fields["name"]).exists():
-        raise ApiError(exists_message(fields["name"]))
-    character = Character(owner=owner, card=card.data, card_spec=card.spec, **fields)
+    if Character.objects.filter(owner=owner, name=character.name).exists():
+        raise ApiError(exists_message(character.name))
     try:
         with transaction.atomic():
             if image is not None:
@@ -122,8 +120,17 @@ def import_card(owner, file, name=None):
             character.save()
     except IntegrityError:  # the same name was imported or saved meanwhile
         delete_file_on_commit(character.avatar)
-        raise ApiError(exists_message(fields["name"]))
+        raise ApiError(exists_message(character.name))
     return character
+
+
+def card_character(owner, card, name=None):
+    """The Character a card (cards.read_card) makes, not stored (import_card stores it); `name`
+    instead of the card's."""
+    fields = cards.character_fields(card.data)
+    if name is not None:
+        fields["name"] = name
+    return Character(owner=owner, card=card.data, card_spec=card.spec, **fields)
 
 
 def exists_message(name):

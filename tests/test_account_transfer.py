@@ -284,3 +284,20 @@ def test_an_import_reusing_a_character_whose_reply_is_running_is_refused_and_sto
         assert answer.status_code == 400 and answer.json()["message"].startswith("a reply is already being"), \
             answer.text
         assert everything_of(bob) == before
+
+
+def test_a_new_characters_chat_is_read_as_the_stored_character_reads_it(api):
+    """The model reads a new character's chats before the character is stored (the plan): what it
+    read must be the header the stored character has (here with a card's system prompt and the
+    file's persona), or the import would be refused as changed meanwhile."""
+    carol = make_user(api, "carol")
+    members = {"characters/1.json": card("Oda", system_prompt="Write as {{char}}.", post_history_instructions="Be brief."),
+               "chats/1/1.jsonl": chat_file(("hello Oda", "Hello."), ("bees?", "Many.")),
+               "personas/1.png": png_bytes((1, 2, 3))}
+    members["rpserver-account.json"] = manifest(
+        personas=[{"name": "Wren", "description": "{{user}} is small.", "default": True, "avatar": "personas/1.png"}],
+        characters=[{"card": "characters/1.json", "persona": 1, "chats": [{"file": "chats/1/1.jsonl", "main": True}]}])
+    report = import_ok(carol, zipped(members))
+    assert report["chats"] == 1
+    assert [turn[0] for turn in carol.chat("Oda")][-2:] == ["hello Oda", "bees?"]
+    assert carol.reply("Oda", "more?") is not None
