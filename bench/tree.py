@@ -207,6 +207,8 @@ def main():
          fmt(median([s for _, s in rebuilds]) * 1000, 0), "-"],
     ]
     print(table(["operation", "tokens read", "ms", "a transformer server reads"], rows))
+    print(f"tokens read by each run: swipes {[t for t, _ in swipes]}, edits {[t for t, _ in edits]}, "
+          f"rebuilds {[t for t, _ in rebuilds]} (the first swipe and edit rebuild the pruned state before them)")
     print(f"first frame of a reply at the path's end: after a switch {fmt(median(ttft_switched) * 1000, 0)} ms, "
           f"without {fmt(median(ttft_plain) * 1000, 0)} ms")
     print(f"disk after the build: {files} state blobs, {fmt(size / 2**20, 1)} MiB for the chat, "

@@ -166,16 +166,27 @@ async def state_after(conversation, index):
 
 async def state_before_reply(conversation, path, round_):
     """The state from which round_'s reply is (re)generated: after all but the
-    last token before the reply. Returns (state, whether it was rebuilt).
-    `path` is a path through round_'s parent."""
+    last token before the reply. Returns (state, whether round_ does not pin
+    it: rebuilt, or found in the store under its digest, pinned by another
+    round such as a swipe of the same reply). `path` is a path through
+    round_'s parent."""
     engine = get_engine()
-    if round_.state_model == engine.model_id and round_.pre_state:
-        state = await load_or_forget(round_.pre_state.name, engine.backend)
+    own = round_.pre_state.name if round_.state_model == engine.model_id and round_.pre_state else ""
+    for name in [own] + await db(stored_before_reply)(path, round_, engine.backend):
+        state = await load_or_forget(name, engine.backend) if name else None
         if state is not None:
-            return state, False
+            return state, name != own
     base = await state_on_path(conversation, path, round_.index - 1) if round_.index > 0 else None
     state, _ = await engine.read(base, round_.token_list[:round_.reply_start - 1])
     return state, True
+
+
+def stored_before_reply(path, round_, backend):
+    """The blob the store has for the state before round_'s reply, under the digest of its tokens
+    ([] or [name]); on the ORM thread."""
+    tokens = path_tokens(path[:round_.index]) + round_.token_list[:round_.reply_start - 1]
+    digest = prefix_digests(tokens, [len(tokens)])[len(tokens)]
+    return [name for _, name in store.find_states(backend.model_id, [digest]).values()]
 
 
 async def remember_state(conversation, round_pk, state, backend):

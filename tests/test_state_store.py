@@ -4,14 +4,17 @@ need it and by the shared cache, deleted when nothing holds it; a chat finds a s
 import asyncio
 import uuid
 
+import httpx
+
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 
-from chat import services
+from chat import services, states
 from chat.models import Conversation, Round
 from chat.states import stored_states
-from chat.tree import path_of
+from chat.tree import path_of, path_tokens
+from conftest import assert_same_state, server_precision
 from inference.runtime import get_engine
 from statecache import store
 from statecache.models import StoredState
@@ -65,3 +68,24 @@ def test_a_chat_finds_a_state_it_does_not_pin_by_its_digest_and_reads_nothing(mi
     before = engine.tokens_read
     asyncio.run(services.state_after(conversation, 3))
     assert engine.tokens_read == before
+
+
+def test_a_swipe_finds_the_state_before_the_reply_that_another_swipe_pinned(mira):
+    for prompt in ("one", "two", "three"):
+        mira.reply("Mira", prompt)
+    conversation = Conversation.objects.get(owner__username=mira.user_name, character__name="Mira")
+    original = Round.objects.get(conversation=conversation, index=1)
+    assert not original.pre_state  # not kept (K = 3): the first swipe rebuilds it
+    http = httpx.Client(base_url=mira.url, timeout=120, headers={"Authorization": f"Token {mira.token}"})
+    assert http.post(f"/api/v1/chats/{conversation.pk}/swipe", data={"round": original.pk}).status_code == 200
+    swipe = Round.objects.get(parent_id=original.parent_id, index=1, user_text="one", pre_state__gt="")
+    original.refresh_from_db()
+    assert swipe.pk != original.pk and not original.pre_state  # the swipe pins it, not the original
+    # The next swipe of the original finds it under its digest: no token read for it.
+    engine = get_engine()
+    before = engine.tokens_read
+    path = path_of(conversation, original.parent_id)
+    state, not_pinned = asyncio.run(states.state_before_reply(conversation, path, original))
+    assert engine.tokens_read == before and not_pinned
+    tokens = path_tokens(path[:1]) + original.token_list[:original.reply_start - 1]
+    assert_same_state(state, asyncio.run(engine.read(None, tokens))[0], server_precision())
