@@ -182,6 +182,17 @@ def test_the_lorebook_screens_fit_work_by_keyboard_and_have_no_serious_accessibi
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
     page.keyboard.press("Enter")
     expect(page.locator("#lore-entries fieldset.entry")).to_have_count(6)
+    # The language switch rewrites the editor's words and keeps what was typed in it.
+    page.locator("#lore-entries fieldset.entry >> nth=5 >> [name=keys]").fill("reef")
+    title = {"zh-CN": "设定集：Coast", "en-US": "Lorebook: Coast"}
+    expect(page.locator("#lore-title")).to_have_text(title[locale])
+    page.click("#app [data-action=switch-language]")
+    expect(page.locator("#lore-title")).to_have_text(title["en-US" if locale == "zh-CN" else "zh-CN"])
+    expect(page.locator("#lore-entries fieldset.entry >> nth=5 >> legend")).to_have_text(
+        "Entry 6" if locale == "zh-CN" else "条目 6")
+    expect(page.locator("#lore-entries fieldset.entry >> nth=5 >> [name=keys]")).to_have_value("reef")
+    page.click("#app [data-action=switch-language]")
+    expect(page.locator("#lore-title")).to_have_text(title[locale])
     found["editor"] = axe_problems(page, axe_source)
     shot(page, f"lore-editor-{tag}")
     assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]

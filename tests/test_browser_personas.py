@@ -174,6 +174,13 @@ def test_the_persona_screens_fit_work_by_keyboard_and_have_no_serious_accessibil
     found = {"list": axe_problems(page, axe_source)}
     shot(page, f"personas-{tag}")
     assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+    # The language switch rewrites what the script wrote, at once.
+    badge = page.locator("#persona-list .badge")
+    expect(badge).to_have_text("默认" if locale == "zh-CN" else "default")
+    page.click("#app [data-action=switch-language]")
+    expect(badge).to_have_text("default" if locale == "zh-CN" else "默认")
+    page.click("#app [data-action=switch-language]")
+    expect(badge).to_have_text("默认" if locale == "zh-CN" else "default")
     # By keyboard: Tab reaches the new-persona link, whose focus ring shows, and Enter opens the form.
     page.focus("#persona-new")
     page.keyboard.press("Shift+Tab")
