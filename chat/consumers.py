@@ -23,14 +23,15 @@ def frame(text):
 
 
 async def reply_frames(reply):
-    """The frames of a ReplyStream: its text each time it changes, and once more at the end."""
+    """The frames of a running reply (replies.RunningReply): its text each time it changes, and
+    once more at the end."""
     sent = None
     async for text in reply:
         if text != sent:
             yield frame(text)
             sent = text
-    if reply.text != sent:
-        yield frame(reply.text)
+    if reply.work.text != sent:
+        yield frame(reply.work.text)
 
 
 class StreamConsumer(ApiConsumer):
@@ -42,7 +43,8 @@ class StreamConsumer(ApiConsumer):
         form = self.serializer_class(data=fields)
         if not form.is_valid():
             raise ApiError(validation_message(form.errors))
-        await self.stream(reply_frames(await self.start(user, form)))
+        reply = await self.start(user, form)
+        await self.stream(reply_frames(reply), reply)
 
 
 class ReplyConsumer(StreamConsumer):
@@ -76,17 +78,18 @@ class ChatReplyConsumer(ChatStreamConsumer):
 
 
 class SwipeConsumer(ChatStreamConsumer):
+    """A new alternative of a round's reply; ContinueConsumer: that reply, continued."""
+
     serializer_class = TreeSwipeSerializer
+    continue_reply = False
 
     async def start(self, user, form):
-        return await services.swipe(user, self.chat_id, form.validated_data["round"], form.sampling)
+        return await services.swipe(user, self.chat_id, form.validated_data["round"], form.sampling,
+                                    continue_reply=self.continue_reply)
 
 
-class ContinueConsumer(ChatStreamConsumer):
-    serializer_class = TreeSwipeSerializer
-
-    async def start(self, user, form):
-        return await services.continue_reply(user, self.chat_id, form.validated_data["round"], form.sampling)
+class ContinueConsumer(SwipeConsumer):
+    continue_reply = True
 
 
 class ImpersonateConsumer(ChatStreamConsumer):

@@ -1,26 +1,28 @@
 """Replies being generated: a new reply, a swipe, a continuation, a draft of the person's turn.
 
-Each starts under the conversation's lock (chat.lease) and streams the
-growing reply text (a ReplyStream). When the reply ends, its round is
-stored (chat.states.store_round) and made the head of the path, and the
-lock is released with that commit. When the client goes away (Stop), the
-legacy routes store nothing; the REST API's streams (`keep_partial`) keep
-the text written so far as the reply, with its states, ready to continue.
+Each starts under the conversation's lock (chat.lease) and runs as a
+replies.RunningReply (the reply rate, the user's engine share, cancel on
+disconnect: replies/services.py, shared with the OpenAI door) whose work is
+a RoundReply here, streaming the growing reply text. When the reply ends,
+its round is stored (chat.states.store_round) and made the head of the
+path, and the lock is released with that commit. When the client goes away
+(Stop), the legacy routes store nothing; the REST API's streams
+(`keep_partial`) keep the text written so far as the reply, with its
+states, ready to continue.
 
 A reply costs two trips to the database thread: `prepare_reply` (rate
 limit, lock, the path, where its state is) and `commit_round` (store,
 prune, release); state blobs are read and written beside it.
 """
 
-import asyncio
 import dataclasses
 
 from django.conf import settings
 
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
-from limits import services as limits
 from lore import services as lore_services
+from replies import services as replies
 from rpserver.errors import ApiError
 
 from .lease import acquire, acquire_chat, db, let_go, release
@@ -39,15 +41,15 @@ def reply_text(tokens):
     return (text if cut < 0 else text[:cut]).strip()
 
 
-class ReplyStream:
-    """A reply being generated under a lease: iterate for the growing text.
+class RoundReply:
+    """A reply being generated under a lease, to be stored as a round: the work of a
+    replies.RunningReply, whose updates are the growing text.
 
-    When the reply ends, the round is stored (and the lock released with
-    it); if the client goes away (the iteration is cancelled), generation
-    stops and nothing is stored, unless `keep_partial`: then the text so far
-    is stored as the reply (its tokens read from `start_state`, after
-    `prompt`, the tokens from there to the reply). The lock and the user's
-    engine share are given back either way.
+    When the reply ends (`finish`), the round is stored (and the lock
+    released with it); if the client goes away, generation stops and nothing
+    is stored, unless `keep_partial`: then the text so far is stored as the
+    reply (`stopped`; its tokens read from `start_state`, after `prompt`, the
+    tokens from there to the reply). The lock is let go either way (`release`).
     """
 
     def __init__(self, lease, generation, round_, pre_state=None, replayed=0, prefix_tokens=(),
@@ -66,9 +68,6 @@ class ReplyStream:
         # continuation); else the job's snapshot at that point.
         self.reply_base = reply_base
         self.text = ""
-
-    def __aiter__(self):
-        return self._run()
 
     def shown(self, text):
         """The reply so far as one turn of the prompt format (prompt_format.clean_turn); a
@@ -96,32 +95,34 @@ class ReplyStream:
         state, _ = await engine.read(start, last_prompt_token + tokens)
         return tokens, state
 
-    async def _run(self):
-        finished = False
-        try:
-            async for text in self.generation:
-                self.text = self.shown(text)
-                yield self.text
-            reply = self.generation.reply
-            if self.prefix_tokens:  # a continuation: the whole reply, as the model's tokens give it
-                self.text = prompt_format.clean_turn(reply_text(self.prefix_tokens + reply.tokens))
-            else:
-                self.text = self.shown(reply.text)
-            tokens, state = await self.as_read(reply)
-            round_ = self.round
-            round_.bot_text = self.text
-            round_.set_tokens(round_.token_list[:round_.reply_start] + tokens)
-            pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
-            remembered = (round_.parent_id, reply.snapshots[self.replayed]) if self.replayed else None
-            await store_round(self.lease, round_, pre_state, state, get_engine().backend, remembered)
-            finished = True
-        finally:
-            if not finished:
-                self.generation.cancel()
-                if self.keep_partial and self.text:
-                    await asyncio.shield(self._keep_partial())
-            limits.engine_share.give_back(self.lease.conversation.owner_id)
-            await let_go(self.lease)
+    async def updates(self):
+        async for text in self.generation:
+            self.text = self.shown(text)
+            yield self.text
+
+    async def finish(self):
+        reply = self.generation.reply
+        if self.prefix_tokens:  # a continuation: the whole reply, as the model's tokens give it
+            self.text = prompt_format.clean_turn(reply_text(self.prefix_tokens + reply.tokens))
+        else:
+            self.text = self.shown(reply.text)
+        tokens, state = await self.as_read(reply)
+        round_ = self.round
+        round_.bot_text = self.text
+        round_.set_tokens(round_.token_list[:round_.reply_start] + tokens)
+        pre_state = reply.snapshots.get(self.replayed + round_.reply_start - 1, self.pre_state)
+        remembered = (round_.parent_id, reply.snapshots[self.replayed]) if self.replayed else None
+        await store_round(self.lease, round_, pre_state, state, get_engine().backend, remembered)
+
+    def cancel(self):
+        self.generation.cancel()
+
+    async def stopped(self):
+        if self.keep_partial and self.text:
+            await self._keep_partial()
+
+    async def release(self):
+        await let_go(self.lease)
 
     async def _keep_partial(self):
         """Stop: store the text shown so far as the reply, reading it (and the prompt before it) again."""
@@ -135,22 +136,12 @@ class ReplyStream:
         await store_round(self.lease, round_, snapshots[len(self.prompt) - 1], state, engine.backend)
 
 
-async def start_stream(lease, make_stream):
-    """Under `lease`: count the reply in its user's share of the engine
-    (limits.engine_share; taken under the lock, so that a second reply to a
-    busy conversation is told it is busy rather than over its share), then
-    `make_stream()`. On any failure the share and the lock are given back."""
-    owner_id = lease.conversation.owner_id
-    shared = False
-    try:
-        limits.engine_share.take(owner_id)
-        shared = True
-        return await make_stream()
-    except BaseException:
-        if shared:
-            limits.engine_share.give_back(owner_id)
-        await let_go(lease)
-        raise
+async def start_locked(lease, make_work):
+    """Under `lease`: begin `make_work()` as a reply in its user's share of the engine
+    (replies.start; the share is taken under the lock, so that a second reply to a busy
+    conversation is told it is busy rather than over its share). On any failure the share and
+    the lock are given back."""
+    return await replies.start(lease.conversation.owner_id, make_work, release=lambda: let_go(lease))
 
 
 @dataclasses.dataclass
@@ -169,14 +160,14 @@ def plan_for(lease, backend):
 
 def admit_reply(owner):
     """acquire's `admit` for a reply: refused before the conversation is opened when the user
-    has no room in the engine (the share itself is taken by start_stream)."""
-    return lambda character: limits.engine_share.check(owner.id)
+    has no room in the engine (the share itself is taken by start_locked)."""
+    return lambda character: replies.check_share(owner.id)
 
 
 def prepare_reply(owner, name, backend, chat_id=None):
     """The database part of a new reply, in one trip: the reply rate limit, the
     lock, the conversation's path, where its latest state may be stored."""
-    limits.check_reply_rate(owner)
+    replies.check_rate(owner)
     admit = admit_reply(owner)
     lease = acquire(owner, name, admit) if chat_id is None else acquire_chat(owner, chat_id, admit)
     try:
@@ -188,7 +179,7 @@ def prepare_reply(owner, name, backend, chat_id=None):
 
 async def start_reply(owner, name, prompt, sampling, seed=None, chat_id=None, keep_partial=False):
     """Begin the character's reply to `prompt` at the end of the current path
-    (the main conversation with `name`, or chat `chat_id`); returns a ReplyStream. Takes the lock."""
+    (the main conversation with `name`, or chat `chat_id`); returns a RunningReply. Takes the lock."""
     if not prompt_format.clean_turn(prompt):
         raise ApiError("prompt must not be empty")
     engine = get_engine()
@@ -220,10 +211,10 @@ async def start_reply(owner, name, prompt, sampling, seed=None, chat_id=None, ke
         keep = {len(tokens) - 1} | ({len(replay)} if replay else set())
         generation = engine.generate(state, tokens, sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
                                      seed=seed, snapshot_at=keep)
-        return ReplyStream(lease, generation, round_, replayed=len(replay), keep_partial=keep_partial,
+        return RoundReply(lease, generation, round_, replayed=len(replay), keep_partial=keep_partial,
                            start_state=state, prompt=tokens)
 
-    return await start_stream(lease, make_stream)
+    return await start_locked(lease, make_stream)
 
 
 def alternative_of(round_, reply_tokens=None, bot_text=""):
@@ -238,7 +229,7 @@ def alternative_of(round_, reply_tokens=None, bot_text=""):
 async def start_swipe(lease, round_, sampling, seed=None, keep_partial=False, continue_reply=False):
     """Under `lease`: a new reply for `round_`'s person's message (any round on any
     branch), as a new alternative beside it (or in it, when it has no reply yet);
-    with `continue_reply`, one that continues round_'s reply. Returns a ReplyStream."""
+    with `continue_reply`, one that continues round_'s reply. Returns a RunningReply."""
 
     async def make_stream():
         engine = get_engine()
@@ -254,44 +245,46 @@ async def start_swipe(lease, round_, sampling, seed=None, keep_partial=False, co
             prefix_tokens = engine.tokenizer.encode(" " + prefix_text)
         generation = engine.generate(pre_state, last_prompt_token + prefix_tokens, sampling,
                                      settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
-        return ReplyStream(lease, generation, target, pre_state=pre_state if rebuilt else None,
+        return RoundReply(lease, generation, target, pre_state=pre_state if rebuilt else None,
                            prefix_tokens=prefix_tokens, prefix_text=prefix_text, keep_partial=keep_partial,
                            start_state=pre_state, prompt=last_prompt_token, reply_base=pre_state)
 
-    return await start_stream(lease, make_stream)
+    return await start_locked(lease, make_stream)
 
 
 async def start_resay(owner, name, sampling, seed=None):
     """Begin a new version of the last reply of the main conversation, as a new
-    alternative of it (the old one stays in the tree); returns a ReplyStream. Takes the lock."""
-    await db(limits.check_reply_rate)(owner)
+    alternative of it (the old one stays in the tree); returns a RunningReply. Takes the lock."""
+    await db(replies.check_rate)(owner)
     lease = await db(acquire)(owner, name, admit_reply(owner))
     return await start_swipe(lease, lease.last, sampling, seed)
 
 
-class DraftStream:
-    """The model's draft of the person's next message (impersonate): nothing is stored."""
+class DraftReply:
+    """The model's draft of the person's next message (impersonate): the work of a
+    replies.RunningReply; nothing is stored, the lock is let go at the end."""
 
     def __init__(self, lease, generation):
         self.lease = lease
         self.generation = generation
         self.text = ""
 
-    def __aiter__(self):
-        return self._run()
+    async def updates(self):
+        async for text in self.generation:
+            self.text = text
+            yield text
 
-    async def _run(self):
-        finished = False
-        try:
-            async for text in self.generation:
-                self.text = text
-                yield text
-            finished = True
-        finally:
-            if not finished:
-                self.generation.cancel()
-            limits.engine_share.give_back(self.lease.conversation.owner_id)
-            await let_go(self.lease)
+    async def finish(self):
+        pass
+
+    def cancel(self):
+        self.generation.cancel()
+
+    async def stopped(self):
+        pass
+
+    async def release(self):
+        await let_go(self.lease)
 
 
 async def start_impersonate(lease, sampling, seed=None):
@@ -306,6 +299,6 @@ async def start_impersonate(lease, sampling, seed=None):
         user, _ = speaker_names(lease.character)
         generation = engine.generate(state, engine.tokenizer.encode(f"{user}:"), sampling,
                                      settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
-        return DraftStream(lease, generation)
+        return DraftReply(lease, generation)
 
-    return await start_stream(lease, make_stream)
+    return await start_locked(lease, make_stream)

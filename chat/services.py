@@ -17,13 +17,13 @@ from django.utils import timezone
 from characters.services import get_character
 from inference import prompt as prompt_format
 from inference.runtime import get_engine
-from limits import services as limits
+from replies import services as replies
 from rpserver.errors import ApiError
 
 from .lease import BUSY, LOST, Lease, acquire, acquire_chat, check_lease, commit_and_release, db, let_go, \
     release, run_locked  # noqa: F401 (the lock's names, for callers and tests)
 from .models import Conversation, Round
-from .replies import ReplyStream, alternative_of, start_impersonate, start_reply, start_resay, \
+from .replies import alternative_of, start_impersonate, start_reply, start_resay, \
     start_swipe  # noqa: F401
 from .states import finish_undo, make_current, state_after, state_before_reply, state_on_path, \
     store_round  # noqa: F401
@@ -165,14 +165,14 @@ async def reply(owner, chat_id, prompt, sampling, seed=None):
 
 async def swipe(owner, chat_id, round_id, sampling, seed=None, continue_reply=False):
     """Begin a new alternative of round `round_id`'s reply (or continue it); Stop keeps what is written."""
-    await db(limits.check_reply_rate)(owner)
+    await db(replies.check_rate)(owner)
     lease, round_ = await locked_chat(owner, chat_id, round_id)
     return await start_swipe(lease, round_, sampling, seed, keep_partial=True, continue_reply=continue_reply)
 
 
 async def impersonate(owner, chat_id, sampling, seed=None):
     """Begin the model's draft of the person's next message (stored nowhere)."""
-    await db(limits.check_reply_rate)(owner)
+    await db(replies.check_rate)(owner)
     lease, _ = await locked_chat(owner, chat_id)
     return await start_impersonate(lease, sampling, seed)
 
@@ -339,10 +339,6 @@ def delete_chat(owner, chat_id):
             conversation.delete()
     finally:
         release(lease)
-
-
-async def continue_reply(owner, chat_id, round_id, sampling, seed=None):
-    return await swipe(owner, chat_id, round_id, sampling, seed, continue_reply=True)
 
 
 def reading_context(owner, chat_id):

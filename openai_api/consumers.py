@@ -19,7 +19,7 @@ from django.conf import settings
 
 from accounts.auth import token_from
 from accounts.services import user_for_token
-from limits import services as limits
+from replies import services as replies
 from rpserver.errors import ApiError
 from rpserver.pipeline import note_access, note_caller
 from rpserver.streams import SSE_HEADERS, ApiConsumer
@@ -42,12 +42,6 @@ def authenticate(authorization):
         return user_for_token(key)
     except ApiError as exc:
         raise OpenAIError(f"incorrect API key: {exc.message}", status=401, code="invalid_api_key")
-
-
-def check_reply_allowed(user):
-    """The per-user reply rate (as for the legacy API); anonymous use has none."""
-    if user is not None:
-        limits.check_reply_rate(user)
 
 
 class OpenAIConsumer(ApiConsumer):
@@ -74,28 +68,21 @@ class OpenAIConsumer(ApiConsumer):
     # ---- completions -------------------------------------------------------------
 
     async def complete(self, user, start, request, chunk, whole):
-        """Start a completion under the user's share of the engine, and answer
-        with it: streamed chunks, or one body once it is done."""
-        await database_sync_to_async(check_reply_allowed)(user)
-        owner = user.pk if user is not None else None
-        if owner is not None:
-            limits.engine_share.take(owner)
-        try:
-            completion = await start(request)
-            if completion.options.stream:
-                await self.send_headers(status=200, headers=SSE_HEADERS)
-                await self.until_disconnect(self.chunks(completion, chunk), completion.cancel)
-            else:
-                await self.until_disconnect(self.whole(completion, whole), completion.cancel)
-        finally:
-            if owner is not None:
-                limits.engine_share.give_back(owner)
+        """Start a completion as a running reply (replies: the reply rate, the user's share of the
+        engine, cancel on disconnect), and answer with it: streamed chunks, or one body once done."""
+        await database_sync_to_async(replies.check_rate)(user)
+        reply = await replies.start(user.pk if user is not None else None, lambda: start(request))
+        if reply.work.options.stream:
+            await self.send_headers(status=200, headers=SSE_HEADERS)
+            await self.until_disconnect(self.chunks(reply, chunk), reply)
+        else:
+            await self.until_disconnect(self.whole(reply, whole), reply)
 
-    async def whole(self, completion, whole):
+    async def whole(self, reply, whole):
+        completion = reply.work
         try:
-            async for _ in completion.deltas():
+            async for _ in reply:
                 pass
-            await completion.finish()
             self.note_usage(completion)
         except Exception:
             logger.exception("completion %s failed", completion.id)
@@ -103,16 +90,16 @@ class OpenAIConsumer(ApiConsumer):
             return
         await self.send_json(whole(completion))
 
-    async def chunks(self, completion, chunk):
+    async def chunks(self, reply, chunk):
+        completion = reply.work
         try:
             for choice in completion.choices:
                 await self.event(chunk(completion, choice, None, first=True))
-            async for choice, delta in completion.deltas():
+            async for choice, delta in reply:
                 await self.event(chunk(completion, choice, delta))
-            rests = await completion.finish()
             self.note_usage(completion)
             for choice in completion.choices:
-                await self.event(chunk(completion, choice, rests[choice.index], finish=True))
+                await self.event(chunk(completion, choice, completion.rests[choice.index], finish=True))
             if completion.options.include_usage:
                 await self.event({**envelope(completion, chunk_object(chunk)), "choices": [],
                                   "usage": completion.usage.as_dict()})
@@ -211,7 +198,7 @@ class DebugStatsConsumer(OpenAIConsumer):
     methods = ("GET",)
 
     async def answer(self, user, data):
-        await self.send_json(services.debug_stats())
+        await self.send_json(services.debug_stats(user))
 
 
 class NotFoundConsumer(OpenAIConsumer):

@@ -29,6 +29,7 @@ from inference import prompt as prompt_format
 from inference.engine import FinishReason
 from inference.runtime import get_engine
 from inference.tokenizer import world_tokenizer
+from replies import services as replies
 from statecache.services import state_cache
 
 from .errors import OpenAIError
@@ -129,10 +130,11 @@ class Choice:
 
 
 class Completion:
-    """A reply in progress, with its n choices: iterate for the new text as it comes
-    (`deltas`: (choice, text) pairs), then `await finish()`.
+    """A reply in progress, with its n choices: the work of a replies.RunningReply, whose
+    updates are (choice, new text) pairs as they come; when they run out, `finish()` gives
+    each choice its final text (`rests`: what was not yet sent) and caches the states.
 
-    Cancel it (`cancel()`) when the client goes away: the engine frees the
+    Cancelled (`cancel()`) when the client goes away: the engine frees the
     replies and nothing is cached after the prompt.
     """
 
@@ -155,6 +157,7 @@ class Completion:
             snapshot_at=set(keep_at) | {self._pre_reply}, stop=options.stop, logit_bias=options.logit_bias or None,
             history=tokens[:cached], top_logprobs=options.top_logprobs)
         self.choices = [Choice(index, generation) for index, generation in enumerate(generations)]
+        self.rests = {}  # after finish(): {choice index: the end of its text not yet in an update}
 
     @property
     def text(self):
@@ -164,7 +167,7 @@ class Completion:
     def finish_reason(self):
         return self.choices[0].finish_reason
 
-    async def deltas(self):
+    async def updates(self):
         """(choice, new text) as the engine streams each choice's reply, choices interleaved."""
         if len(self.choices) == 1:
             async for delta in self._choice_deltas(self.choices[0]):
@@ -206,10 +209,16 @@ class Completion:
         for choice in self.choices:
             choice.generation.cancel()
 
+    async def stopped(self):
+        pass  # nothing is kept of a completion its client left
+
+    async def release(self):
+        pass  # a completion holds no lock
+
     async def finish(self):
-        """After the last delta: each choice's final text and the rest of it not yet yielded
-        ({choice index: rest}); the states are cached."""
-        rests = {}
+        """After the last update: each choice's final text and the rest of it not yet yielded
+        (`rests`); the states are cached."""
+        self.rests = rests = {}
         self.usage.completion_tokens = 0
         for choice in self.choices:
             reply = choice.generation.reply
@@ -219,7 +228,6 @@ class Completion:
             choice.text = reply.text if reply.text.startswith(choice.text) else choice.text
         counters["replies"] += 1
         await self._remember(self.choices[0].generation.reply)
-        return rests
 
     async def _remember(self, reply):
         cache, engine = state_cache(), get_engine()
@@ -341,5 +349,9 @@ def detokenize(tokens):
     return {"content": text, "prompt": text}
 
 
-def debug_stats():
-    return {"engine": get_engine().stats(), "state_cache": state_cache().stats(), "openai": dict(counters)}
+def debug_stats(user):
+    """The engine's and the state cache's counters, and the replies running in this process: all of
+    them, and the caller's (what counts against their RPSERVER_MAX_REPLIES_PER_USER, on both doors)."""
+    return {"engine": get_engine().stats(), "state_cache": state_cache().stats(), "openai": dict(counters),
+            "replies": {"running": replies.replies_running(),
+                        "yours": replies.replies_running(user.pk if user is not None else None)}}

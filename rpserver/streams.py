@@ -71,31 +71,44 @@ class ApiConsumer(AsyncHttpConsumer):
     def header(self, name):
         return header(self.scope, name)
 
-    async def stream(self, frames):
+    async def stream(self, frames, reply=None):
         """Send `frames` (an async iterator of bytes) as an event stream; if the
-        client disconnects first, stop iterating it (which cancels its work)."""
+        client disconnects first, stop iterating it and cancel `reply` (see until_disconnect)."""
         await self.send_headers(status=200, headers=SSE_HEADERS)
-        await self.until_disconnect(self.send_frames(frames))
+        await self.until_disconnect(self.send_frames(frames), reply)
 
-    async def until_disconnect(self, work, on_disconnect=None):
-        """Run `work` (a coroutine answering the request); if the client disconnects first, call
-        `on_disconnect` (e.g. cancel the reply in the engine) and cancel the work."""
+    async def until_disconnect(self, work, reply=None):
+        """Run `work` (a coroutine answering the request) until it is done or the client disconnects.
+
+        `reply`, the running reply the work serves (replies.RunningReply: its `cancel()` and
+        `close()`), is cancelled in the engine as soon as the client is gone, and closed before
+        this returns, whichever came first: its end (the share given back, the lock let go) does
+        not wait for the abandoned iteration to be collected."""
         working = asyncio.ensure_future(work)
         disconnect = asyncio.ensure_future(self.wait_for_disconnect())
-        await asyncio.wait([working, disconnect], return_when=asyncio.FIRST_COMPLETED)
-        if not working.done():
-            logger.info("client disconnected: %s cancelled", self.scope["path"])
-            if on_disconnect is not None:
-                on_disconnect()
-            working.cancel()
-        disconnect.cancel()
-        for task in (working, disconnect):
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                logger.exception("answer on %s failed", self.scope["path"])
+        try:
+            await asyncio.wait([working, disconnect], return_when=asyncio.FIRST_COMPLETED)
+            if not working.done():
+                logger.info("client disconnected: %s cancelled", self.scope["path"])
+                if reply is not None:
+                    reply.cancel()
+        finally:
+            # Also when this answer is cancelled itself (the server stopping): the work is ended
+            # before the reply is closed, which cannot happen while the work is iterating it.
+            for task in (working, disconnect):
+                task.cancel()
+            for task in (working, disconnect):
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    logger.exception("answer on %s failed", self.scope["path"])
+            if reply is not None:
+                try:
+                    await reply.close()
+                except Exception:  # the answer has begun: its end is logged, not sent
+                    logger.exception("ending the reply on %s failed", self.scope["path"])
 
     async def send_frames(self, frames):
         try:

@@ -3,12 +3,14 @@
 import base64
 import os
 
+import httpx
 import pytest
 
 from PIL import Image
 
-from conftest import CHARACTER, Api, Server, make_user, running_reply
+from conftest import CHARACTER, Api, Server, make_user, running_reply, wait_for
 from test_avatars import data_url, encoded
+from test_openai import running_completion, stats
 from limits.models import Counter
 
 LIMITED = {
@@ -86,6 +88,26 @@ def test_one_user_gets_only_their_share_of_the_engine(endless_server):
             running_reply(user, character_name="Nia", prompt="hello"):
         body, _ = user.stream("/chat/reply", character_name="Ola", prompt="hello")
     assert body["code"] == 429 and "replies being generated" in body["message"], body
+
+
+def test_both_doors_count_against_one_engine_share_and_get_it_back_when_their_reader_leaves(endless_server):
+    # One reply service (replies/services.py) runs the legacy API's replies and OpenAI's completions:
+    # a legacy reply and a completion of one user take their whole share (2); a third is refused on
+    # either door. When the readers leave, both shares are given back, and the user can start again.
+    user = make_user(Api(endless_server.url), "ike", password="lantern-harbour-7")
+    for name in ("Mira", "Nia"):
+        user.ok("/characters/save", **{**CHARACTER, "bot": name})
+    with running_reply(user, character_name="Mira", prompt="hello"), running_completion(endless_server.url, user.token):
+        assert stats(endless_server, user.token)["replies"]["yours"] == 2
+        legacy, _ = user.stream("/chat/reply", character_name="Nia", prompt="hello")
+        completion = httpx.post(f"{endless_server.url}/v1/completions", headers={"Authorization": f"Bearer {user.token}"},
+                                json={"model": "rwkv", "prompt": "Once", "max_tokens": 2}, timeout=60)
+    assert legacy["code"] == 429 and "replies being generated" in legacy["message"], legacy
+    assert completion.status_code == 429 and "replies being generated" in completion.json()["error"]["message"]
+    wait_for(lambda: stats(endless_server, user.token)["replies"]["yours"] == 0, "both shares to be given back")
+    with running_reply(user, character_name="Nia", prompt="hello again"), \
+            running_completion(endless_server.url, user.token):
+        assert stats(endless_server, user.token)["replies"]["yours"] == 2
 
 
 def test_guests_have_a_character_quota(limited):
