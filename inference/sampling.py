@@ -107,6 +107,9 @@ class Sampler:
         self.used = collections.Counter()  # token -> times used in this reply
         # The prompt and the reply so far, for DRY and a penalty window that reaches into the prompt.
         self.context = list(history) if settings.dry_multiplier or settings.penalty_range else []
+        if settings.dry_multiplier:  # the same, as the compiled DRY search reads it
+            self._dry_context = TokenLog(self.context)
+            self._dry_breakers = torch.tensor(sorted(settings.dry_breakers), dtype=torch.long)
         if settings.penalty_range:
             self._window_tokens = collections.deque(self.context[-settings.penalty_range:])
             self._window = collections.Counter(self._window_tokens)
@@ -144,6 +147,8 @@ class Sampler:
         self.used[token] += 1
         if self.settings.dry_multiplier or self.settings.penalty_range:
             self.context.append(token)
+        if self.settings.dry_multiplier:
+            self._dry_context.append(token)
         if self.settings.penalty_range:
             self._window_tokens.append(token)
             self._window[token] += 1
@@ -172,14 +177,33 @@ class Sampler:
 
     def dry_penalties(self):
         """DRY (step 0): {token: amount subtracted} for the tokens that would extend a repeat of at
-        least dry_allowed_length tokens of the context; a repeat never extends across a breaker."""
+        least dry_allowed_length tokens of the context; a repeat never extends across a breaker.
+        The search is compiled (`rpserver::dry_repeats`) where the kernels are built."""
         settings = self.settings
         if not settings.dry_multiplier or len(self.context) < 2:
             return {}
+        repeats = self._dry_repeats_compiled() if kernels.available() else self.dry_repeats_reference()
+        allowed = settings.dry_allowed_length
+        # The exponent is capped so that a long loop's penalty stays a finite float32.
+        return {token: settings.dry_multiplier * settings.dry_base ** min(length - allowed, DRY_MAX_EXPONENT)
+                for token, length in repeats}
+
+    def _dry_repeats_compiled(self):
+        context = self._dry_context.tokens
+        if self.settings.dry_range is not None:
+            context = context[-self.settings.dry_range:]
+        tokens, lengths = torch.ops.rpserver.dry_repeats(torch.from_numpy(context), self._dry_breakers,
+                                                         self.settings.dry_allowed_length)
+        return zip(tokens.tolist(), lengths.tolist())
+
+    def dry_repeats_reference(self):
+        """DRY's search in Python (without the kernels, and the compiled one's reference): (token, the
+        longest repeat it would extend) for the tokens whose repeat is at least dry_allowed_length."""
+        settings = self.settings
         context = self.context if settings.dry_range is None else self.context[-settings.dry_range:]
         breakers, last = settings.dry_breakers, context[-1]
         if last in breakers:
-            return {}
+            return []
         longest = {}  # next token -> the longest repeat it would extend
         end = len(context) - 1
         for at in numpy.flatnonzero(numpy.asarray(context[:-1], dtype=numpy.int64) == last).tolist():
@@ -192,19 +216,25 @@ class Sampler:
                 length += 1
             if length > longest.get(following, 0):
                 longest[following] = length
-        allowed = settings.dry_allowed_length
-        # The exponent is capped so that a long loop's penalty stays a finite float32.
-        return {token: settings.dry_multiplier * settings.dry_base ** min(length - allowed, DRY_MAX_EXPONENT)
-                for token, length in longest.items() if length >= allowed}
+        return [(token, length) for token, length in longest.items() if length >= settings.dry_allowed_length]
 
     @property
     def truncates(self):
         settings = self.settings
         return bool(settings.top_k or settings.typical_p < 1.0 or settings.xtc_probability > 0.0)
 
+    def xtc_cut(self):
+        """XTC's threshold for this step: when XTC is on, its coin is drawn from the reply's random
+        numbers (before the draw's); NO_XTC (no cut) when it is off or the coin says no."""
+        settings = self.settings
+        if settings.xtc_probability > 0.0 and self.random.random() < settings.xtc_probability:
+            return settings.xtc_threshold
+        return NO_XTC
+
     def truncate(self, logits):
         """Step 4's top_k, typical_p and XTC on this reply's survivors (float32 logits, in id order):
-        the indices of those that stay, ascending."""
+        the indices of those that stay, ascending. In numpy: without the kernels, and the reference
+        of the compiled `rpserver::sampling_truncate`."""
         settings = self.settings
         index = numpy.arange(len(logits))
         if settings.top_k and settings.top_k < len(index):
@@ -221,8 +251,9 @@ class Sampler:
             count = min(int(numpy.searchsorted(numpy.cumsum(probs[order]), settings.typical_p)) + 1, len(order))
             keep = numpy.sort(order[:count])
             index, probs = index[keep], probs[keep] / probs[keep].sum()
-        if settings.xtc_probability > 0.0 and self.random.random() < settings.xtc_probability:
-            above = numpy.flatnonzero(probs >= settings.xtc_threshold)
+        xtc_threshold = self.xtc_cut()
+        if xtc_threshold <= 1.0:
+            above = numpy.flatnonzero(probs >= xtc_threshold)
             if len(above) >= 2:  # all of them go but the least likely
                 least = above[numpy.argmin(probs[above])]
                 index = index[numpy.isin(numpy.arange(len(index)), above[above != least], invert=True)]
@@ -240,6 +271,29 @@ class Sampler:
 
 # DRY's penalty grows as dry_base ** (repeat - dry_allowed_length) up to this exponent.
 DRY_MAX_EXPONENT = 64
+
+# An XTC threshold no probability reaches: no cut this step.
+NO_XTC = 2.0
+
+
+class TokenLog:
+    """A growing int64 array of token ids (`tokens`: a view of those so far), appended to in
+    amortised constant time: what the compiled DRY search reads each step without a copy."""
+
+    def __init__(self, tokens=()):
+        self._buffer = numpy.zeros(max(64, 2 * len(tokens)), dtype=numpy.int64)
+        self._buffer[:len(tokens)] = tokens
+        self._length = len(tokens)
+
+    @property
+    def tokens(self):
+        return self._buffer[:self._length]
+
+    def append(self, token):
+        if self._length == len(self._buffer):
+            self._buffer = numpy.concatenate([self._buffer, numpy.zeros_like(self._buffer)])
+        self._buffer[self._length] = token
+        self._length += 1
 
 
 @torch.inference_mode()
@@ -334,10 +388,26 @@ def _survivors_numpy(samplers, logits, log_min_p):
 
 
 def truncate(samplers, ids, kept, counts):
-    """top_k, typical_p and XTC (step 4) on the survivors of the rows that set them (numpy, for both
-    paths: the survivors are few, or the row asked for them all with min_p 0)."""
+    """top_k, typical_p and XTC (step 4) on the survivors of the rows that set them: one compiled call
+    for the batch (`rpserver::sampling_truncate`) where the kernels are built, else numpy per row."""
     if not any(sampler.truncates for sampler in samplers):
         return ids, kept, counts
+    step = _truncate_compiled if kernels.available() else _truncate_numpy
+    return step(samplers, ids, kept, counts)
+
+
+def _truncate_compiled(samplers, ids, kept, counts):
+    settings = [sampler.settings for sampler in samplers]
+    ids, kept, counts = torch.ops.rpserver.sampling_truncate(
+        torch.from_numpy(ids), torch.from_numpy(kept), torch.from_numpy(numpy.asarray(counts, dtype=numpy.int64)),
+        torch.tensor([s.top_k for s in settings], dtype=torch.long),
+        torch.tensor([s.typical_p for s in settings], dtype=torch.float64),
+        torch.tensor([sampler.xtc_cut() for sampler in samplers], dtype=torch.float64))
+    return ids.numpy(), kept.numpy(), counts.numpy()
+
+
+def _truncate_numpy(samplers, ids, kept, counts):
+    """_truncate_compiled's result, row by row in numpy (Sampler.truncate)."""
     starts = numpy.concatenate([[0], numpy.cumsum(counts)])
     keep, counts = [], numpy.array(counts, dtype=numpy.int64)
     for row, sampler in enumerate(samplers):

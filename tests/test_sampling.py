@@ -1,6 +1,7 @@
 """The sampler of API.md on fixed logits."""
 
 import collections
+import contextlib
 import math
 
 import numpy
@@ -11,6 +12,17 @@ from inference import kernels, sampling
 from inference.sampling import LIMITS, Sampler, SamplingSettings, check_setting
 
 BANNED = torch.tensor([0], dtype=torch.long)
+
+
+@contextlib.contextmanager
+def without_kernels():
+    """The sampler as it runs without the compiled kernels (numpy and Python): the reference."""
+    loaded = kernels.available()
+    kernels._loaded = False
+    try:
+        yield
+    finally:
+        kernels._loaded = loaded
 
 
 def logits_for(probabilities):
@@ -178,14 +190,66 @@ def test_the_compiled_draw_is_the_numpy_one():
         logits[::5, 7] = 9.0  # some rows peaked
         logits[:, 1:12] += 2.0  # the prompt's tokens likely, so that repeats (DRY) happen
         tokens = sampling.sample_batch(compiled, logits.clone())
-        want = [sampler.draw(ids, probs)
-                for sampler, (ids, probs) in zip(reference, sampling.candidates_batch(reference, logits.clone()))]
+        with without_kernels():
+            want = sampling.sample_batch(reference, logits.clone())
         assert tokens == want
         for mine, theirs in zip(compiled, reference):
             assert mine.mu == pytest.approx(theirs.mu, rel=1e-12, abs=1e-12)
             assert mine.used == theirs.used
         drawn.update(tokens)
     assert len(drawn) > 100  # the draws really spread over the candidates
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled truncation needs the kernels built")
+def test_the_compiled_truncation_is_the_numpy_one():
+    """top_k, typical_p and XTC (inference/kernels/sampling.cpp's sampling_truncate) keep the tokens numpy's
+    Sampler.truncate keeps, with the same XTC coins from the same seeds: on the whole vocabulary (min_p 0)
+    and on few survivors, with tied logits, k past the survivors, and rows that set none of them."""
+    generator = torch.Generator().manual_seed(11)
+    vocab = 4099
+    settings = [SamplingSettings(min_p=0.0, top_k=40), SamplingSettings(min_p=0.0, typical_p=0.9),
+                SamplingSettings(min_p=0.0, top_k=300, typical_p=0.5, xtc_probability=0.5, xtc_threshold=0.01),
+                SamplingSettings(min_p=0.02, top_k=5000), SamplingSettings(),
+                SamplingSettings(min_p=0.0, typical_p=0.999), SamplingSettings(min_p=0.05, xtc_probability=1.0,
+                                                                                xtc_threshold=0.05),
+                SamplingSettings(min_p=0.0, top_k=1)]
+    compiled = [Sampler(settings[row % len(settings)], BANNED, seed=row) for row in range(16)]
+    reference = [Sampler(settings[row % len(settings)], BANNED, seed=row) for row in range(16)]
+    cut = collections.Counter()
+    for step in range(12):
+        logits = torch.randn(len(compiled), vocab, generator=generator) * (1.0 + step % 3)
+        if step % 2:
+            logits = torch.round(logits * 2) / 2  # many tied logits
+        logits[::3, 7] = 6.0  # some rows peaked
+        survivors = sampling.survivors(compiled, logits)
+        ids, kept, counts = sampling._truncate_compiled(compiled, *survivors)
+        want_ids, want_kept, want_counts = sampling._truncate_numpy(reference, *survivors)
+        assert counts.tolist() == want_counts.tolist()
+        assert ids.tolist() == want_ids.tolist()
+        assert kept.tobytes() == want_kept.tobytes()
+        for row, (before, after) in enumerate(zip(survivors[2].tolist(), counts.tolist())):
+            cut[row % len(settings)] += before > after
+    assert cut[4] == 0 and all(cut[i] for i in (0, 1, 2, 5, 6, 7))  # every row that sets a step is cut by it
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled DRY search needs the kernels built")
+def test_the_compiled_dry_search_is_the_python_one():
+    """inference/kernels/sampling.cpp's dry_repeats finds the repeats (and their lengths) the Python search
+    finds, over a reply growing on a repetitive prompt: with breakers, a range, and a long loop."""
+    generator = torch.Generator().manual_seed(13)
+    settings = [SamplingSettings(dry_multiplier=0.8, dry_breakers=frozenset({3, 5})),
+                SamplingSettings(dry_multiplier=1.0, dry_allowed_length=1, dry_range=50),
+                SamplingSettings(dry_multiplier=2.0, dry_allowed_length=4)]
+    history = torch.randint(1, 9, (300,), generator=generator).tolist() + [1, 2, 4, 6] * 40
+    found = 0
+    for setting in settings:
+        sampler = Sampler(setting, BANNED, history=history)
+        for token in torch.randint(1, 9, (80,), generator=generator).tolist():
+            compiled = dict(sampler._dry_repeats_compiled())
+            assert compiled == dict(sampler.dry_repeats_reference())
+            found += len(compiled)
+            sampler.accept(token, 0.0)
+    assert found > 100
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the compiled draw needs the kernels built")

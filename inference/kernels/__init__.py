@@ -11,7 +11,8 @@ weights in one call (`products.h`). `time_mix.cpp` fuses each mix's start
 (layer norm, token shift, mixes) and the time mix's elementwise work before
 and after the state update into one pass over each row for each; `sampling.cpp`
 is the sampler's pass over the vocabulary (penalties, top logit, the tokens
-min_p keeps). They are built by
+min_p keeps), top_k, typical_p and XTC on the survivors, DRY's search for
+repeats, and the draw. They are built by
 `python -m inference.kernels` (`make install` runs it) into the virtual
 environment, under a name that carries a digest of the source and the
 compiler flags, so a changed either is never served by an old build.
