@@ -146,17 +146,27 @@ def test_personas_are_made_on_the_page_and_the_one_chosen_for_a_chat_is_what_the
     assert "talks to friend." in header_read(api)
 
 
-def test_a_duplicate_persona_name_is_refused_in_the_page_language(open_page, server):
+def test_make_default_on_the_page_and_a_duplicate_name_refused_in_the_page_language(open_page, server):
     api = guest_with_mira(server)
-    rest(api, "POST", "/api/v1/personas", name="Robin", description=ROBIN)
+    rest(api, "POST", "/api/v1/personas", name="Robin", description=ROBIN, default=True)
+    ash = rest(api, "POST", "/api/v1/personas", name="Ash", description=ASH)
     page = open_page(locale="zh-CN")
     log_in_as(page, api)
+    page.goto(server.url + "/#/personas")
+    expect(page.locator("#persona-list .item", has_text="Robin").locator(".badge")).to_have_text("默认")
+    page.locator("#persona-list .item", has_text="Ash").locator("button", has_text="设为默认").click()
+    expect(page.locator("#confirm-text")).to_contain_text("把 Ash 设为默认身份？")
+    page.click("#confirm-ok")
+    expect(page.locator("#persona-list .item", has_text="Ash").locator(".badge")).to_have_text("默认")
+    expect(page.locator("#persona-list .badge")).to_have_count(1)
+    assert [p["id"] for p in rest(api, "GET", "/api/v1/personas")["personas"] if p["default"]] == [ash["id"]]
+    assert "talks to Ash." in header_read(api)  # Mira's chat has no persona of its own: the new default
     page.goto(server.url + "/#/personas/new")
     page.fill("#persona-form [name=name]", "Robin")
     page.click("#persona-save")
     expect(page.locator("#persona-error")).to_have_text("你已经有一个叫 Robin 的身份了。")
     page.problems.clear()  # the refused request's 400, which Chromium logs
-    assert len(rest(api, "GET", "/api/v1/personas")["personas"]) == 1
+    assert len(rest(api, "GET", "/api/v1/personas")["personas"]) == 2
 
 
 @pytest.mark.parametrize("viewport,scheme,locale", [(PHONE, "dark", "zh-CN"), (DESKTOP, "light", "en-US"),
