@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 # never cached does not re-read it all.
 SNAPSHOT_SPACING = 1024
 
-# A raw completion's prompt keeps a state every this many tokens (start_completion).
+# A raw completion's prompt keeps a state every this many tokens (start_completion), and so does a chat
+# message longer than this (start_chat).
 CHECKPOINT_SPACING = 256
 
 # Tokens read to turn a reply into the state after its canonical form (for tests and /v1/debug/stats).
@@ -289,12 +290,28 @@ def check_length(tokens, param):
                           "(RPSERVER_OPENAI_MAX_PROMPT_TOKENS)", param=param)
 
 
+def inside_long_messages(ends, spacing=CHECKPOINT_SPACING):
+    """The positions every `spacing` tokens of the prompt that fall inside a message longer than `spacing`."""
+    marks, start = [], 0
+    for end in ends:
+        if end - start > spacing:
+            marks += range((start // spacing + 1) * spacing, end, spacing)
+        start = end
+    return marks
+
+
 async def start_chat(request):
-    """Begin the reply to a chat request (serializers.ChatRequest); returns a Completion."""
+    """Begin the reply to a chat request (serializers.ChatRequest); returns a Completion.
+
+    States are looked up and kept at message ends, and every CHECKPOINT_SPACING tokens inside a long
+    message, so that a long message re-sent with its end changed (an edited story, a lore entry at its
+    end) is read from the last checkpoint it shares."""
     tokens, ends = chat_prompt(request.turns, request.reply_speaker)
     check_length(tokens, "messages")
-    cached, state = await state_cache().longest(tokens, ends + [len(tokens) - 1])
-    keep_at = [end - cached for end in spaced(ends, cached) if end < len(tokens) - 1]
+    marks = inside_long_messages(ends)
+    cached, state = await state_cache().longest(tokens, sorted(ends + marks) + [len(tokens) - 1])
+    kept = sorted(set(spaced(ends, cached)) | {mark for mark in marks if mark > cached})
+    keep_at = [at - cached for at in kept if at < len(tokens) - 1]
     return Completion("chat", request.options, tokens, cached, state, keep_at, canonical=True)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import UNTIL_THE_READER_LEAVES, Api, Server, make_user, wait_for
 
 from inference.tokenizer import world_tokenizer
-from openai_api.services import chat_prompt
+from openai_api.services import CHECKPOINT_SPACING, chat_prompt
 
 # A logit_bias that bans every token holding a line break: the reply cannot end its turn by itself.
 NO_LINE_BREAKS = {str(token): -100 for token, piece in world_tokenizer().pieces.items() if b"\n" in piece}
@@ -264,6 +264,23 @@ def test_an_edit_or_a_regenerate_reads_from_the_longest_cached_prefix(client):
     messages.append({"role": "user", "content": "A different first question?"})
     assert chat(client, messages, seed=5).usage.prompt_tokens_details.cached_tokens == ends[0]
     assert answer.usage.prompt_tokens_details.cached_tokens == ends[2]
+
+
+def test_a_long_message_changed_at_its_end_is_read_from_its_last_checkpoint(client):
+    # A story pasted as one message (~700 tokens), then re-sent with its last sentence changed: the
+    # states kept every CHECKPOINT_SPACING tokens inside it serve the second request. (Message ends
+    # alone would give only the system prompt's end.)
+    story = " ".join(f"Day {day}: the lamp was lit at dusk and the ships passed safely." for day in range(50))
+    messages = [system(), {"role": "user", "content": story + " The end."}]
+    chat(client, messages, max_tokens=2)
+    messages[1] = {"role": "user", "content": story + " But then a storm came."}
+    answer = chat(client, messages, max_tokens=2)
+    first, ends = chat_prompt([("System", messages[0]["content"]), ("User", story + " The end.")], "Assistant")
+    second, _ = chat_prompt([("System", messages[0]["content"]), ("User", messages[1]["content"])], "Assistant")
+    shared = next(n for n, (a, b) in enumerate(zip(first, second)) if a != b)
+    checkpoint = shared // CHECKPOINT_SPACING * CHECKPOINT_SPACING
+    assert ends[0] < checkpoint < ends[1] and ends[1] - ends[0] > 2 * CHECKPOINT_SPACING
+    assert answer.usage.prompt_tokens_details.cached_tokens == checkpoint
 
 
 def test_two_users_share_only_a_token_for_token_identical_prefix(oa_server, client):
