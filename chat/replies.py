@@ -16,6 +16,7 @@ prune, release); state blobs are read and written beside it.
 """
 
 import dataclasses
+import logging
 
 from django.conf import settings
 
@@ -24,12 +25,15 @@ from inference.runtime import get_engine
 from lore import services as lore_services
 from replies import services as replies
 from rpserver.errors import ApiError
+from statecache.services import state_cache
 
 from .lease import acquire, acquire_chat, db, let_go, release
 from .models import Round
 from .states import first_readable, round_zero_state, state_before_reply, state_on_path, store_round, \
     stored_states, tokens_between
-from .tree import path_of, speaker_names
+from .tree import path_of, path_tokens, speaker_names
+
+logger = logging.getLogger(__name__)
 
 NO_REPLY_YET = "the last message is yours and has no reply yet: regenerate to get one"
 
@@ -125,15 +129,29 @@ class RoundReply:
         await let_go(self.lease)
 
     async def _keep_partial(self):
-        """Stop: store the text shown so far as the reply, reading it (and the prompt before it) again."""
+        """Stop: store the text shown so far as the reply, reading it (and the prompt before it) again.
+
+        On the way, the state at the open end of the reply (after its text but the last token,
+        before the closing blank line) is kept in the state store, where a continuation of this
+        reply finds it (kept_open_end) and goes on reading one token instead of the whole reply."""
         engine = get_engine()
         round_ = self.round
         reply_tokens = engine.tokenizer.encode(prompt_format.reply_part(self.text))
-        state, snapshots = await engine.read(self.start_state, self.prompt + reply_tokens,
-                                             snapshot_at={len(self.prompt) - 1})
+        open_tokens = continuation_tokens(prompt_format.clean_turn(self.text))
+        open_end = len(self.prompt) + len(open_tokens) - 1
+        keeps_open_end = 1 < len(open_tokens) < len(reply_tokens) \
+            and open_tokens[:-1] == reply_tokens[:len(open_tokens) - 1]
+        snapshot_at = {len(self.prompt) - 1} | ({open_end} if keeps_open_end else set())
+        state, snapshots = await engine.read(self.start_state, self.prompt + reply_tokens, snapshot_at=snapshot_at)
         round_.bot_text = prompt_format.clean_turn(self.text)
         round_.set_tokens(round_.token_list[:round_.reply_start] + reply_tokens)
         await store_round(self.lease, round_, snapshots[len(self.prompt) - 1], state, engine.backend)
+        if keeps_open_end:
+            try:  # a shortcut for a later continue: its failure must not keep the lock or the share
+                path = await db(path_of)(self.lease.conversation, round_.parent_id)
+                await state_cache().keep(open_end_key(path, round_, open_tokens), snapshots[open_end])
+            except Exception:
+                logger.exception("could not keep the open end of a stopped reply")
 
 
 async def start_locked(lease, make_work):
@@ -217,6 +235,25 @@ async def start_reply(owner, name, prompt, sampling, seed=None, chat_id=None, ke
     return await start_locked(lease, make_stream)
 
 
+def continuation_tokens(reply_text):
+    """What a continuation of a reply with the text `reply_text` reads after the last prompt token."""
+    return get_engine().tokenizer.encode(" " + reply_text)
+
+
+def open_end_key(path, round_, open_tokens):
+    """The exact tokens from the zero state up to the open end of round_'s reply (its text but the
+    last token; `path` runs through round_'s parent): the state store's key of the state there."""
+    return path_tokens(path[:round_.index]) + round_.token_list[:round_.reply_start] + open_tokens[:-1]
+
+
+async def kept_open_end(path, round_, open_tokens):
+    """The state at the open end of round_'s reply if the state store keeps it (a Stop keeps it);
+    None otherwise."""
+    if len(open_tokens) < 2:
+        return None
+    return await state_cache().get(open_end_key(path, round_, open_tokens))
+
+
 def alternative_of(round_, reply_tokens=None, bot_text=""):
     """A new round beside `round_` with the same person's message (and its pre-reply state, shared)."""
     alternative = Round(conversation_id=round_.conversation_id, parent_id=round_.parent_id, index=round_.index,
@@ -237,14 +274,19 @@ async def start_swipe(lease, round_, sampling, seed=None, keep_partial=False, co
         pre_state, rebuilt = await state_before_reply(lease.conversation, path, round_)
         target = alternative_of(round_) if round_.has_reply else round_
         last_prompt_token = round_.token_list[round_.reply_start - 1:round_.reply_start]
-        prefix_tokens, prefix_text = [], ""
+        prefix_tokens, prefix_text, open_end = [], "", None
         if continue_reply:
             if not round_.has_reply or not round_.bot_text:
                 raise ApiError("there is no reply to continue here")
             prefix_text = round_.bot_text
-            prefix_tokens = engine.tokenizer.encode(" " + prefix_text)
-        generation = engine.generate(pre_state, last_prompt_token + prefix_tokens, sampling,
-                                     settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
+            prefix_tokens = continuation_tokens(prefix_text)
+            open_end = await kept_open_end(path, round_, prefix_tokens)
+        if open_end is not None:  # kept (a Stop kept it): read the reply's last token only
+            generation = engine.generate(open_end, prefix_tokens[-1:], sampling, settings.RPSERVER["MAX_REPLY_TOKENS"],
+                                         seed=seed, history=last_prompt_token + prefix_tokens[:-1])
+        else:  # read the reply again from the state before it
+            generation = engine.generate(pre_state, last_prompt_token + prefix_tokens, sampling,
+                                         settings.RPSERVER["MAX_REPLY_TOKENS"], seed=seed)
         return RoundReply(lease, generation, target, pre_state=pre_state if rebuilt else None,
                            prefix_tokens=prefix_tokens, prefix_text=prefix_text, keep_partial=keep_partial,
                            start_state=pre_state, prompt=last_prompt_token, reply_base=pre_state)

@@ -5,6 +5,7 @@ import asyncio
 import uuid
 
 import httpx
+import pytest
 
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
@@ -89,3 +90,95 @@ def test_a_swipe_finds_the_state_before_the_reply_that_another_swipe_pinned(mira
     assert engine.tokens_read == before and not_pinned
     tokens = path_tokens(path[:1]) + original.token_list[:original.reply_start - 1]
     assert_same_state(state, asyncio.run(engine.read(None, tokens))[0], server_precision())
+
+
+# ---- Stop, then continue from the state Stop kept ----------------------------------------
+
+
+def run_until_stopped(start, enough):
+    """Start a stream (`await start()` -> ReplyStream) and Stop it (close it, as a client going away
+    does) once its text satisfies `enough`; the text then."""
+
+    async def go():
+        stream = await start()
+        frames = stream.__aiter__()
+        text = ""
+        async for text in frames:
+            if enough(text):
+                break
+        await frames.aclose()
+        return text
+
+    return asyncio.run(go())
+
+
+def test_stop_keeps_the_open_end_of_the_reply_and_continue_reads_one_token_from_it(mira, monkeypatch):
+    from chat.replies import continuation_tokens, open_end_key
+    from inference.sampling import SamplingSettings
+    from statecache.services import state_cache
+
+    mira.reply("Mira", "tell me a story")
+    conversation = Conversation.objects.get(owner__username=mira.user_name, character__name="Mira")
+    owner, reply = conversation.owner, Round.objects.get(pk=conversation.head_id)
+    engine = get_engine()
+    long_enough = lambda text: len(continuation_tokens(text)) >= 3  # noqa: E731
+    shown = run_until_stopped(lambda: services.swipe(owner, conversation.pk, reply.pk, SamplingSettings(), seed=7),
+                             long_enough)
+    kept = Round.objects.get(pk=Conversation.objects.get(pk=conversation.pk).head_id)
+    assert kept.pk != reply.pk and kept.bot_text == shown.strip() and long_enough(kept.bot_text)
+    # The state at the reply's open end is in the store: the one read from scratch up to there.
+    open_tokens = continuation_tokens(kept.bot_text)
+    key = open_end_key(path_of(conversation, kept.parent_id), kept, open_tokens)
+    open_end = asyncio.run(state_cache().get(key))
+    assert open_end is not None
+    assert_same_state(open_end, asyncio.run(engine.read(None, key))[0], server_precision())
+    # Continue goes on from it: the engine is asked to read the reply's last token only.
+    asked = []
+    real_generate = engine.generate
+
+    def generate(state, tokens, *args, **kwargs):
+        asked.append(list(tokens))
+        return real_generate(state, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    continued = run_until_stopped(lambda: services.swipe(owner, conversation.pk, kept.pk, SamplingSettings(), seed=8,
+                                                         continue_reply=True), lambda text: True)
+    assert asked == [open_tokens[-1:]]
+    assert continued.startswith(kept.bot_text)
+
+
+def test_a_store_that_fails_half_way_through_a_round_leaves_no_row_no_blob_and_the_round_as_it_was(mira,
+                                                                                                  monkeypatch):
+    mira.reply("Mira", f"hello {uuid.uuid4().hex}")
+    conversation = Conversation.objects.get(owner__username=mira.user_name, character__name="Mira")
+    head = Round.objects.get(pk=conversation.head_id)
+    rows_before = set(StoredState.objects.values_list("pk", flat=True))
+    engine = get_engine()
+    real_put, calls = store.put_state, []
+    real_save, written = states.save_state, []
+
+    def save_state(*args):
+        written.append(real_save(*args))
+        return written[-1]
+
+    def second_put_fails(model, digest, *args, **kwargs):
+        # The first state is recorded as a new row and pinned, then the database goes away.
+        calls.append(digest)
+        if len(calls) == 2:
+            raise OSError("the database went away")
+        return real_put(model, key(), *args, **kwargs)
+
+    monkeypatch.setattr(store, "put_state", second_put_fails)
+    monkeypatch.setattr(states, "save_state", save_state)
+    lease = services.acquire(conversation.owner, "Mira")
+    try:
+        with pytest.raises(OSError, match="went away"):
+            asyncio.run(services.store_round(lease, lease.last, engine.zero_state(), engine.zero_state(),
+                                             engine.backend))
+    finally:
+        services.release(lease)
+    assert len(calls) == 2 and len(written) == 2
+    assert set(StoredState.objects.values_list("pk", flat=True)) - rows_before == set()  # the first row rolled back
+    assert not any(default_storage.exists(name) for name in written)  # both blobs deleted again
+    after = Round.objects.get(pk=head.pk)
+    assert (after.pre_state.name, after.post_state.name) == (head.pre_state.name, head.post_state.name)
