@@ -114,3 +114,34 @@ def test_the_account_is_exported_and_imported_from_the_account_menu(page, server
     finally:
         second.close()
     assert other.chat("Mira") == [[None, "The lamp is lit."]]
+
+
+def test_a_chat_is_imported_from_a_characters_page_with_the_keyboard_in_both_languages(page, server):
+    api = new_guest(server)
+    api.ok("/characters/save", **CHARACTER)
+    log_in_as(page, api)
+    page.goto(server.url + "/#/new")  # a character not stored yet has no chat to import into
+    expect(page.locator("#editor-form")).to_be_visible()
+    expect(page.locator("#character-chat-import")).to_be_hidden()
+    page.goto(server.url + "/#/edit/Mira")
+    entry = page.locator("#character-chat-import")
+    expect(entry).to_be_visible()
+    expect(entry).to_have_text("Import a chat")
+    # In Chinese: the label and the picker's name.
+    page.click(".topbar [data-action=switch-language]")
+    expect(entry).to_have_text("导入对话")
+    expect(page.locator("#character-chat-import-file")).to_have_attribute("aria-label", "导入对话（SillyTavern JSONL）")
+    page.click(".topbar [data-action=switch-language]")
+    # The keyboard reaches the picker (Tab from the JSON export) and opens it.
+    page.focus("#export-json")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "character-chat-import-file"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(files=[{"name": "seraphina.jsonl", "mimeType": "application/jsonl",
+                                    "buffer": jsonl(SILLYTAVERN_CHAT)}])
+    expect(page.locator(".toast", has_text="The chat was imported.")).to_be_visible()
+    page.wait_for_url("**/#/chat/Mira")  # the imported chat is opened
+    expect(page.locator("#messages .message .bubble")).to_have_count(5)
+    assert bubbles(page)[2] == "A guardian."
+    assert [turn[0] for turn in api.chat("Mira")][1:] == ["Hi!\n\nWho are you?", "Where am I?"]

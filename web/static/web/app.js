@@ -283,7 +283,7 @@ async function openEditor(name) {
     title.textContent = t("editor.new_title");
   }
   $("#editor-delete").hidden = !name;
-  $("#export-png").hidden = $("#export-json").hidden = !name;
+  $("#export-png").hidden = $("#export-json").hidden = $("#character-chat-import").hidden = !name;
   $("#editor-overwrite").hidden = !name;
   showView("view-editor");
   showChatPersona(null);
@@ -748,7 +748,8 @@ function wire() {
   installPersonas({ toast, showError, describe, confirmDialog, showView, avatarLimit });
   installLore({ toast, showError, describe, confirmDialog, showView });
   installTransfer({
-    chatName: () => state.chatName, userName: () => session.load().user_name, toast, showError,
+    chatName: () => state.chatName, editingName: () => state.editing?.name, userName: () => session.load().user_name,
+    toast, showError, openChat: (name) => { location.hash = chatHref(name); },
     chatImported: (name) => loadChat(name).then(scrollToEnd), accountImported: refreshCharacters,
   });
   installGalleryFilter();

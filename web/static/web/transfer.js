@@ -3,7 +3,8 @@ import { t } from "./i18n.js";
 import { restDownload, restGet, restPost } from "./rest.js";
 
 // Chats and the whole account, out and in (docs/import-export.md): the chat's export
-// (SillyTavern's JSONL) and import in the chat's head, the account file (a zip) in the
+// (SillyTavern's JSONL) and import in the chat's head, the import on a character's
+// page too, the account file (a zip) in the
 // account menu of the top bar. (The module line stays first, as in cards.js:
 // collectstatic's hashing reads "import"/"export" in a comment above it as a statement.)
 // Everything goes through rest.js; the strings are i18n.js's "transfer.*".
@@ -47,31 +48,35 @@ function onFileChosen(picker, handle) {
 
 /**
  * Wire the buttons: #chat-export and #chat-import-file in the chat's head,
- * #account-export and #account-import-file in the account menu. `app` gives the
- * open chat's character (`chatName()`), the user's name (`userName()`), what to do
- * after an import (`chatImported(name)`, `accountImported()`) and how to tell the
- * person (`toast`, `showError`).
+ * #character-chat-import-file on a character's page, #account-export and
+ * #account-import-file in the account menu. `app` gives the open chat's character
+ * (`chatName()`), the character whose page is open (`editingName()`), the user's name
+ * (`userName()`), what to do after an import (`chatImported(name)`, `openChat(name)`,
+ * `accountImported()`) and how to tell the person (`toast`, `showError`).
  */
 export function installTransfer(app) {
   const busy = (element, on) => element.closest(".file-button, button")?.setAttribute("aria-busy", String(on));
   document.getElementById("chat-export").addEventListener("click", () => {
     exportChat(app.chatName()).catch(app.showError);
   });
-  const chatPicker = document.getElementById("chat-import-file");
-  onFileChosen(chatPicker, async (file) => {
-    const name = app.chatName();
-    busy(chatPicker, true);
+  // A chat file imported for `name()`'s character, then `shown(name)`.
+  const chatImport = (picker, name, shown) => onFileChosen(picker, async (file) => {
+    const character = name();
+    busy(picker, true);
     app.toast(t("transfer.working"));
     try {
-      await importChat(name, file);
+      await importChat(character, file);
       app.toast(t("transfer.chat_imported"));
-      await app.chatImported(name);
+      await shown(character);
     } catch (exc) {
       app.showError(exc instanceof ApiError ? new ApiError(`${file.name}: ${exc.message}`, exc.code) : exc);
     } finally {
-      busy(chatPicker, false);
+      busy(picker, false);
     }
   });
+  chatImport(document.getElementById("chat-import-file"), app.chatName, app.chatImported);
+  // The same on a character's page (the editor of a stored character): its chat is opened.
+  chatImport(document.getElementById("character-chat-import-file"), app.editingName, app.openChat);
   document.getElementById("account-export").addEventListener("click", () => {
     exportAccount(app.userName()).catch(app.showError);
   });
