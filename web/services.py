@@ -10,11 +10,13 @@ from django.conf import settings
 
 from characters.avatars import avatar_data_url
 from characters.services import get_character
-from chat.services import load_chat
+from chat.services import chats_of, load_chat, show_chat
+from chat.tree import NO_CHAT
 from inference import runtime
 from inference.checkpoint import CheckpointError, fingerprint, load_weights
 from inference.sampling import LIMITS, SamplingSettings
 from locks import services as locks
+from rpserver.errors import ApiError
 
 
 @functools.lru_cache(maxsize=4)
@@ -109,8 +111,17 @@ def gallery(owner):
             for c in owner.characters.all()]
 
 
-def chat_now(owner, name):
+def chat_now(owner, name, chat_id=None):
     """The chat as stored, and whether a request (a reply being written, most often) holds it now:
-    a second tab shows that, and loads the chat again when it is free."""
+    a second tab shows that, and loads the chat again when it is free.
+
+    `tree` is the conversation tree's view of the same chat (chat.tree.tree_view: each message's
+    round id and alternatives), for the page's controls; `chats` the character's chats (the main
+    one, then its forks); `chat_id` picks a fork instead of the main chat (the legacy `chat` is
+    always the main one's)."""
     chat = load_chat(owner, name)
-    return {"chat": chat, "busy": locks.is_held(get_character(owner, name).lock_name)}
+    chats = chats_of(owner, name)
+    tree = show_chat(owner, chats[0]["id"] if chat_id is None else chat_id)
+    if tree["character"] != name:
+        raise ApiError(NO_CHAT, 404)
+    return {"chat": chat, "tree": tree, "chats": chats, "busy": locks.is_held(get_character(owner, name).lock_name)}

@@ -9,9 +9,10 @@ the second wall behind that.
 
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
+from rest_framework import serializers
 from rest_framework.views import APIView
 
-from characters.views import character_name
+from characters.serializers import CharacterNameSerializer
 from rpserver.envelope import envelope, json_response, ok
 
 from . import services
@@ -56,8 +57,16 @@ class GalleryView(APIView):
         return ok({"list": services.gallery(request.user)})
 
 
+class ChatSerializer(CharacterNameSerializer):
+    chat = serializers.IntegerField(required=False, min_value=1)
+
+
 class ChatView(APIView):
-    """POST /web/chat (character_name): the chat, and whether a reply is being written for it now."""
+    """POST /web/chat (character_name, optionally chat: a fork's id): the chat, its tree view, and whether
+    a reply is being written for it now."""
 
     def post(self, request):
-        return ok(services.chat_now(request.user, character_name(request)))
+        form = ChatSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        return ok(services.chat_now(request.user, form.validated_data["character_name"],
+                                    form.validated_data.get("chat")))

@@ -82,11 +82,14 @@ export async function call(route, fields = {}) {
   return checked(await readEnvelope(response, route), route);
 }
 
-/** GET a JSON route that answers in the envelope (the client's config). */
+/** GET a JSON route that answers in the envelope (the client's config, a chat's context). */
 export async function get(route) {
+  const headers = { "Accept-Language": language === "zh" ? "zh-CN" : "en" };
+  const current = session.load();
+  if (current) headers.Authorization = `Token ${current.token}`;
   let response;
   try {
-    response = await fetch(route, { credentials: "omit", cache: "no-store" });
+    response = await fetch(route, { headers, credentials: "omit", cache: "no-store" });
   } catch (exc) {
     throw new ApiError(String(exc.message || exc), 0);
   }
@@ -94,12 +97,12 @@ export async function get(route) {
 }
 
 /**
- * POST a streaming route (/chat/reply, /chat/resay) and follow its Server-Sent Events.
+ * POST a streaming route (/chat/reply, /api/v1/chats/<id>/swipe ...) and follow its Server-Sent Events.
  *
  * Each frame is "\n\ndata: " + the whole reply so far, so the text shown is
  * simply the last frame. `onText` gets it as it grows; the promise ends with
- * the final reply. Aborting `signal` disconnects, and the server then keeps
- * nothing of the reply. An error before the stream starts comes back as an
+ * the final reply. Aborting `signal` disconnects: the legacy routes then keep
+ * nothing of the reply, the REST API's keep what was written. An error before the stream starts comes back as an
  * envelope and rejects with an ApiError.
  */
 export async function stream(route, fields, onText, signal) {

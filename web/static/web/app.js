@@ -14,6 +14,7 @@ import { installPersonas, openPersonas, relabelPersonas, showChatPersona } from 
 import { installLore, openLore, relabelLore } from "./lore.js";
 import { installTransfer } from "./transfer.js";
 import { decorateCard, galleryDrawn, installGalleryFilter } from "./gallery-filter.js";
+import { fillControls, pairsOf, roundsOf } from "./tree.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -21,7 +22,12 @@ const state = {
   config: { demo_model: false, allow_signup: true, max_avatar_bytes: 2 * 1024 * 1024, guest_max_avatar_bytes: 256 * 1024 },
   characters: [],
   chatName: null,      // the character whose chat is open
+  branch: null,        // the fork shown (its chat id), or null for the character's main chat
   chat: [],            // its rounds: [[user text or null, character text], ...]
+  tree: null,          // the same chat as the tree's REST API shows it: {id, messages, can_undo, ...}
+  rounds: [],          // per round: {user, bot}, the tree view's messages (their round ids, alternatives)
+  chats: [],           // the character's chats: the main one first, then its forks
+  idleWaiters: [],     // whenIdle()'s promises, resolved when the chat is next shown as the server keeps it
   reply: null,         // the reply streaming now: {controller, round, prompt}
   editing: null,       // the editor's character: {name, avatar, avatarChanged} or null for a new one
   authMode: "login",
@@ -249,8 +255,18 @@ async function route() {
   } catch {
     // A hand-typed address with a broken %-escape: show the gallery.
   }
-  if (kind !== "chat" || name !== state.chatName) stopReply();
-  if (kind === "chat" && name) await openChat(name);
+  // A fork: #/branch/<chat id>/<name>.
+  const branch = kind === "branch" && /^\d+$/.test(rest[0] || "") ? Number(rest[0]) : null;
+  if (branch) {
+    try {
+      name = decodeURIComponent(rest.slice(1).join("/")) || null;
+    } catch {
+      name = null;
+    }
+  }
+  const chatKind = kind === "chat" || (kind === "branch" && branch);
+  if (!chatKind || name !== state.chatName || branch !== state.branch) stopReply();
+  if (chatKind && name) await openChat(name, branch);
   else if (kind === "new") openEditor(null);
   else if (kind === "edit" && name) await openEditor(name);
   else if (kind === "personas") await openPersonas(name);
@@ -395,14 +411,16 @@ async function deleteCharacter() {
 
 // ---------------------------------------------------------------- the chat
 
-async function openChat(name) {
-  const sameChat = state.chatName === name && !$("#view-chat").hidden;
+async function openChat(name, branch = null) {
+  const sameChat = state.chatName === name && state.branch === branch && !$("#view-chat").hidden;
   if (sameChat) return;
   state.chatName = name;
+  state.branch = branch;
   $("#chat-name").textContent = name;
   fillAvatar($("#chat-avatar"), name, characterAvatar(name));
   document.title = `${name} · rpserver`;
   $("#messages").replaceChildren();
+  document.body.dataset.reply = "loading"; // until the chat is shown (renderChat)
   showView("view-chat");
   try {
     await loadChat(name);
@@ -424,9 +442,13 @@ const FOLLOW_MS = 1000;
  * streams only to the request that asked for it, so this page shows it when it is stored.
  */
 async function loadChat(name) {
-  const data = await call("/web/chat", { character_name: name });
-  if (state.chatName !== name || state.reply) return;
-  state.chat = data.chat || [];
+  const branch = state.branch;
+  const data = await call("/web/chat", { character_name: name, chat: branch ?? undefined });
+  if (state.chatName !== name || state.branch !== branch || state.reply) return;
+  state.tree = data.tree;
+  state.chats = data.chats || [];
+  state.rounds = roundsOf(data.tree);
+  state.chat = pairsOf(state.rounds);
   renderChat();
   if (!data.busy) return;
   const waiting = messageElement("bot", state.chat.length, t("chat.writing_elsewhere"));
@@ -438,7 +460,7 @@ async function loadChat(name) {
   document.body.dataset.reply = "elsewhere";
   const following = state.following = {};
   setTimeout(async () => {
-    if (state.following !== following || state.chatName !== name || $("#view-chat").hidden) return;
+    if (state.following !== following || state.chatName !== name || state.branch !== branch || $("#view-chat").hidden) return;
     state.following = null;
     try {
       await loadChat(name);
@@ -464,6 +486,8 @@ function messageElement(role, round, text, streaming = false) {
   const current = session.load();
   item.classList.add(role);
   item.dataset.round = String(round);
+  const message = state.rounds[round] && state.rounds[round][role === "bot" ? "bot" : "user"];
+  if (message) item.dataset.id = String(message.round);
   const name = role === "bot" ? state.chatName : current.user_name;
   if (role === "bot") fillAvatar(item.querySelector(".avatar"), name, characterAvatar(name));
   else fillAvatar(item.querySelector(".avatar"), current.guest ? t("chat.you") : current.user_name, null);
@@ -473,10 +497,10 @@ function messageElement(role, round, text, streaming = false) {
 }
 
 function setBubbleText(bubble, text) {
-  if (text === "" && !bubble.classList.contains("streaming")) {
+  if ((text === "" || text === null) && !bubble.classList.contains("streaming")) {
     const empty = document.createElement("span");
     empty.className = "empty";
-    empty.textContent = t("chat.empty_reply");
+    empty.textContent = t(text === null ? "tree.no_reply_yet" : "chat.empty_reply");
     bubble.replaceChildren(empty);
   } else {
     renderMessageText(bubble, text);
@@ -495,23 +519,54 @@ function renderChat() {
   const items = [];
   const last = state.chat.length - 1;
   state.chat.forEach(([userText, botText], round) => {
-    if (userText !== null && userText !== undefined) items.push(messageElement("user", round, userText));
+    const tree = state.rounds[round] || {};
+    if (userText !== null && userText !== undefined) {
+      const user = messageElement("user", round, userText);
+      if (tree.user) fillControls(user.querySelector(".message-actions"), tree.user, { round, on: controlsOf(round, "user", user) });
+      items.push(user);
+    }
     const bot = messageElement("bot", round, botText ?? "");
-    const actions = bot.querySelector(".message-actions");
-    if (round === last && round > 0) {
-      actions.append(
-        actionButton(t("chat.regenerate"), regenerate),
-        actionButton(t("chat.edit"), () => editLastReply(bot)),
-      );
-    } else if (round < last) {
+    if (tree.bot && tree.bot.pending) {
+      bot.classList.add("pending");
+      setBubbleText(bot.querySelector(".bubble"), null);
+    }
+    if (tree.bot) fillControls(bot.querySelector(".message-actions"), tree.bot, { round, on: controlsOf(round, "bot", bot) });
+    if (round < last) {
       bot.classList.add("past");
-      bot.querySelector(".speaker-actions").append(actionButton(t("chat.rewind"), () => rewind(round)));
+      // Rewind is the legacy /chat/back, which knows only the main chat.
+      if (!state.branch) bot.querySelector(".speaker-actions").append(actionButton(t("chat.rewind"), () => rewind(round)));
     }
     items.push(bot);
   });
+  if (state.tree && state.tree.can_undo) items.push(undoNote());
   $("#messages").replaceChildren(...items);
+  showBranch();
   setBusy(false);
   document.body.dataset.reply = "idle"; // the chat on the page is what the server keeps
+  for (const resolve of state.idleWaiters.splice(0)) resolve();
+}
+
+/** Once the chat on the page is what the server keeps (after a Stop, once the server has stored the reply). */
+function whenIdle() {
+  if (document.body.dataset.reply === "idle") return Promise.resolve();
+  return new Promise((resolve) => state.idleWaiters.push(resolve));
+}
+
+/** What each control under the message `item` (round `round`, "user" or "bot") does. */
+function controlsOf(round, role, item) {
+  const message = state.rounds[round][role];
+  const on = {
+    switchTo: (roundId) => changeTree("switch", { round: roundId }),
+    edit: () => editMessage(item, message),
+  };
+  if (role === "bot") {
+    on.swipe = () => replyAgain(round, "swipe");
+    on.continue = () => replyAgain(round, "continue");
+    on.fork = () => fork(message);
+  } else {
+    on.delete = () => deleteMessage(message);
+  }
+  return on;
 }
 
 /** While a reply is being written: Stop instead of Send (for this page's own reply), the chat's tools off. */
@@ -519,8 +574,8 @@ function setBusy(busy, { stoppable = true } = {}) {
   $("#send").hidden = busy && stoppable;
   $("#send").disabled = busy;
   $("#stop").hidden = !busy || !stoppable;
-  for (const button of document.querySelectorAll("#messages .message-actions button, #messages .speaker-actions button, .chat-tools button")) {
-    button.disabled = busy;
+  for (const button of document.querySelectorAll("#messages button, .chat-tools button, .chat-tools select, #draft")) {
+    button.disabled = busy || button.dataset.ends === "true";
   }
 }
 
@@ -530,7 +585,7 @@ function stopReply() {
 }
 
 /**
- * Stream a reply into `bubble`. `route` is /chat/reply or /chat/resay.
+ * Stream a reply into `bubble`. `route` is one of the REST API's streams (reply, swipe, continue).
  * Returns the final text, or null when it was stopped or failed.
  */
 async function streamInto(bubble, route, fields) {
@@ -551,7 +606,8 @@ async function streamInto(bubble, route, fields) {
     }, controller.signal);
     return final;
   } catch (exc) {
-    if (exc.name === "AbortError") toast(t("chat.stopped"));
+    // Stop: the server keeps what was written so far as the reply (the REST API's streams).
+    if (exc.name === "AbortError") toast(t(bubble.textContent.trim() ? "chat.stopped" : "chat.stopped_empty"));
     else showError(exc);
     return null;
   } finally {
@@ -571,73 +627,111 @@ async function reloadChat(name) {
   }
 }
 
+/** The REST API's route for chat operation `operation` on the chat shown (docs/conversation-tree.md). */
+function chatRoute(operation) { return `/api/v1/chats/${state.tree.id}/${operation}`; }
+
 async function send(event) {
   if (event) event.preventDefault();
   const box = $("#prompt");
   const prompt = box.value.trim();
-  if (!prompt || state.reply || document.body.dataset.reply === "elsewhere") return;
+  if (!prompt || state.reply || document.body.dataset.reply === "elsewhere" || !state.tree) return;
   const name = state.chatName;
   box.value = "";
   fitComposer();
   const list = $("#messages");
+  list.querySelector(".undo-note")?.remove(); // a new message makes the deletion final
   const round = state.chat.length;
   list.append(messageElement("user", round, prompt));
   const bot = messageElement("bot", round, "", true);
   list.append(bot);
   scrollToEnd();
-  const final = await streamInto(bot.querySelector(".bubble"), "/chat/reply", { prompt });
+  // Through the tree's REST API: on Stop the server keeps what was written as the reply.
+  const final = await streamInto(bot.querySelector(".bubble"), chatRoute("reply"), { prompt });
   if (state.chatName !== name) return;
-  if (final === null) {
-    if (!box.value) box.value = prompt; // nothing was kept: give the words back
+  const stick = final !== null || nearBottom();
+  await reloadChat(name);
+  await whenIdle(); // (after a Stop the server may still be storing what was written)
+  if (state.chatName !== name) return;
+  // Stopped before a word was written (or failed): nothing was kept, so the words go back to the box.
+  const kept = state.chat.length > round && state.chat[round][0] === prompt;
+  if (!kept && !box.value) {
+    box.value = prompt;
     fitComposer();
-    await reloadChat(name);
-    return;
   }
-  state.chat.push([prompt, final]);
-  const stick = nearBottom();
-  renderChat();
   if (stick) scrollToEnd();
 }
 
-async function regenerate() {
-  if (state.reply) return;
+/**
+ * A new reply in place of round `round`'s (kind "swipe": another version, or the reply of a message
+ * that has none yet) or that reply continued (kind "continue"). The later messages leave the page
+ * while it is written; they stay in the tree with the old version.
+ */
+async function replyAgain(round, kind) {
+  if (state.reply || document.body.dataset.reply === "elsewhere") return;
   const name = state.chatName;
-  const last = $("#messages").lastElementChild;
-  last.querySelector(".message-actions").replaceChildren();
-  const final = await streamInto(last.querySelector(".bubble"), "/chat/resay", {});
-  if (state.chatName !== name) return;
-  if (final === null) {
-    await reloadChat(name);
-    return;
+  const message = state.rounds[round].bot;
+  const item = $(`#messages .message.bot[data-round="${round}"]`);
+  let next = item.nextElementSibling;
+  while (next) {
+    const later = next.nextElementSibling;
+    next.remove();
+    next = later;
   }
-  state.chat[state.chat.length - 1][1] = final;
-  renderChat();
+  item.classList.remove("pending", "past");
+  item.querySelector(".message-actions").replaceChildren();
+  item.querySelector(".speaker-actions").replaceChildren();
+  const bubble = item.querySelector(".bubble");
+  if (kind === "swipe") bubble.replaceChildren();
+  await streamInto(bubble, chatRoute(kind), { round: message.round });
+  if (state.chatName !== name) return;
+  await reloadChat(name);
 }
 
-function editLastReply(item) {
+/** A change that is not a reply (switch, delete, undo): the server answers the chat as it is now. */
+async function changeTree(operation, fields = {}) {
+  if (state.reply || document.body.dataset.reply === "elsewhere") return;
+  const name = state.chatName;
+  setBusy(true, { stoppable: false });
+  try {
+    await call(chatRoute(operation), fields);
+  } catch (exc) {
+    showError(exc);
+  }
+  if (state.chatName === name) await reloadChat(name);
+}
+
+/** Edit any message, the person's or the character's: the edited text becomes a new version of it. */
+function editMessage(item, message) {
+  if (state.reply) return;
   const bubble = item.querySelector(".bubble");
-  const last = state.chat[state.chat.length - 1];
   const box = document.createElement("div");
   box.className = "edit-box";
   const text = document.createElement("textarea");
-  text.value = last[1] ?? "";
+  text.value = message.text ?? "";
   text.rows = Math.min(10, Math.max(3, text.value.split("\n").length + 1));
-  text.setAttribute("aria-label", t("chat.edit"));
+  text.setAttribute("aria-label", t(message.role === "user" ? "tree.edit_message" : "tree.edit_reply"));
   const buttons = document.createElement("div");
   buttons.className = "form-actions";
   const cancel = actionButton(t("common.cancel"), renderChat);
   cancel.className = "ghost small";
   const save = actionButton(t("common.save"), async () => {
-    const message = text.value.trim();
-    if (!message) return text.focus();
-    save.disabled = true;
+    const value = text.value.trim();
+    if (!value) return text.focus();
+    if (value === (message.text ?? "").trim()) return renderChat(); // nothing changed: no new version
+    const name = state.chatName;
+    save.disabled = cancel.disabled = true;
     try {
-      await call("/chat/tamper", { character_name: state.chatName, message });
-      last[1] = message;
+      await call(chatRoute("edit"), { round: message.round, role: message.role, text: value });
     } catch (exc) {
       showError(exc);
+      save.disabled = cancel.disabled = false;
+      return;
     }
-    renderChat();
+    if (state.chatName !== name) return;
+    await reloadChat(name);
+    // The person's edited message has no reply yet: ask for it, as sending it would have.
+    const round = state.rounds.findIndex((r) => r.user && r.user.text === value && r.bot.pending);
+    if (message.role === "user" && round > 0) await replyAgain(round, "swipe");
   });
   save.className = "primary small";
   buttons.append(cancel, save);
@@ -650,35 +744,129 @@ function editLastReply(item) {
   text.focus();
 }
 
+/** Delete the person's message, its reply and all that follows; a note offers to undo it. */
+async function deleteMessage(message) {
+  await changeTree("delete", { round: message.round });
+  $("#messages .undo-note button")?.focus();
+}
+
+function undoNote() {
+  const note = document.createElement("li");
+  note.className = "undo-note";
+  const text = document.createElement("span");
+  text.textContent = t("tree.deleted");
+  note.append(text, actionButton(t("tree.undo"), () => changeTree("undo")));
+  return note;
+}
+
+/** A new chat from this message on (a fork: it shares the states kept so far, nothing is copied). */
+async function fork(message) {
+  if (state.reply || document.body.dataset.reply === "elsewhere") return;
+  const name = state.chatName;
+  setBusy(true, { stoppable: false });
+  let created;
+  try {
+    created = await call(chatRoute("fork"), { round: message.round });
+  } catch (exc) {
+    showError(exc);
+    if (state.chatName === name) await reloadChat(name);
+    return;
+  }
+  toast(t("tree.forked"));
+  location.hash = branchHref(name, created.id);
+}
+
+function branchHref(name, id) {
+  return id ? `#/branch/${id}/${encodeURIComponent(name)}` : chatHref(name);
+}
+
+/** The chat head's choice between the main chat and its branches (forks), when there are any. */
+function showBranch() {
+  const select = $("#chat-branch");
+  const forks = state.chats.filter((chat) => chat.is_fork);
+  select.hidden = !forks.length;
+  const options = [new Option(t("tree.main_chat"), "")];
+  forks.forEach((chat, index) => options.push(new Option(t("tree.branch_n", { n: index + 1 }), String(chat.id))));
+  select.replaceChildren(...options);
+  select.value = state.branch ? String(state.branch) : "";
+  $("#chat-name").textContent = state.chatName;
+}
+
+function onBranchChosen(event) {
+  location.hash = branchHref(state.chatName, Number(event.target.value) || null);
+}
+
 async function rewind(round) {
   if (state.reply) return;
   if (!(await confirmDialog(t("chat.confirm_rewind"), t("chat.confirm_rewind_ok")))) return;
+  const name = state.chatName;
   try {
-    await call("/chat/back", { character_name: state.chatName, log_index: round });
-    state.chat = state.chat.slice(0, round + 1);
+    await call("/chat/back", { character_name: name, log_index: round });
   } catch (exc) {
     showError(exc);
   }
-  renderChat();
+  await reloadChat(name);
   scrollToEnd();
 }
 
 async function resetChat() {
   if (state.reply) return;
   const name = state.chatName;
+  if (state.branch) { // a fork goes; the main chat stays
+    if (!(await confirmDialog(t("tree.confirm_discard"), t("common.delete")))) return;
+    try {
+      await call(chatRoute("discard"));
+    } catch (exc) {
+      showError(exc);
+      return;
+    }
+    location.hash = chatHref(name);
+    return;
+  }
   if (!(await confirmDialog(t("chat.confirm_reset", { name }), t("chat.confirm_reset_ok")))) return;
   try {
-    const data = await call("/chat/reset", { character_name: name });
-    state.chat = data.chat || [];
+    await call("/chat/reset", { character_name: name });
   } catch (exc) {
     showError(exc);
   }
-  renderChat();
+  await reloadChat(name);
+}
+
+/** Draft: the model writes the person's next message into the box (stored nowhere), to change or send. */
+async function draft() {
+  if (state.reply || document.body.dataset.reply === "elsewhere" || !state.tree) return;
+  const box = $("#prompt");
+  const controller = new AbortController();
+  state.reply = { controller };
+  document.body.dataset.reply = "drafting";
+  setBusy(true);
+  const before = box.value;
+  try {
+    const sampling = loadSampling(session.load().user_name, state.chatName);
+    const final = await stream(chatRoute("impersonate"), sampling, (text) => {
+      box.value = text;
+      fitComposer();
+    }, controller.signal);
+    box.value = final;
+  } catch (exc) {
+    if (exc.name !== "AbortError") {
+      showError(exc);
+      box.value = before;
+    }
+  } finally {
+    state.reply = null;
+    fitComposer();
+    setBusy(false);
+    document.body.dataset.reply = "idle";
+    box.focus();
+  }
 }
 
 async function showContext() {
   try {
-    const data = await call("/debug/token", { character_name: state.chatName });
+    // The main chat through the legacy route (it names a character that is gone); a fork through its own.
+    const data = state.branch ? await get(chatRoute("context"))
+      : await call("/debug/token", { character_name: state.chatName });
     $("#context-count").textContent = t("context.count", { count: data.token_count });
     $("#context-text").textContent = data.token_state;
     $("#context-dialog").showModal();
@@ -743,6 +931,8 @@ function wire() {
   $("#prompt").addEventListener("keydown", onPromptKey);
   $("#prompt").addEventListener("input", fitComposer);
   $("#stop").addEventListener("click", stopReply);
+  $("#draft").addEventListener("click", draft);
+  $("#chat-branch").addEventListener("change", onBranchChosen);
   window.addEventListener("hashchange", route);
   whenExpired(expired);
   installPersonas({ toast, showError, describe, confirmDialog, showView, avatarLimit });
