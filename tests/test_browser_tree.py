@@ -3,12 +3,10 @@ Chromium against the real server: ‹ n/m › between versions, Regenerate on an
 Delete and Undo, Continue, Fork, Draft and Stop keeping the partial reply.
 
 Each control is checked twice: what the page shows, and what the server stored (the REST API's view of
-the chat). Screenshots go to tests/screenshots/ (or $RPSERVER_SHOTS) for people to look at.
+the chat). Screenshots go to tests/screenshots/tree-*.png for people to look at.
 """
 
-import os
 import re
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +16,6 @@ from test_browser import (  # noqa: F401 (browser, collected_static: fixtures)
     AXE, DESKTOP, PHONE, SCREENSHOTS, as_shown, axe_problems, browser, collected_static, expect, guest_with_mira,
     log_in_as, rounds_on_page, wait_idle)
 
-SHOTS = Path(os.environ.get("RPSERVER_SHOTS", SCREENSHOTS))
 GREETING = "*looks up from the logbook* Hi friend! I'm Mira."
 
 
@@ -58,8 +55,8 @@ def open_page(browser, tree_server):  # noqa: F811 (browser: the fixture importe
 
 
 def shot(page, name):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
 
 def rest(api, path, **fields):

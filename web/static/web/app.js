@@ -27,6 +27,7 @@ const state = {
   tree: null,          // the same chat as the tree's REST API shows it: {id, messages, can_undo, ...}
   rounds: [],          // per round: {user, bot}, the tree view's messages (their round ids, alternatives)
   chats: [],           // the character's chats: the main one first, then its forks
+  keeping: false,      // after a Stop: the server is storing what was written
   idleWaiters: [],     // whenIdle()'s promises, resolved when the chat is next shown as the server keeps it
   reply: null,         // the reply streaming now: {controller, round, prompt}
   editing: null,       // the editor's character: {name, avatar, avatarChanged} or null for a new one
@@ -450,8 +451,13 @@ async function loadChat(name) {
   state.rounds = roundsOf(data.tree);
   state.chat = pairsOf(state.rounds);
   renderChat();
-  if (!data.busy) return;
-  const waiting = messageElement("bot", state.chat.length, t("chat.writing_elsewhere"));
+  if (!data.busy) {
+    state.keeping = false;
+    for (const resolve of state.idleWaiters.splice(0)) resolve();
+    return;
+  }
+  // After this page's own Stop, the server is storing what was written; else another tab is writing.
+  const waiting = messageElement("bot", state.chat.length, t(state.keeping ? "tree.keeping" : "chat.writing_elsewhere"));
   waiting.classList.add("elsewhere");
   waiting.querySelector(".bubble").classList.add("streaming");
   $("#messages").append(waiting);
@@ -543,10 +549,12 @@ function renderChat() {
   showBranch();
   setBusy(false);
   document.body.dataset.reply = "idle"; // the chat on the page is what the server keeps
-  for (const resolve of state.idleWaiters.splice(0)) resolve();
 }
 
-/** Once the chat on the page is what the server keeps (after a Stop, once the server has stored the reply). */
+/**
+ * Once the chat on the page is what the server keeps and nothing holds it (after a Stop: once the
+ * server has stored what was written). loadChat resolves it when the server says the chat is free.
+ */
 function whenIdle() {
   if (document.body.dataset.reply === "idle") return Promise.resolve();
   return new Promise((resolve) => state.idleWaiters.push(resolve));
@@ -607,7 +615,10 @@ async function streamInto(bubble, route, fields) {
     return final;
   } catch (exc) {
     // Stop: the server keeps what was written so far as the reply (the REST API's streams).
-    if (exc.name === "AbortError") toast(t(bubble.textContent.trim() ? "chat.stopped" : "chat.stopped_empty"));
+    if (exc.name === "AbortError") {
+      state.keeping = !!bubble.textContent.trim();
+      toast(t(state.keeping ? "chat.stopped" : "chat.stopped_empty"));
+    }
     else showError(exc);
     return null;
   } finally {
@@ -624,6 +635,7 @@ async function reloadChat(name) {
   } catch (exc) {
     showError(exc);
     if (state.chatName === name) renderChat();
+    for (const resolve of state.idleWaiters.splice(0)) resolve(); // (what the page had: no use waiting)
   }
 }
 
