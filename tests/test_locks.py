@@ -14,9 +14,13 @@ from django.utils import timezone
 
 from chat.models import Round
 from conftest import CHARACTER, ENDLESS_MODEL, UNTIL_THE_READER_LEAVES, Api, Server, first_frame, path_rounds
+from lock_checks import served_once_its_holder_is_past_its_bound
 from locks import services as locks
 from locks.models import Lock, ServerInstance
 from rpserver.errors import BUSY
+
+
+DEAD_AFTER = 5  # RPSERVER_LOCK_DEAD_AFTER_SECONDS of the two-process test
 
 
 def long_server(name, **env):
@@ -200,35 +204,35 @@ def test_sigterm_lets_a_short_reply_finish_within_the_grace_period():
 
 def test_a_dead_process_lock_frees_within_the_bound_and_a_live_one_never():
     # Two processes on one database, as on two machines (different instance
-    # hosts, so only the heartbeat tells a dead one). Dead after 3 s here
-    # (a heartbeat every 0.75 s); 20 s by default.
-    first = long_server("machine-a", RPSERVER_LOCK_DEAD_AFTER_SECONDS="3", RPSERVER_INSTANCE_HOST="machine-a")
-    second = long_server("machine-b", RPSERVER_LOCK_DEAD_AFTER_SECONDS="3", RPSERVER_INSTANCE_HOST="machine-b",
-                         RPSERVER_MAX_REPLY_TOKENS="12")  # its replies end
+    # hosts, so only the heartbeat tells a dead one). Dead after 5 s here
+    # (a heartbeat every 1.25 s); 20 s by default.
+    first = long_server("machine-a", RPSERVER_LOCK_DEAD_AFTER_SECONDS=str(DEAD_AFTER),
+                        RPSERVER_INSTANCE_HOST="machine-a")
+    second = long_server("machine-b", RPSERVER_LOCK_DEAD_AFTER_SECONDS=str(DEAD_AFTER),
+                         RPSERVER_INSTANCE_HOST="machine-b", RPSERVER_MAX_REPLY_TOKENS="12")  # its replies end
     first.start()
     second.start()
+
+    def take():
+        body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
+        assert isinstance(body, list) or body == {"data": None, "message": BUSY, "code": 400}, body
+        return isinstance(body, list)
+
     try:
         guest = new_guest(first)
         other = same_user(guest, second)
         with guest.http.stream("POST", "/chat/reply", data={**guest.auth(), "character_name": "Mira",
                                                             "prompt": "tell me everything"}) as answer:
             _, rest = first_frame(answer)  # (kept: dropping the iterator would close the stream)
-            deadline = time.monotonic() + 6  # twice the dead-after time: the heartbeat keeps the lock
+            deadline = time.monotonic() + 1.6 * DEAD_AFTER  # past its bound: the heartbeat keeps the lock
             while time.monotonic() < deadline:
-                body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
-                assert body == {"data": None, "message": BUSY, "code": 400}, "a live process's lock was taken"
+                assert not take(), "a live process's lock was taken"
                 time.sleep(0.5)
             first.process.kill()
             first.process.wait()
-            killed = time.monotonic()
+            killed = timezone.now()
         first.process = None
-        while True:
-            body, _ = other.stream("/chat/reply", character_name="Mira", prompt="from b")
-            if isinstance(body, list):
-                break
-            assert body["message"] == BUSY
-            assert time.monotonic() - killed < 3 + 0.75 + 3, "the dead process's lock was not freed in time"
-            time.sleep(0.2)
+        served_once_its_holder_is_past_its_bound(take, killed, DEAD_AFTER)
         assert [user_text for user_text, _ in other.chat("Mira")] == [None, "from b"]
     finally:
         first.stop()

@@ -19,18 +19,19 @@ import os
 import signal
 import tempfile
 import threading
-import time
 
 import pytest
+from django.utils import timezone
 
 from conftest import (CHARACTER, ENDLESS_MODEL, ONE_CORE, UNTIL_THE_READER_LEAVES, Api, Server, answer_held, at_once,
                       running_reply, until_not_busy)
+from lock_checks import served_once_its_holder_is_past_its_bound
 from postgres import PrivatePostgres
 from rpserver.errors import BUSY
 
-# locks.services: a dead process's locks free within DEAD_AFTER_SECONDS (20)
-# + HEARTBEAT_SECONDS (5) on another machine; issue 7 asks for 30 s at most.
-LOCK_BOUND_SECONDS = 30
+# locks.services: a dead process's locks free within RPSERVER_LOCK_DEAD_AFTER_SECONDS (20, the
+# default these servers run with) of its last heartbeat on another machine; issue 7 asks for 30 s.
+DEAD_AFTER_SECONDS = 20
 GREETING = "Hi friend! I'm Mira."
 BUSY_ANSWER = {"data": None, "message": BUSY, "code": 400}
 
@@ -191,18 +192,6 @@ def test_simultaneous_replies_on_both_processes_exactly_one_runs(cluster, endles
     assert on_c.chat("Mira") == on_d.chat("Mira") == [[None, GREETING], ["after", frames[-1]]]
 
 
-def wait_until_served(client, killed_at, bound):
-    """Seconds from the kill until `client`'s conversation takes a change (a tamper); fails past `bound`."""
-    while True:
-        body = client.call("/chat/tamper", character_name="Mira", message="after the crash")
-        elapsed = time.monotonic() - killed_at
-        if body["code"] == 200:
-            return elapsed
-        assert body["message"] == BUSY, body
-        assert elapsed < bound, f"still locked {elapsed:.1f} s after the kill"
-        time.sleep(0.25)
-
-
 def crash_during_a_reply(doomed, survivor):
     """Two users of `doomed` (a process whose replies run until their reader leaves), each with a
     round stored through it (a reply through `survivor`, changed through `doomed`); one idle and one
@@ -219,22 +208,28 @@ def crash_during_a_reply(doomed, survivor):
     chats = idle.chat("Mira"), busy.chat("Mira")
     with running_reply(busy_on_doomed, character_name="Mira", prompt="interrupted"):
         doomed.kill()  # while the reply runs on it, its lock held
-        killed_at = time.monotonic()
+        killed_at = timezone.now()
     return idle, busy, chats, killed_at
 
 
-def served_after_the_crash(idle, busy, chats, killed_at, bound, known_dead_at_once):
-    """Seconds from the kill until the interrupted conversation takes a change (at most `bound`)."""
+def served_after_the_crash(idle, busy, chats, killed_at, on_this_machine):
+    """Seconds from the kill until the interrupted conversation takes a change: at once on this
+    machine, and once past the killed process's own bound on another."""
     idle_chat, busy_chat = chats
     # Everything the dead process stored is there; the interrupted reply left nothing half-applied.
     assert idle.chat("Mira") == idle_chat
     assert busy.chat("Mira") == busy_chat
-    if known_dead_at_once:  # its pid is gone: the first change after the kill takes the lock
-        busy.ok("/chat/tamper", character_name="Mira", message="after the crash")
-        elapsed = time.monotonic() - killed_at
-    else:  # the lock is still held until the heartbeat is missed
-        assert busy.call("/chat/tamper", character_name="Mira", message="too soon")["message"] == BUSY
-        elapsed = wait_until_served(busy, killed_at, bound)
+
+    def take():
+        body = busy.call("/chat/tamper", character_name="Mira", message="after the crash")
+        assert body["code"] == 200 or body["message"] == BUSY, body
+        return body["code"] == 200
+
+    if on_this_machine:  # its pid is gone: the first change after the kill takes the lock
+        assert take()
+        elapsed = (timezone.now() - killed_at).total_seconds()
+    else:  # the lock is held until the heartbeat is missed
+        elapsed = served_once_its_holder_is_past_its_bound(take, killed_at, DEAD_AFTER_SECONDS)
     assert busy.chat("Mira") == busy_chat[:-1] + [[busy_chat[-1][0], "after the crash"]]
     busy.reply("Mira", "and on")
     assert len(busy.chat("Mira")) == len(busy_chat) + 1
@@ -249,7 +244,7 @@ def test_a_process_killed_on_this_machine_frees_its_locks_at_once(cluster, endle
     _, _, b = cluster
     _, d = endless_pair
     idle, busy, chats, killed_at = crash_during_a_reply(d, b)
-    elapsed = served_after_the_crash(idle, busy, chats, killed_at, None, known_dead_at_once=True)
+    elapsed = served_after_the_crash(idle, busy, chats, killed_at, on_this_machine=True)
     print(f"lock of a process killed on the same machine freed after {elapsed:.1f} s")
 
 
@@ -258,5 +253,5 @@ def test_a_process_killed_on_another_machine_frees_its_locks_within_the_bound(cl
     _, _, b = cluster
     c, _ = endless_pair
     idle, busy, chats, killed_at = crash_during_a_reply(c, b)
-    elapsed = served_after_the_crash(idle, busy, chats, killed_at, LOCK_BOUND_SECONDS, known_dead_at_once=False)
+    elapsed = served_after_the_crash(idle, busy, chats, killed_at, on_this_machine=False)
     print(f"lock of a process killed on another machine freed after {elapsed:.1f} s")
