@@ -120,10 +120,16 @@ class RunningReply:
         if self._ended:
             return
         self._ended = True
+        # Shielded as a whole, in order: a second cancellation (daphne's close timeout after the
+        # client left, the server stopping) must not let go of the lock while what was written is
+        # still being kept, or a next change would find the chat free before the reply is stored.
+        await asyncio.shield(self._wind_up())
+
+    async def _wind_up(self):
         try:
             if not self.finished:
                 self.work.cancel()
-                await asyncio.shield(self.work.stopped())
+                await self.work.stopped()
         finally:
             if self.owner_id is not None:
                 limits.engine_share.give_back(self.owner_id)
