@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from environment import DATA_DIR, ROOT, TINY_MODEL
 
@@ -22,20 +23,44 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def listening_sockets(port):
+    """The inodes of the sockets listening on 127.0.0.1:`port` (or on every address), from /proc/net/tcp."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, local_port = fields[1].split(":")
+        if int(local_port, 16) == port and fields[3] == "0A" and address in ("0100007F", "00000000"):
+            inodes.add(fields[9])
+    return inodes
+
+
+def listens(process, port):
+    """Whether `process` itself holds a socket listening on `port`: a free port can be taken by
+    another program (another suite's server, a client's ephemeral port) between free_port() and the
+    bind, and a connection that succeeds would then reach that program instead."""
+    inodes = listening_sockets(port)
+    if not inodes:
+        return False
+    fds = Path(f"/proc/{process.pid}/fd")
+    try:
+        held = {os.readlink(fd) for fd in fds.iterdir()}
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(f"socket:[{inode}]" in held for inode in inodes)
+
+
 def wait_until_listening(port, process, log, seconds=120):
-    """Return once something accepts connections on `port`; fail if `process` exits first, or after
-    `seconds` (far beyond a start on a loaded machine), with its `log()`."""
+    """Return once `process` itself listens on `port`; fail if it exits first, or after `seconds` (far
+    beyond a start on a loaded machine), with its `log()`."""
     deadline = time.monotonic() + seconds
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"exited with {process.returncode} before listening on {port}:\n{log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not listening on {port} after {seconds} s:\n{log()}") from None
-            time.sleep(0.1)
+        if listens(process, port):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.pid} not listening on {port} after {seconds} s:\n{log()}")
+        time.sleep(0.1)
 
 
 class Server:

@@ -67,7 +67,11 @@ def test_a_chat_keeps_ends_and_every_k_and_rebuilds_the_rest_reading_at_most_k_r
         assert index not in kept
         nearest = max(i for i in kept | {0} if i < index)
         read = assert_rebuilt_exactly(chat_of(alice), index)
-        assert read == sum(len(r.token_list) for r in rounds[nearest + 1:index + 1])
+        since_nearest = sum(len(r.token_list) for r in rounds[nearest + 1:index + 1])
+        if nearest == 0:  # round 0's state is the shared cache's, which a busy run may have evicted
+            assert read in (since_nearest, since_nearest + len(rounds[0].token_list)), read
+        else:
+            assert read == since_nearest
         assert index - nearest <= every
     assert assert_rebuilt_exactly(chat_of(alice), 6) == 0  # kept: nothing read
 
