@@ -118,10 +118,16 @@ def chat_now(owner, name, chat_id=None):
     `tree` is the conversation tree's view of the same chat (chat.tree.tree_view: each message's
     round id and alternatives), for the page's controls; `chats` the character's chats (the main
     one, then its forks); `chat_id` picks a fork instead of the main chat (the legacy `chat` is
-    always the main one's)."""
+    always the main one's).
+
+    `busy` is read first: a change is stored in the transaction that lets go of the lock, so a
+    chat read after the lock was seen free holds every change made under it. (Read last, a reply
+    stored between the two reads showed the chat without it, and free: after a Stop, the page
+    gave the person's words back although their message was kept.)"""
+    busy = locks.is_held(get_character(owner, name).lock_name)
     chat = load_chat(owner, name)
     chats = chats_of(owner, name)
     tree = show_chat(owner, chats[0]["id"] if chat_id is None else chat_id)
     if tree["character"] != name:
         raise ApiError(NO_CHAT, 404)
-    return {"chat": chat, "tree": tree, "chats": chats, "busy": locks.is_held(get_character(owner, name).lock_name)}
+    return {"chat": chat, "tree": tree, "chats": chats, "busy": busy}
