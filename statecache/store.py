@@ -25,7 +25,7 @@ Everything here runs on Django's ORM thread.
 """
 
 from django.core.files.storage import default_storage
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -48,9 +48,13 @@ def put_state(model, digest, tokens, nbytes, name, cached=False):
     with transaction.atomic():
         row = StoredState.objects.select_for_update().filter(digest=digest, state_model=model).first()
         if row is None:
-            StoredState.objects.create(digest=digest, state_model=model, tokens=tokens, nbytes=nbytes, state=name,
-                                       cached=cached, last_used=now)
-            return name
+            try:
+                with transaction.atomic():  # a savepoint: another process may store the same key meanwhile
+                    StoredState.objects.create(digest=digest, state_model=model, tokens=tokens, nbytes=nbytes,
+                                               state=name, cached=cached, last_used=now)
+                return name
+            except IntegrityError:  # it did (and committed): share its blob, as below
+                row = StoredState.objects.select_for_update().get(digest=digest, state_model=model)
         StoredState.objects.filter(pk=row.pk).update(last_used=now, cached=row.cached or cached)
     if row.state.name != name:
         transaction.on_commit(lambda: default_storage.delete(name))

@@ -10,6 +10,7 @@ import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
+from django.db.models import QuerySet
 
 from chat import services, states
 from chat.models import Conversation, Round
@@ -33,6 +34,27 @@ def test_two_writers_of_one_state_share_the_first_blob_and_the_second_is_deleted
     digest, first, second = key(), blob(), blob()
     with transaction.atomic():
         assert store.put_state("m", digest, 5, 100, first) == first
+    with transaction.atomic():
+        assert store.put_state("m", digest, 5, 100, second) == first
+    assert StoredState.objects.filter(digest=digest).count() == 1
+    assert default_storage.exists(first) and not default_storage.exists(second)
+
+
+def test_a_writer_that_finds_no_row_and_then_loses_the_insert_race_shares_the_winners_blob(monkeypatch):
+    # Two processes on PostgreSQL: both look the key up (no row to lock), both insert; the second
+    # insert waits for the first to commit and fails on the unique key. Here the lookup is made to
+    # miss a row already stored, as the second process's did (tests/test_scaleout.py saw the error).
+    digest, first, second = key(), blob(), blob()
+    with transaction.atomic():
+        store.put_state("m", digest, 5, 100, first)
+    real_filter = QuerySet.filter
+    misses = iter([True])
+
+    def filter_missing_once(self, *args, **kwargs):
+        found = real_filter(self, *args, **kwargs)
+        return found.none() if next(misses, False) else found
+
+    monkeypatch.setattr(QuerySet, "filter", filter_missing_once)
     with transaction.atomic():
         assert store.put_state("m", digest, 5, 100, second) == first
     assert StoredState.objects.filter(digest=digest).count() == 1
